@@ -1,0 +1,274 @@
+"""The YAML configuration as typed settings, built once at start-up and passed down.
+
+``load_settings(path)`` reads the file, replaces ``${VAR}`` from the environment,
+validates it, and raises :class:`ConfigError` with one line per problem naming the
+key and the bad value. Secrets (API keys, the AMQP password) are never echoed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_KEYS = ("api_key", "password", "amqp_url")
+
+
+class Command(StrEnum):
+    """What to do with a SIM."""
+
+    ACTIVATE = "activate"
+    DEACTIVATE = "deactivate"
+
+    @property
+    def target_status(self) -> str:
+        return "ACTIVATED" if self is Command.ACTIVATE else "DEACTIVATED"
+
+    @property
+    def past_tense(self) -> str:
+        return "activated" if self is Command.ACTIVATE else "deactivated"
+
+
+def slugify(name: str) -> str:
+    """``"M2MOne NZ"`` -> ``"m2mone-nz"``: the communicator type's part of a queue name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrySettings(_Strict):
+    """Retry budget for retryable Jasper errors: bounded by attempts and by time."""
+
+    max_attempts: int = Field(5, ge=1, le=100)
+    initial_delay_seconds: float = Field(0.5, gt=0)
+    max_delay_seconds: float = Field(30.0, gt=0)
+    max_elapsed_seconds: float = Field(120.0, gt=0)
+
+
+class CommunicatorType(_Strict):
+    """One Jasper Control Center account, called with its own session and limits."""
+
+    name: str = Field(min_length=1)
+    server_address: str
+    username: str = Field(min_length=1)
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    max_concurrency: int = Field(1, ge=1, le=64)
+    requests_per_second: float = Field(1.0, gt=0, le=1000)
+    request_timeout_seconds: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("server_address")
+    @classmethod
+    def _check_server_address(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if not re.search(r"/v\d+/?$", parts.path):
+            raise ValueError(
+                "must end with the API version path, e.g. https://restapi1.jasper.com/rws/api/v1"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> CommunicatorType:
+        if (self.api_key is None) == (self.api_key_file is None):
+            raise ValueError("set exactly one of api_key or api_key_file")
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError("api_key is empty (is its ${VAR} set?)")
+        return self
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+    def read_api_key(self) -> str:
+        """The API key, read afresh from ``api_key_file`` each time (a rotated secret applies)."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        assert self.api_key_file is not None
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                [f"communicator type {self.name!r}: cannot read api_key_file "
+                 f"{str(self.api_key_file)!r}: {exc.strerror}"]
+            ) from None
+        if not key:
+            raise ConfigError(
+                [f"communicator type {self.name!r}: api_key_file "
+                 f"{str(self.api_key_file)!r} is empty"]
+            )
+        return key
+
+
+class Settings(_Strict):
+    """Everything the service needs to know, validated."""
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    events_exchange: str = Field("patriot.events", min_length=1)
+    history_exchange: str = Field("patriot.history", min_length=1)
+    queue_prefix: str = Field("jasper-consumer", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    prefetch: int = Field(64, ge=1, le=10000)
+    http_port: int = Field(8080, ge=0, le=65535)
+    commands: dict[int, Command] = Field(
+        default_factory=lambda: {65516: Command.ACTIVATE, 65517: Command.DEACTIVATE}
+    )
+    retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
+    history_queue: bool = True
+    history_binding: str = "jasper.#"
+    max_message_bytes: int = Field(65536, ge=1024)
+    delivery_limit: int = Field(20, ge=1)
+    shutdown_grace_seconds: float = Field(20.0, gt=0)
+    communicator_types: list[CommunicatorType] = Field(min_length=1)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_types(self) -> Settings:
+        seen: dict[str, str] = {}
+        for ct in self.communicator_types:
+            if ct.slug in seen:
+                raise ValueError(
+                    f"communicator types {seen[ct.slug]!r} and {ct.name!r} share the queue "
+                    f"name {ct.slug!r}; give them distinctive names"
+                )
+            seen[ct.slug] = ct.name
+        return self
+
+    def communicator(self, name: str) -> CommunicatorType | None:
+        for ct in self.communicator_types:
+            if ct.name == name:
+                return ct
+        return None
+
+    @property
+    def amqp_url_redacted(self) -> str:
+        return redact_url(self.amqp_url.get_secret_value())
+
+
+def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` in every string of a parsed YAML tree; note undefined ones."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                problems.append(f"{path}: environment variable {name} is not set")
+                return ""
+            return env[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k), problems)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _location(loc: tuple[int | str, ...], raw: Any) -> str:
+    """``('communicator_types', 0, 'server_address')`` -> ``communicator_types[0 'M2MOne NZ'].server_address``."""
+    out = ""
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            label = f"[{part}]"
+            if isinstance(node, list) and part < len(node) and isinstance(node[part], dict):
+                name = node[part].get("name")
+                if isinstance(name, str):
+                    label = f"[{part} {name!r}]"
+            out += label
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        else:
+            out += f".{part}" if out else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, raw: Any) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        where = _location(loc, raw)
+        msg = err["msg"].removeprefix("Value error, ")
+        secret = any(any(s in str(p) for s in _SECRET_KEYS) for p in loc)
+        if err["type"] in ("missing", "extra_forbidden") or secret or "input" not in err:
+            value = ""
+        else:
+            value = f" (got {err['input']!r})"
+            if len(value) > 120:
+                value = value[:117] + "...)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        problems.append(f"{where}: {msg}{value}")
+    return problems
+
+
+def parse_settings(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already parsed YAML tree (env expansion included)."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): the config must be a YAML mapping of keys to values"])
+    expanded = expand_env(raw, os.environ if env is None else env, "", problems)
+    try:
+        settings = Settings.model_validate(expanded)
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, raw))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, expand and validate the YAML config file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_settings(raw, env)

@@ -1,0 +1,201 @@
+"""The inbound system event (SPEC §3), the job it becomes, and why a message is not one.
+
+``parse_event(body, settings)`` turns the bytes of a message into a :class:`Job` for a
+communicator type's work queue, or raises:
+
+* :class:`UnreadableMessage` — not an event at all (too big, not UTF-8, not JSON, not
+  an object, no ``client_id``): no client to write history for, so it is dead-lettered;
+* :class:`EventRejected` — an event that can never succeed: a failure signal, no API call.
+  Its ``partial`` attribute carries what could be read, for the signal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from . import errors
+from .config import Command, Settings
+from .errors import EventRejected, UnreadableMessage
+
+_ICCID_JUNK = re.compile(r"[\s\-]+")
+_ICCID = re.compile(r"^[0-9]{18,22}$")
+
+
+def normalise_iccid(ref_no: str) -> str:
+    """Remove the spaces and dashes operators type; raise if 18–22 digits do not remain."""
+    iccid = _ICCID_JUNK.sub("", ref_no)
+    if not iccid:
+        raise EventRejected(errors.MISSING_ICCID, "the device has no Device Ref No (ICCID)")
+    if not _ICCID.match(iccid):
+        shown = ref_no if len(ref_no) <= 40 else ref_no[:37] + "..."
+        raise EventRejected(
+            errors.INVALID_ICCID,
+            f"Device Ref No {shown!r} is not an ICCID (18 to 22 digits)",
+        )
+    return iccid
+
+
+class Device(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    ref_no: StrictStr | None = None
+    communicator_type: StrictStr
+
+
+class Event(BaseModel):
+    """A system event as a producer publishes it; unknown extra fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: StrictStr = Field(min_length=1)
+    event_code: StrictInt
+    client_id: StrictStr = Field(min_length=1)
+    occurred_at: datetime | None = None
+    device: Device
+    command: Command | None = None
+
+
+class Job(BaseModel):
+    """A validated event on its way to a communicator type's work queue."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: str
+    event_code: int
+    client_id: str
+    command: Command
+    iccid: str
+    communicator_type: str
+    occurred_at: datetime | None = None
+    delayed_signalled: bool = False
+
+    def to_event(self) -> dict[str, Any]:
+        """The event this job came from, as a producer would publish it (for replay)."""
+        return {
+            "event_id": self.event_id,
+            "event_code": self.event_code,
+            "client_id": self.client_id,
+            "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
+            "device": {"ref_no": self.iccid, "communicator_type": self.communicator_type},
+            "command": self.command.value,
+        }
+
+
+class Partial(BaseModel):
+    """What could be read of a rejected event, for its failure signal."""
+
+    event_id: str | None = None
+    event_code: int | None = None
+    client_id: str
+    command: Command | None = None
+    iccid: str | None = None
+    communicator_type: str | None = None
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _partial(data: dict[str, Any], client_id: str) -> Partial:
+    def typed(value: Any, kind: type) -> Any:
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    command = data.get("command")
+    return Partial(
+        event_id=typed(data.get("event_id"), str),
+        event_code=typed(data.get("event_code"), int),
+        client_id=client_id,
+        command=Command(command) if command in ("activate", "deactivate") else None,
+        iccid=typed(_get(data, "device", "ref_no"), str),
+        communicator_type=typed(_get(data, "device", "communicator_type"), str),
+    )
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            parts.append(f"required field {where!r} is missing")
+        else:
+            got = type(err["input"]).__name__ if "input" in err else "?"
+            parts.append(f"field {where!r}: {err['msg'].lower()} (got {got})")
+    return "; ".join(parts)
+
+
+class Rejected(EventRejected):
+    """An :class:`EventRejected` that knows what could be read of the event."""
+
+    def __init__(self, code: str, message: str, partial: Partial) -> None:
+        super().__init__(code, message)
+        self.partial = partial
+
+
+def parse_event(body: bytes, settings: Settings) -> Job:
+    """Bytes of a message -> the job for its communicator type; see the module docstring."""
+    if len(body) > settings.max_message_bytes:
+        raise UnreadableMessage(
+            f"message of {len(body)} bytes exceeds max_message_bytes {settings.max_message_bytes}"
+        )
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableMessage(f"body is not UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UnreadableMessage(f"body is not JSON: {exc.msg} at line {exc.lineno} "
+                                f"column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise UnreadableMessage(f"body is a JSON {type(data).__name__}, not an object")
+    client_id = data.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise UnreadableMessage("event has no client_id (a non-empty string)")
+
+    partial = _partial(data, client_id)
+    try:
+        event = Event.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected(errors.INVALID_EVENT, _describe(exc), partial) from None
+
+    try:
+        iccid = normalise_iccid(event.device.ref_no or "")
+    except EventRejected as exc:
+        raise Rejected(exc.code, exc.message, partial) from None
+    partial = partial.model_copy(update={"iccid": iccid})
+
+    if settings.communicator(event.device.communicator_type) is None:
+        known = ", ".join(repr(ct.name) for ct in settings.communicator_types)
+        raise Rejected(
+            errors.UNKNOWN_COMMUNICATOR_TYPE,
+            f"communicator type {event.device.communicator_type!r} is not configured "
+            f"(configured: {known})",
+            partial,
+        )
+
+    command = event.command or settings.commands.get(event.event_code)
+    if command is None:
+        raise Rejected(
+            errors.UNKNOWN_EVENT_CODE,
+            f"event code {event.event_code} has no command "
+            f"(configured: {', '.join(str(c) for c in sorted(settings.commands))})",
+            partial,
+        )
+    return Job(
+        event_id=event.event_id,
+        event_code=event.event_code,
+        client_id=event.client_id,
+        command=command,
+        iccid=iccid,
+        communicator_type=event.device.communicator_type,
+        occurred_at=event.occurred_at,
+    )

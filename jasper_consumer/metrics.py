@@ -1,0 +1,65 @@
+"""Every Prometheus metric of the service, on one injected registry (SPEC §9).
+
+Labels come only from closed sets: event codes, communicator type names from the
+config, commands, outcomes, reasons. Never an ICCID, a client id or a secret.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_PROCESSING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                       60.0, 300.0)
+
+
+class Metrics:
+    """The service's metrics; pass a fresh ``CollectorRegistry`` in tests."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_received = Counter(
+            "jasper_events_received", "Events consumed from the events queue",
+            ["event_code"], registry=r)
+        self.commands = Counter(
+            "jasper_commands", "Final outcomes of events that reached a communicator type",
+            ["communicator_type", "command", "outcome"], registry=r)
+        self.local_failures = Counter(
+            "jasper_local_failures", "Events failed by the router without an API call",
+            ["code"], registry=r)
+        self.delayed = Counter(
+            "jasper_delayed", "Interim delayed signals published",
+            ["communicator_type"], registry=r)
+        self.api_request_duration = Histogram(
+            "jasper_api_request_duration_seconds", "Duration of Jasper API requests",
+            ["communicator_type", "command"], buckets=_API_BUCKETS, registry=r)
+        self.api_errors = Counter(
+            "jasper_api_errors", "Jasper API calls that did not succeed, by error code",
+            ["communicator_type", "code"], registry=r)
+        self.retries = Counter(
+            "jasper_retries", "Retries of Jasper API calls", ["communicator_type", "reason"],
+            registry=r)
+        self.coalesced = Counter(
+            "jasper_coalesced", "Events served by an identical command already queued or in "
+            "flight (no API call)", ["communicator_type"], registry=r)
+        self.inflight = Gauge(
+            "jasper_inflight_commands", "Jasper API calls in flight",
+            ["communicator_type"], registry=r)
+        self.dead_lettered = Counter(
+            "jasper_dead_lettered", "Messages sent to the dead-letter queue", ["reason"],
+            registry=r)
+        self.event_processing = Histogram(
+            "jasper_event_processing_seconds", "Time from receiving a message to acking it",
+            ["stage"], buckets=_PROCESSING_BUCKETS, registry=r)
+        self.communicator_up = Gauge(
+            "jasper_communicator_up", "1 while the communicator type is accepting calls",
+            ["communicator_type"], registry=r)
+        self.last_success = Gauge(
+            "jasper_last_success_timestamp_seconds", "Unix time of the last successful command",
+            ["communicator_type"], registry=r)
+        self.history_publish_failures = Counter(
+            "jasper_history_publish_failures", "Signals the broker did not confirm or returned",
+            registry=r)
+        self.broker_connected = Gauge(
+            "jasper_broker_connected", "1 while connected to RabbitMQ", registry=r)
