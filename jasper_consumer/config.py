@@ -28,7 +28,7 @@ from pydantic import (
 
 from .errors import ConfigError
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_KEYS = ("api_key", "password", "amqp_url")
 
 
@@ -188,12 +188,17 @@ class Settings(_Strict):
 
 
 def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
-    """Replace ``${VAR}`` in every string of a parsed YAML tree; note undefined ones."""
+    """Replace ``${VAR}`` (or ``${VAR:-default}``) in every string of a YAML tree.
+
+    An undefined variable without a default is a problem noted in ``problems``.
+    """
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
-            name = match.group(1)
+            name, default = match.group(1), match.group(2)
             if name not in env:
+                if default is not None:
+                    return default
                 problems.append(f"{path}: environment variable {name} is not set")
                 return ""
             return env[name]
@@ -208,7 +213,11 @@ def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str
 
 
 def _location(loc: tuple[int | str, ...], raw: Any) -> str:
-    """``('communicator_types', 0, 'server_address')`` -> ``communicator_types[0 'M2MOne NZ'].server_address``."""
+    """A pydantic error location as a key path naming the communicator type.
+
+    ``('communicator_types', 0, 'server_address')`` becomes
+    ``communicator_types[0 'M2MOne NZ'].server_address``.
+    """
     out = ""
     node = raw
     for part in loc:
@@ -270,5 +279,9 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        # Only the problem and the position: the offending line may hold a secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError([f"{path}: not valid YAML{where}: {problem}"]) from None
     return parse_settings(raw, env)

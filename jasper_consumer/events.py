@@ -27,7 +27,7 @@ _ICCID = re.compile(r"^[0-9]{18,22}$")
 
 
 def normalise_iccid(ref_no: str) -> str:
-    """Remove the spaces and dashes operators type; raise if 18–22 digits do not remain."""
+    """Remove the spaces and dashes operators type; raise if 18 to 22 digits do not remain."""
     iccid = _ICCID_JUNK.sub("", ref_no)
     if not iccid:
         raise EventRejected(errors.MISSING_ICCID, "the device has no Device Ref No (ICCID)")

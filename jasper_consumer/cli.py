@@ -1,0 +1,181 @@
+"""The ``jasper-consumer`` command line (SPEC §8)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+
+from . import log as jlog
+from .config import Command, Settings, load_settings
+from .errors import ConfigError
+
+ENV_CONFIG = "JASPER_CONSUMER_CONFIG"
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=os.environ.get(ENV_CONFIG),
+        help=f"YAML config file (default: ${ENV_CONFIG})")
+
+
+def _load(path: str | None) -> Settings:
+    if not path:
+        raise ConfigError([f"no config file: pass --config FILE or set {ENV_CONFIG}"])
+    return load_settings(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jasper-consumer",
+        description="Activates and deactivates SIMs in Cisco Jasper Control Center "
+                    "for Patriot commission/decommission events.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the service")
+    _config_arg(run)
+    run.add_argument("--log-level", default="INFO")
+
+    check = sub.add_parser("check-config", help="validate the config; non-zero exit on problems")
+    _config_arg(check)
+
+    pub = sub.add_parser("publish", help="publish one event, as a producer would")
+    _config_arg(pub)
+    pub.add_argument("--event", type=int, required=True, help="event code, e.g. 65516")
+    pub.add_argument("--client-id", required=True)
+    pub.add_argument("--iccid", required=True, help="the device's Device Ref No")
+    pub.add_argument("--communicator-type", required=True)
+    pub.add_argument("--command", choices=[c.value for c in Command])
+    pub.add_argument("--event-id", help="default: a new UUID")
+    pub.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait up to SECONDS for the final signal and print it")
+
+    sim = sub.add_parser("simulator", help="run a local Jasper Control Center stand-in")
+    sim.add_argument("--port", type=int, default=8081)
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--config", default=os.environ.get(ENV_CONFIG),
+                     help="create one account per communicator type of this config")
+    sim.add_argument("--account", action="append", default=[], metavar="USER:KEY[:N[:RPS]]",
+                     help="an account (repeatable): user name, API key, calls in flight, calls/s")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    jlog.configure(getattr(args, "log_level", "INFO"))
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check-config":
+            return _check_config(args)
+        if args.command == "publish":
+            return asyncio.run(_publish(args))
+        if args.command == "simulator":
+            return _simulator(args)
+    except ConfigError as exc:
+        print("configuration problems:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(args.command)  # pragma: no cover
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import Service
+
+    settings = _load(args.config)
+    for ct in settings.communicator_types:
+        ct.read_api_key()  # an unreadable api_key_file stops start-up, naming the file
+    asyncio.run(Service(settings).run())
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    for ct in settings.communicator_types:
+        ct.read_api_key()
+    print(f"{args.config}: OK — {len(settings.communicator_types)} communicator type(s): "
+          + ", ".join(repr(ct.name) for ct in settings.communicator_types))
+    return 0
+
+
+async def _publish(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    event_id = args.event_id or str(uuid.uuid4())
+    event: dict[str, Any] = {
+        "event_id": event_id,
+        "event_code": args.event,
+        "client_id": args.client_id,
+        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "device": {"ref_no": args.iccid, "communicator_type": args.communicator_type},
+    }
+    if args.command:
+        event["command"] = args.command
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        watch = None
+        if args.wait > 0:
+            history = await channel.declare_exchange(
+                settings.history_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            watch = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await watch.bind(history, "jasper.#")
+        await exchange.publish(
+            aio_pika.Message(
+                json.dumps(event).encode(), content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event_id),
+            routing_key=f"event.{args.event}",
+        )
+        print(f"published event {event_id} ({args.event}) to {settings.events_exchange}")
+        if watch is None:
+            return 0
+        try:
+            async with asyncio.timeout(args.wait):
+                async with watch.iterator() as messages:
+                    async for message in messages:
+                        await message.ack()
+                        if message.correlation_id != event_id:
+                            continue
+                        signal = json.loads(message.body)
+                        print(json.dumps(signal, indent=2))
+                        if signal.get("outcome") in ("succeeded", "failed"):
+                            return 0 if signal["outcome"] == "succeeded" else 1
+        except TimeoutError:
+            print(f"no final signal within {args.wait:g} s (is the service running?)",
+                  file=sys.stderr)
+            return 3
+    return 3  # pragma: no cover
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from .simulator import Account, accounts_from_settings, serve
+
+    accounts = accounts_from_settings(_load(args.config)) if args.config else []
+    for spec in args.account:
+        parts = spec.split(":")
+        if len(parts) < 2:
+            raise ConfigError([f"--account {parts[0]!r}: expected USER:KEY[:N[:RPS]]"])
+        accounts.append(Account(
+            parts[0], parts[1],
+            max_in_flight=int(parts[2]) if len(parts) > 2 else 1,
+            requests_per_second=float(parts[3]) if len(parts) > 3 else 5.0))
+    if not accounts:
+        raise ConfigError(["simulator: give --config FILE or at least one --account"])
+    asyncio.run(serve(args.host, args.port, accounts))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

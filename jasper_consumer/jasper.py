@@ -1,0 +1,464 @@
+"""The Control Center client: Basic auth, requests, error mapping, backoff (SPEC §2, §5).
+
+One :class:`JasperClient` per communicator type, with its own HTTP session,
+credentials and :class:`Limiter`. Every answer that is not a success becomes a
+:class:`~jasper_consumer.errors.JasperError` in :func:`classify`; no aiohttp
+exception ever leaves this module, and no message carries the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import aiohttp
+import backoff
+from backoff.types import Details
+from pydantic import SecretStr
+from yarl import URL
+
+from . import errors
+from .config import Command, CommunicatorType, RetrySettings
+from .errors import (
+    JASPER_ERROR_MEANINGS,
+    PAUSE_CODES,
+    RETRYABLE_CODES,
+    RETRYABLE_HTTP,
+    CommunicatorMisconfigured,
+    ConfigError,
+    JasperError,
+    JasperRejected,
+    JasperRetryable,
+    JasperUnreachable,
+    RetriesExhausted,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
+_MAX_API_MESSAGE = 200  # characters of an unknown error's errorMessage kept for operators
+_TIMED_OUT = "timed out"
+_OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
+
+
+class Limiter:
+    """At most ``max_concurrency`` calls in flight, and call starts at least
+    ``1 / requests_per_second`` apart: no bursts, since the account may count calls in
+    any one-second window (SPEC §2). Waiters get their start slots in FIFO order."""
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        requests_per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        margin: float = 0.01,
+    ) -> None:
+        if max_concurrency < 1 or requests_per_second <= 0 or margin < 0:
+            raise ValueError("max_concurrency >= 1, requests_per_second > 0 and margin >= 0")
+        self.interval_s = (1.0 / requests_per_second) * (1.0 + margin)
+        self._clock = clock
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._start_lock = asyncio.Lock()  # FIFO: one waiter at a time owns the next start
+        self._last_start = float("-inf")
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+        try:
+            async with self._start_lock:
+                now = self._clock()
+                slot = max(now, self._last_start + self.interval_s)
+                if slot > now:
+                    await asyncio.sleep(slot - now)
+                self._last_start = max(self._clock(), slot)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._in_flight += 1
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._in_flight -= 1
+        self._slots.release()
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What a successful status change returned."""
+
+    sim_status: str | None  # the SIM's status after the call (the target status on success)
+    attempts: int  # HTTP calls made
+
+
+# --- error mapping -------------------------------------------------------------------------
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    name = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == name), None)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
+    if value is None or not (value := value.strip()):
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _api_error(body: bytes) -> tuple[str | None, str]:
+    """``(errorCode, errorMessage)`` from a Jasper error body; code None if it has none."""
+    data = _json(body)
+    if not isinstance(data, dict):
+        return None, ""
+    code = data.get("errorCode")
+    message = data.get("errorMessage")
+    code_s = str(code).strip() if isinstance(code, str | int) and str(code).strip() else None
+    message_s = " ".join(message.split()) if isinstance(message, str) else ""
+    return code_s, message_s
+
+
+def _truncate(text: str, limit: int = _MAX_API_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(body: bytes, content_type: str) -> str:
+    if not body:
+        return "empty body"
+    return f"{content_type or 'no content type'}, {len(body)} bytes"
+
+
+def classify(
+    http_status: int, body: bytes, content_type: str, headers: Mapping[str, str]
+) -> JasperError:
+    """The error an answer that is not a success stands for (SPEC §2, §5)."""
+    code, api_message = _api_error(body)
+    retry_after = parse_retry_after(_header(headers, "Retry-After"))
+    if code is not None:
+        message = JASPER_ERROR_MEANINGS.get(code) or _truncate(
+            api_message or f"Control Center error {code}")
+        if code in PAUSE_CODES:
+            return CommunicatorMisconfigured(code, message, http_status)
+        if code in RETRYABLE_CODES or http_status in RETRYABLE_HTTP:
+            return JasperRetryable(code, message, http_status, retry_after)
+        return JasperRejected(code, message, http_status)
+    if http_status == 401:
+        message = f"Control Center refused the credentials (HTTP {http_status})"
+        detail = _truncate(api_message) if api_message else _describe(body, content_type)
+        return CommunicatorMisconfigured(errors.UNAUTHORIZED, f"{message}: {detail}", http_status)
+    message = f"unexpected HTTP {http_status} answer ({_describe(body, content_type)})"
+    if http_status in RETRYABLE_HTTP or http_status >= 500 or 200 <= http_status < 300:
+        # 2xx: an idempotent PUT can be repeated until Control Center answers properly.
+        return JasperRetryable(errors.UNEXPECTED_RESPONSE, message, http_status, retry_after)
+    return JasperRejected(errors.UNEXPECTED_RESPONSE, message, http_status)
+
+
+def transport_failure(exc: BaseException, host: str, timeout_s: float) -> JasperUnreachable:
+    """A network failure (no HTTP answer) in words, built only from safe fields."""
+    if isinstance(exc, TimeoutError):  # also aiohttp's ServerTimeoutError
+        return JasperUnreachable(f"{_TIMED_OUT} after {timeout_s:.1f} s waiting for {host}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return JasperUnreachable(f"TLS certificate of {host} could not be verified")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return JasperUnreachable(f"TLS handshake with {host} failed")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return JasperUnreachable(f"cannot resolve host name {host} (DNS lookup failed)")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return JasperUnreachable(f"connection refused by {exc.host}:{exc.port}")
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return JasperUnreachable(f"cannot connect to {exc.host}:{exc.port}: {reason}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return JasperUnreachable(f"{host} closed the connection without answering")
+    if isinstance(exc, ConnectionResetError):
+        return JasperUnreachable(f"connection reset by {host}")
+    if isinstance(exc, ConnectionRefusedError):
+        return JasperUnreachable(f"connection refused by {host}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return JasperUnreachable(f"the answer from {host} was cut off")
+    if isinstance(exc, OSError) and exc.strerror:
+        return JasperUnreachable(f"network error talking to {host}: {exc.strerror}")
+    return JasperUnreachable(f"request to {host} failed ({type(exc).__name__})")
+
+
+def retry_reason(err: JasperError) -> str:
+    """The ``reason`` label of ``jasper_retries_total`` (a closed set)."""
+    if err.code == "40000029" or err.http_status == 429:
+        return "rate_limited"
+    if isinstance(err, JasperUnreachable):
+        return "timeout" if err.message.startswith(_TIMED_OUT) else "unreachable"
+    if err.http_status is not None and err.http_status >= 500:
+        return "server_error"
+    if err.code in RETRYABLE_CODES:
+        return "server_error"
+    return "unexpected_response"
+
+
+def _code_label(code: str) -> str:
+    """Error codes as a metric label: Jasper's 8-digit codes and our own, else ``OTHER``."""
+    return code if code in _OWN_CODES or re.fullmatch(r"\d{8}", code) else "OTHER"
+
+
+def retry_wait(jittered_s: float, retry_after_s: float | None, max_delay_s: float) -> float:
+    """The back-off wait: the jittered delay, raised to ``Retry-After`` (capped at max delay)."""
+    if retry_after_s is None:
+        return jittered_s
+    return max(jittered_s, min(retry_after_s, max_delay_s))
+
+
+def backoff_waits(
+    factor: float, max_value: float, jitter: Callable[[float], float] = backoff.full_jitter
+) -> Generator[float, Any, None]:
+    """``backoff.expo`` with full jitter, honouring the ``Retry-After`` of the error sent in.
+
+    Jitter is applied here, not by ``backoff``, so that it cannot cut below Retry-After.
+    """
+    expo = backoff.expo(factor=factor, max_value=max_value)
+    next(expo)  # prime, as backoff does with send(None)
+    err = yield 0.0  # backoff primes us with send(None)
+    while True:
+        retry_after = err.retry_after_s if isinstance(err, JasperRetryable) else None
+        err = yield retry_wait(jitter(next(expo)), retry_after, max_value)
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    content_type: str
+    headers: Mapping[str, str]
+
+
+class JasperClient:
+    """Calls one communicator type's Control Center account within its limits."""
+
+    def __init__(
+        self,
+        ct: CommunicatorType,
+        retry: RetrySettings,
+        metrics: Metrics,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.ct = ct
+        self.retry = retry
+        self.limiter = limiter or Limiter(ct.max_concurrency, ct.requests_per_second)
+        self._metrics = metrics
+        self._session = session
+        self._owns_session = session is None
+        self._api_key: SecretStr | None = None
+        self._timeout = aiohttp.ClientTimeout(total=ct.request_timeout_seconds)
+        self._host = URL(ct.server_address).host or ct.server_address
+
+    def __repr__(self) -> str:
+        return f"JasperClient({self.ct.name!r}, {self.ct.server_address!r})"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Read the credentials and open the HTTP session (if none was given)."""
+        self.reload_credentials()
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency),
+                timeout=self._timeout,
+            )
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def reload_credentials(self) -> None:
+        """Re-read the API key (a rotated ``api_key_file`` applies); raises ConfigError."""
+        key = self.ct.read_api_key()
+        try:
+            aiohttp.BasicAuth(self.ct.username, key).encode()
+        except (ValueError, UnicodeError):
+            raise ConfigError([
+                f"communicator type {self.ct.name!r}: username must not contain ':' and "
+                "username and api key must be Latin-1 text"
+            ]) from None
+        self._api_key = SecretStr(key)
+
+    # --- public calls ---
+
+    async def change_status(self, iccid: str, command: Command) -> CallResult:
+        """Set the SIM to ``command.target_status``, retrying transient failures (SPEC §5)."""
+        attempts = 0
+        last: list[JasperError] = []
+        started = time.monotonic()
+
+        async def attempt() -> CallResult:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return await self._put_status(iccid, command)
+            except JasperError as exc:
+                last[:] = [exc]
+                raise
+
+        def on_backoff(details: Details) -> None:
+            err = last[0]
+            self._metrics.retries.labels(self.ct.name, retry_reason(err)).inc()
+            log.info("Jasper call failed, retrying", extra={
+                "communicator_type": self.ct.name, "iccid": iccid, "code": err.code,
+                "http_status": err.http_status, "attempt": details["tries"],
+                "wait_s": round(details.get("wait", 0.0), 3)})
+
+        retrying = backoff.on_exception(
+            backoff_waits, JasperRetryable,
+            factor=self.retry.initial_delay_seconds, max_value=self.retry.max_delay_seconds,
+            jitter=None,  # applied in backoff_waits: full jitter, floored by Retry-After
+            max_tries=self.retry.max_attempts, max_time=self.retry.max_elapsed_seconds,
+            on_backoff=on_backoff, logger=None,
+        )(attempt)
+        try:
+            result: CallResult = await retrying()
+        except JasperRetryable as exc:
+            exc.attempts = attempts
+            raise RetriesExhausted(exc, attempts, time.monotonic() - started) from None
+        except JasperError as exc:
+            exc.attempts = attempts
+            raise
+        return CallResult(result.sim_status, attempts)
+
+    async def get_device(self, iccid: str) -> dict[str, Any]:
+        """Get Device Details: one attempt."""
+        answer = await self._single("GET", f"/devices/{quote(iccid, safe='')}", "get")
+        data = _json(answer.body)
+        if answer.status == 200 and isinstance(data, dict) and "iccid" in data:
+            return data
+        err = self._answer_error(answer)
+        err.attempts = 1
+        raise err
+
+    async def echo(self, word: str = "jasper-consumer") -> None:
+        """Echo: checks the credentials without touching a SIM; one attempt."""
+        answer = await self._single("GET", f"/echo/{quote(word, safe='')}", "echo")
+        data = _json(answer.body)
+        if answer.status == 200 and isinstance(data, dict) and data.get("context") == word:
+            return
+        err = self._answer_error(answer)
+        err.attempts = 1
+        raise err
+
+    # --- internals ---
+
+    async def _put_status(self, iccid: str, command: Command) -> CallResult:
+        answer = await self._call(
+            "PUT", f"/devices/{quote(iccid, safe='')}", command.value,
+            {"status": command.target_status})
+        data = _json(answer.body)
+        if answer.status in (200, 202) and isinstance(data, dict) and "iccid" in data:
+            return CallResult(command.target_status, 1)
+        err = classify(answer.status, answer.body, answer.content_type, answer.headers)
+        if isinstance(err, JasperRejected) and "already" in _api_error(answer.body)[1].lower():
+            return CallResult(command.target_status, 1)  # already in that status: success
+        raise self._count(err)
+
+    async def _single(self, method: str, path: str, label: str) -> _Answer:
+        try:
+            return await self._call(method, path, label)
+        except JasperError as exc:
+            exc.attempts = 1
+            raise
+
+    def _answer_error(self, answer: _Answer) -> JasperError:
+        return self._count(classify(answer.status, answer.body, answer.content_type,
+                                    answer.headers))
+
+    def _count(self, err: JasperError) -> JasperError:
+        self._metrics.api_errors.labels(self.ct.name, _code_label(err.code)).inc()
+        return err
+
+    async def _call(
+        self, method: str, path: str, label: str, payload: dict[str, str] | None = None
+    ) -> _Answer:
+        """One HTTP call through the limiter; network failures become JasperUnreachable."""
+        if self._api_key is None or self._session is None:
+            await self.start()
+        assert self._api_key is not None
+        assert self._session is not None
+        key = self._api_key.get_secret_value()
+        headers = {"Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        async with self.limiter:
+            inflight = self._metrics.inflight.labels(self.ct.name)
+            inflight.inc()
+            started = time.perf_counter()
+            try:
+                async with self._session.request(
+                    method, f"{self.ct.server_address}{path}", json=payload, headers=headers,
+                    auth=aiohttp.BasicAuth(self.ct.username, key), timeout=self._timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    body = await _read_capped(resp.content, MAX_BODY_BYTES)
+                    answer = _Answer(resp.status, body.replace(key.encode(), b"***"),
+                                     resp.headers.get("Content-Type", "").split(";")[0].strip(),
+                                     resp.headers)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                err = transport_failure(exc, self._host, self.ct.request_timeout_seconds)
+                raise self._count(err) from None
+            finally:
+                self._metrics.api_request_duration.labels(self.ct.name, label).observe(
+                    time.perf_counter() - started)
+                inflight.dec()
+        return answer
+
+
+async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit and (chunk := await stream.read(limit - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

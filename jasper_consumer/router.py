@@ -1,0 +1,113 @@
+"""Stage 1: read an event, then forward it to its work queue, fail it, or dead-letter it.
+
+* unreadable (too big, not UTF-8/JSON/an object, no ``client_id``) → ``<prefix>.dead``;
+* an event that cannot succeed (§4 local codes) → a ``jasper.failed`` signal, no API call;
+* otherwise → the communicator type's work queue, as a :class:`~.events.Job`.
+
+Events for the same ICCID are forwarded one after another in delivery order (the
+next is published only after the previous one is confirmed), so the work queue
+holds them in publish order; events for different ICCIDs go through concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from . import log as jlog
+from .config import Settings
+from .edge import settle
+from .errors import UnreadableMessage
+from .events import Job, Rejected, parse_event
+from .history import Publisher
+from .metrics import Metrics
+from .signals import SignalError, failed
+from .topology import Names
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Consumes ``<prefix>.events``; see the module docstring."""
+
+    def __init__(self, settings: Settings, publisher: Publisher, metrics: Metrics) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._metrics = metrics
+        self._names = Names.from_settings(settings)
+        self._work_queues = {ct.name: self._names.work_queue(ct)
+                             for ct in settings.communicator_types}
+        self._tails: dict[str, asyncio.Future[None]] = {}
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        await settle(message, self._handle, self._metrics, "route")
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        # Everything up to the first await runs in delivery order: keep the
+        # per-ICCID chain registration here, before any await.
+        started = time.perf_counter()
+        try:
+            job = parse_event(message.body, self._settings)
+        except UnreadableMessage as exc:
+            await self._dead_letter(message, exc.reason)
+            return
+        except Rejected as exc:
+            self._metrics.events_received.labels(str(exc.partial.event_code or "unknown")).inc()
+            await self._reject(message, exc, started)
+            return
+        self._metrics.events_received.labels(str(job.event_code)).inc()
+        await self._forward(job, message)
+
+    async def _forward(self, job: Job, message: AbstractIncomingMessage) -> None:
+        key = f"{job.communicator_type}\x00{job.iccid}"
+        previous = self._tails.get(key)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[key] = mine
+        try:
+            if previous is not None:
+                await previous
+            await self._publisher.work(
+                self._work_queues[job.communicator_type],
+                job.model_dump_json().encode(),
+                message_id=job.event_id,
+            )
+        finally:
+            mine.set_result(None)
+            if self._tails.get(key) is mine:
+                del self._tails[key]
+
+    async def _reject(
+        self, message: AbstractIncomingMessage, exc: Rejected, started: float
+    ) -> None:
+        partial = exc.partial
+        if partial.event_id is None and message.message_id:
+            partial = partial.model_copy(update={"event_id": message.message_id})
+        signal = failed(
+            partial,
+            SignalError(code=exc.code, http_status=None, message=exc.message, retryable=False),
+            attempts=0,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+        await self._publisher.signal(signal)
+        self._metrics.local_failures.labels(exc.code).inc()
+        jlog.outcome(
+            event_id=signal.event_id, client_id=signal.client_id,
+            communicator_type=signal.communicator_type, command=signal.command,
+            outcome=signal.outcome, error_code=exc.code, attempts=0,
+            duration_ms=signal.duration_ms, reason=exc.message,
+        )
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        await self._publisher.dead_letter(
+            message.body, reason, message_id=message.message_id,
+            headers=dict(message.headers or {}), content_type=message.content_type,
+        )
+        self._metrics.dead_lettered.labels("unreadable").inc()
+        log.warning(
+            "unreadable message dead-lettered: %s", reason,
+            extra={"fields": {"message_id": message.message_id, "reason": reason,
+                              "routing_key": message.routing_key, "bytes": len(message.body)}},
+        )

@@ -1,0 +1,530 @@
+"""A local stand-in for Cisco Jasper Control Center, for demos, tests and benchmarks.
+
+It speaks the part of the REST API the service uses (SPEC §2), under ``/rws/api/v1``:
+
+* ``PUT /devices/{iccid}`` ``{"status": "ACTIVATED"}`` → ``{"iccid": ...}``
+* ``GET /devices/{iccid}`` → the SIM's details (``iccid``, ``status``, ``ratePlan``, …)
+* ``GET /echo/{word}`` → ``{"context": word}``
+
+and answers like the real one: HTTP Basic auth (``username:api_key``), errors as
+``{"errorMessage": ..., "errorCode": "NNNNNNNN"}`` with the HTTP status of SPEC §5,
+``10000024`` for another API version, and per-account rate limits — more than
+``max_in_flight`` calls at once, or more calls starting in any one-second window than
+``requests_per_second``, get ``40000029`` and count as a violation. (For a fractional
+rate the window is ``n / requests_per_second`` seconds holding ``n = max(1, floor(rate))``
+starts, so a client that starts calls ``1 / rate`` apart never trips it.)
+
+A SIM it has not seen is created ``ACTIVATION_READY`` on first use, unless it is in
+``unknown_iccids`` or starts with ``8999``: those answer ``20000001``. Faults per ICCID
+(latency, N failures, every call failing, HTML error pages) and per account (``down``:
+``"refuse"`` drops the connection unanswered, ``"html503"`` answers a proxy's 503 page)
+make the failure paths reachable. Every call is kept in ``requests``.
+
+In-process, drive it through :class:`Simulator`'s methods. In another process
+(``jasper-consumer simulator --port N``), use the admin API — JSON, no auth:
+
+=======================================  ==============================================
+``GET /_sim/requests``                   every request served, as a list of records
+``GET /_sim/stats``                      ``{"violations", "max_in_flight_seen", "requests"}``
+``POST /_sim/reset``                     forget SIMs, faults, requests and counters
+``PUT /_sim/sims/{iccid}``               ``{"status": ...}``: create or overwrite a SIM
+``GET /_sim/sims/{iccid}``               the SIM's details, 404 if unknown
+``PUT /_sim/faults/{iccid}``             :meth:`Simulator.set_fault` keyword arguments
+``DELETE /_sim/faults``                  clear every fault
+``PUT /_sim/accounts/{username}``        ``{"api_key"?, "max_in_flight"?,
+                                         "requests_per_second"?, "down"?}``: add or change
+=======================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import collections
+import hmac
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import BasicAuth, web
+
+from .config import Settings
+from .errors import JASPER_ERROR_MEANINGS
+
+log = logging.getLogger(__name__)
+
+API_PATH = "/rws/api/v1"
+MAX_BODY_BYTES = 64 * 1024
+SIM_STATUSES = frozenset({
+    "ACTIVATED", "ACTIVATION_READY", "DEACTIVATED", "INVENTORY",
+    "PURGED", "REPLACED", "RETIRED", "TEST_READY",
+})
+PRE_ACTIVATION = frozenset({"ACTIVATION_READY", "TEST_READY", "INVENTORY"})
+FINAL = frozenset({"PURGED", "RETIRED", "REPLACED"})
+DOWN_MODES = (None, "refuse", "html503")
+# Admin API: the fields a fault or an account may set, and their JSON types.
+FAULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "latency_s": (int, float), "fail_times": (int,), "always_fail": (bool,),
+    "error_code": (str,), "http_status": (int,), "html": (bool,),
+}
+ACCOUNT_FIELDS: dict[str, tuple[type, ...]] = {
+    "api_key": (str,), "max_in_flight": (int,), "requests_per_second": (int, float),
+    "down": (str, type(None)),
+}
+# Fields Edit Device Details accepts; anything else is 10000028.
+EDITABLE = frozenset({"status", "ratePlan", "communicationPlan", "customer", "deviceID", "modemID"})
+ALREADY_IN_STATUS = "10030000"
+
+Action = Callable[[web.Request, "RequestRecord"], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class Account:
+    """One Control Center account: its credentials, its limits and whether it is up."""
+
+    username: str
+    api_key: str
+    max_in_flight: int = 1
+    requests_per_second: float = 5.0
+    down: str | None = None  # None, "refuse" (drop the connection) or "html503"
+
+
+@dataclass
+class RequestRecord:
+    """One request as the simulator saw it; ``http_status`` 0 means dropped unanswered."""
+
+    started: float
+    finished: float
+    account: str | None
+    method: str
+    path: str
+    iccid: str | None
+    requested_status: str | None
+    http_status: int
+    error_code: str | None
+
+
+@dataclass
+class _Fault:
+    latency_s: float = 0.0
+    fail_times: int = 0
+    always_fail: bool = False
+    error_code: str = "30000001"
+    http_status: int = 500
+    html: bool = False
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class _Sim:
+    status: str
+    date_added: str = field(default_factory=_now)
+    date_updated: str = field(default_factory=_now)
+    date_activated: str | None = None
+
+
+class _Answer(Exception):
+    """Stop handling and answer with this error (code ``None``: message only)."""
+
+    def __init__(self, http_status: int, code: str | None, message: str = "",
+                 *, html: bool = False) -> None:
+        super().__init__(message)
+        self.http_status, self.code, self.html = http_status, code, html
+        self.message = message or JASPER_ERROR_MEANINGS.get(code or "", "Error")
+
+    def response(self) -> web.Response:
+        if self.html:
+            page = (f"<html><head><title>{self.http_status}</title></head>"
+                    f"<body><h1>{self.http_status}</h1><p>{self.message}</p></body></html>")
+            return web.Response(status=self.http_status, content_type="text/html", text=page)
+        body: dict[str, str] = {"errorMessage": self.message}
+        if self.code is not None:
+            body["errorCode"] = self.code
+        return web.json_response(body, status=self.http_status)
+
+
+def _error(code: str, message: str = "") -> _Answer:
+    http_status = {"10000001": 401, "20000001": 404, "30000001": 500}.get(code, 400)
+    return _Answer(http_status, code, message)
+
+
+class Simulator:
+    """Control Center's device API, in memory, with rate limits and injectable faults."""
+
+    def __init__(self, *, rate_limit_http_status: int = 429,
+                 already_in_status_error: bool = False) -> None:
+        self.rate_limit_http_status = rate_limit_http_status
+        self.already_in_status_error = already_in_status_error
+        self.accounts: dict[str, Account] = {}
+        self.unknown_iccids: set[str] = set()
+        self.latency_s = 0.0
+        self.requests: list[RequestRecord] = []
+        self.violations = 0
+        self.max_in_flight_seen: dict[str, int] = {}
+        self.base_url = ""
+        self.port = 0
+        self._sims: dict[str, _Sim] = {}
+        self._faults: dict[str, _Fault] = {}
+        self._in_flight: dict[str, int] = collections.defaultdict(int)
+        self._starts: dict[str, collections.deque[float]] = collections.defaultdict(
+            collections.deque)
+        self._runner: web.AppRunner | None = None
+
+    # -- state, for tests and the admin API ------------------------------------------
+
+    def add_account(self, username: str, api_key: str, *, max_in_flight: int = 1,
+                    requests_per_second: float = 5.0) -> Account:
+        account = Account(username, api_key, max_in_flight, requests_per_second)
+        self.accounts[username] = account
+        return account
+
+    def set_status(self, iccid: str, status: str) -> None:
+        if status not in SIM_STATUSES:
+            raise ValueError(f"unknown SIM status {status!r}")
+        sim = self._sims.setdefault(iccid, _Sim(status))
+        self._change(sim, status)
+
+    def status(self, iccid: str) -> str | None:
+        sim = self._sims.get(iccid)
+        return sim.status if sim else None
+
+    def set_fault(self, iccid: str, *, latency_s: float = 0.0, fail_times: int = 0,
+                  always_fail: bool = False, error_code: str = "30000001",
+                  http_status: int = 500, html: bool = False) -> None:
+        """Make calls for ``iccid`` slow (``latency_s``) and/or fail: the next
+        ``fail_times`` calls, or every call with ``always_fail``."""
+        self._faults[iccid] = _Fault(latency_s, fail_times, always_fail, error_code,
+                                     http_status, html)
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def calls(self, iccid: str | None = None, method: str | None = None) -> list[RequestRecord]:
+        return [r for r in self.requests
+                if (iccid is None or r.iccid == iccid) and (method is None or r.method == method)]
+
+    def reset(self) -> None:
+        """Forget SIMs, faults, requests and counters; accounts (and calls in flight) stay."""
+        self._sims.clear()
+        self._faults.clear()
+        self.unknown_iccids.clear()
+        self.requests.clear()
+        self.violations = 0
+        self.max_in_flight_seen.clear()
+        self._starts.clear()
+
+    # -- serving ---------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes([
+            web.put(API_PATH + "/devices/{iccid}", self._api(self._put_device)),
+            web.get(API_PATH + "/devices/{iccid}", self._api(self._get_device)),
+            web.get(API_PATH + "/echo/{word}", self._api(self._echo)),
+            web.route("*", "/rws/api/{version}/{tail:.*}", self._api(self._elsewhere)),
+            web.get("/_sim/requests", self._admin_requests),
+            web.get("/_sim/stats", self._admin_stats),
+            web.post("/_sim/reset", self._admin_reset),
+            web.put("/_sim/sims/{iccid}", self._admin_put_sim),
+            web.get("/_sim/sims/{iccid}", self._admin_get_sim),
+            web.put("/_sim/faults/{iccid}", self._admin_put_fault),
+            web.delete("/_sim/faults", self._admin_clear_faults),
+            web.put("/_sim/accounts/{username}", self._admin_put_account),
+        ])
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0: any free port) and return the API base URL."""
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.port = int(self._runner.addresses[0][1])
+        self.base_url = f"http://{host}:{self.port}{API_PATH}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- the API pipeline: auth, down, rate limit, faults, then the action -----------
+
+    def _api(self, action: Action) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self._serve(request, action)
+        return handler
+
+    async def _serve(self, request: web.Request, action: Action) -> web.StreamResponse:
+        record = RequestRecord(
+            started=time.monotonic(), finished=0.0, account=None, method=request.method,
+            path=request.path, iccid=request.match_info.get("iccid"), requested_status=None,
+            http_status=0, error_code=None)
+        self.requests.append(record)
+        response: web.Response | None = None  # stays None when the account refuses
+        try:
+            account = self._authenticate(request, record)
+            if account.down == "html503":
+                raise _Answer(503, None, "Service Temporarily Unavailable", html=True)
+            if account.down != "refuse":
+                self._admit(account)
+                try:
+                    response = web.json_response(await self._perform(request, record, action))
+                finally:  # before the answer is sent: a client awaiting it never overlaps
+                    self._in_flight[account.username] -= 1
+        except _Answer as answer:
+            response, record.error_code = answer.response(), answer.code
+        except web.HTTPException as exc:  # e.g. 413 for a body over MAX_BODY_BYTES
+            record.http_status = exc.status
+            raise
+        finally:
+            record.finished = time.monotonic()
+            record.http_status = response.status if response else record.http_status
+            self._log(record)
+        if response is None:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()  # never reaches the client: the connection is gone
+        return response
+
+    def _authenticate(self, request: web.Request, record: RequestRecord) -> Account:
+        header = request.headers.get("Authorization")
+        try:
+            credentials = BasicAuth.decode(header) if header else None
+        except (ValueError, binascii.Error):
+            credentials = None
+        if credentials is None:
+            raise _Answer(401, None, "Full authentication is required to access this resource")
+        record.account = credentials.login
+        account = self.accounts.get(credentials.login)
+        if account is None or not hmac.compare_digest(
+                account.api_key.encode(), credentials.password.encode()):
+            raise _error("10000001")
+        return account
+
+    def _admit(self, account: Account) -> None:
+        """Count the call in, or answer 40000029 if it would break the account's limits."""
+        now = time.monotonic()
+        rate = account.requests_per_second
+        allowed = max(1, math.floor(rate))
+        window_s = allowed / rate
+        starts = self._starts[account.username]
+        while starts and now - starts[0] >= window_s:
+            starts.popleft()
+        if self._in_flight[account.username] >= account.max_in_flight or len(starts) >= allowed:
+            self.violations += 1
+            raise _Answer(self.rate_limit_http_status, "40000029")
+        starts.append(now)
+        self._in_flight[account.username] += 1
+        seen = self.max_in_flight_seen.get(account.username, 0)
+        self.max_in_flight_seen[account.username] = max(seen, self._in_flight[account.username])
+
+    async def _perform(self, request: web.Request, record: RequestRecord,
+                       action: Action) -> dict[str, Any]:
+        fault = self._faults.get(record.iccid or "")
+        latency_s = self.latency_s + (fault.latency_s if fault else 0.0)
+        if latency_s > 0:
+            await asyncio.sleep(latency_s)
+        if fault and (fault.always_fail or fault.fail_times > 0):
+            fault.fail_times = max(0, fault.fail_times - 1)
+            raise _Answer(fault.http_status, None if fault.html else fault.error_code,
+                          html=fault.html,
+                          message=JASPER_ERROR_MEANINGS.get(fault.error_code, "Error"))
+        return await action(request, record)
+
+    def _sim(self, iccid: str) -> _Sim:
+        if iccid in self.unknown_iccids or iccid.startswith("8999"):
+            raise _error("20000001")
+        return self._sims.setdefault(iccid, _Sim("ACTIVATION_READY"))
+
+    @staticmethod
+    def _log(record: RequestRecord) -> None:
+        outcome = str(record.http_status) if record.http_status else "dropped"
+        code = f" {record.error_code}" if record.error_code else ""
+        wanted = f" status={record.requested_status}" if record.requested_status else ""
+        duration_ms = (record.finished - record.started) * 1000
+        log.info("%s %s%s account=%s -> %s%s in %.0f ms", record.method, record.path, wanted,
+                 record.account, outcome, code, duration_ms,
+                 extra={"fields": {**asdict(record), "duration_ms": round(duration_ms, 1)}})
+
+    @staticmethod
+    def _change(sim: _Sim, status: str) -> None:
+        sim.status, sim.date_updated = status, _now()
+        if status == "ACTIVATED" and sim.date_activated is None:
+            sim.date_activated = sim.date_updated
+
+    # -- API actions -----------------------------------------------------------------
+
+    async def _put_device(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
+        iccid = request.match_info["iccid"]
+        sim = self._sim(iccid)
+        text = await request.text()
+        if not text.strip():
+            raise _error("10000005")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            raise _error("10000023") from None
+        if not isinstance(body, dict):
+            raise _error("10000005")
+        target = body.get("status")
+        record.requested_status = target if isinstance(target, str) else None
+        if set(body) - EDITABLE:
+            raise _error("10000028")
+        if target not in SIM_STATUSES:
+            raise _error("10000005")
+        if target == sim.status:
+            if self.already_in_status_error:
+                verb = {"ACTIVATED": "activate", "DEACTIVATED": "deactivate"}.get(target)
+                raise _error(ALREADY_IN_STATUS,
+                             f"Cannot {verb} a SIM which is already {target.lower()}"
+                             if verb else f"SIM is already {target}")
+        elif sim.status in FINAL:
+            raise _error("10000005", f"A {sim.status} SIM cannot change status")
+        elif target in PRE_ACTIVATION and sim.status in ("ACTIVATED", "DEACTIVATED"):
+            raise _error("10000029")
+        else:
+            self._change(sim, target)
+        return {"iccid": iccid}
+
+    async def _get_device(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
+        iccid = request.match_info["iccid"]
+        return _details(iccid, self._sim(iccid))
+
+    async def _echo(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
+        return {"context": request.match_info["word"]}
+
+    async def _elsewhere(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
+        version = request.match_info["version"]
+        if version != "v1" and version[:1] == "v" and version[1:].isdigit():
+            raise _error("10000024")
+        raise _Answer(404, None, f"No resource at {request.path}")
+
+    # -- admin API -------------------------------------------------------------------
+
+    async def _admin_requests(self, request: web.Request) -> web.Response:
+        return web.json_response([asdict(r) for r in self.requests])
+
+    async def _admin_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"violations": self.violations,
+                                  "max_in_flight_seen": self.max_in_flight_seen,
+                                  "requests": len(self.requests)})
+
+    async def _admin_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"reset": True})
+
+    async def _admin_put_sim(self, request: web.Request) -> web.Response:
+        iccid = request.match_info["iccid"]
+        body = await _admin_body(request)
+        try:
+            self.set_status(iccid, str(body.get("status")))
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from None
+        return web.json_response(_details(iccid, self._sims[iccid]))
+
+    async def _admin_get_sim(self, request: web.Request) -> web.Response:
+        iccid = request.match_info["iccid"]
+        sim = self._sims.get(iccid)
+        if sim is None:
+            return web.json_response({"error": f"no SIM {iccid}"}, status=404)
+        return web.json_response(_details(iccid, sim))
+
+    async def _admin_put_fault(self, request: web.Request) -> web.Response:
+        iccid = request.match_info["iccid"]
+        body = _typed(await _admin_body(request), FAULT_FIELDS)
+        self.set_fault(iccid, **body)
+        return web.json_response({"iccid": iccid, **asdict(self._faults[iccid])})
+
+    async def _admin_clear_faults(self, request: web.Request) -> web.Response:
+        self.clear_faults()
+        return web.json_response({"cleared": True})
+
+    async def _admin_put_account(self, request: web.Request) -> web.Response:
+        username = request.match_info["username"]
+        body = _typed(await _admin_body(request), ACCOUNT_FIELDS)
+        if body.get("down") not in DOWN_MODES:
+            raise _bad_request(f"down must be one of {DOWN_MODES}")
+        account = self.accounts.get(username)
+        if account is None:
+            if "api_key" not in body:
+                raise _bad_request("a new account needs an api_key")
+            account = self.add_account(username, body["api_key"])
+        for key, value in body.items():
+            setattr(account, key, value)
+        return web.json_response({k: v for k, v in asdict(account).items() if k != "api_key"})
+
+
+def _details(iccid: str, sim: _Sim) -> dict[str, Any]:
+    """A Get Device Details answer."""
+    return {
+        "iccid": iccid,
+        "status": sim.status,
+        "ratePlan": "M2M One 10MB",
+        "communicationPlan": "M2M One Data + SMS",
+        "customer": "Patriot Monitoring",
+        "dateActivated": sim.date_activated,
+        "dateAdded": sim.date_added,
+        "dateUpdated": sim.date_updated,
+    }
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def _admin_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _bad_request("body must be JSON") from None
+    if not isinstance(body, dict):
+        raise _bad_request("body must be a JSON object")
+    return body
+
+
+def _typed(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
+    """``body`` if every key is one of ``fields`` and its value of the listed types."""
+    for key, value in body.items():
+        if key not in fields:
+            raise _bad_request(f"unknown field {key!r}; known: {sorted(fields)}")
+        if not isinstance(value, fields[key]) or (isinstance(value, bool) and bool not in
+                                                  fields[key]):
+            raise _bad_request(f"{key}: {value!r} is not {'/'.join(t.__name__ for t in fields[key])}")
+    return body
+
+
+def accounts_from_settings(settings: Settings) -> list[Account]:
+    """One account per communicator type, with its credentials and limits."""
+    return [
+        Account(ct.username, ct.read_api_key(), max_in_flight=ct.max_concurrency,
+                requests_per_second=ct.requests_per_second)
+        for ct in settings.communicator_types
+    ]
+
+
+async def serve(host: str, port: int, accounts: list[Account]) -> None:
+    """Run a simulator with ``accounts`` until cancelled, logging each request to stderr."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)
+    sim = Simulator()
+    for account in accounts:
+        sim.accounts[account.username] = account
+    base_url = await sim.start(host, port)
+    log.info("Jasper simulator at %s (admin API under /_sim/), accounts: %s",
+             base_url, ", ".join(sim.accounts) or "none")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()
+

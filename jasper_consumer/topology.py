@@ -1,0 +1,118 @@
+"""Exchanges, queues and bindings (SPEC §3, §4, §6), all named from ``queue_prefix``.
+
+::
+
+    patriot.events (topic) ──event.<code>──▶ <p>.events (quorum, DLX <p>.dlx, delivery limit)
+    (default exchange)     ──────────────▶ <p>.work.<slug> (quorum, single active consumer)
+    patriot.history (topic) ──jasper.#──▶ <p>.history (quorum)
+    <p>.dlx (fanout) ────────────────────▶ <p>.dead (quorum)
+
+Declaring is idempotent; the same arguments are used every time so a redeclare on
+an existing broker never fails with PRECONDITION_FAILED.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from .config import CommunicatorType, Settings
+
+DEAD_REASON_HEADER = "x-jasper-error"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every name the service uses on the broker."""
+
+    prefix: str
+    events_exchange: str
+    history_exchange: str
+
+    @property
+    def events_queue(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def history_queue(self) -> str:
+        return f"{self.prefix}.history"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    def work_queue(self, ct: CommunicatorType) -> str:
+        return f"{self.prefix}.work.{ct.slug}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Names:
+        return cls(settings.queue_prefix, settings.events_exchange, settings.history_exchange)
+
+
+@dataclass
+class Topology:
+    """The declared broker objects a channel can use."""
+
+    names: Names
+    events_exchange: AbstractExchange
+    history_exchange: AbstractExchange
+    dead_exchange: AbstractExchange
+    events_queue: AbstractQueue
+    work_queues: dict[str, AbstractQueue]  # by communicator type name
+
+
+def _quorum(settings: Settings, **extra: object) -> dict[str, object]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": f"{settings.queue_prefix}.dlx",
+        "x-delivery-limit": settings.delivery_limit,
+        **extra,
+    }
+
+
+async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
+    """Declare everything (idempotent) and return handles bound to ``channel``."""
+    names = Names.from_settings(settings)
+    events_x = await channel.declare_exchange(
+        names.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    history_x = await channel.declare_exchange(
+        names.history_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead_x = await channel.declare_exchange(
+        names.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+
+    dead_q = await channel.declare_queue(
+        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await dead_q.bind(dead_x, routing_key="")
+
+    if settings.history_queue:
+        history_q = await channel.declare_queue(
+            names.history_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        await history_q.bind(history_x, routing_key=settings.history_binding)
+
+    events_q = await channel.declare_queue(
+        names.events_queue, durable=True, arguments=_quorum(settings))
+    for code in sorted(settings.commands):
+        await events_q.bind(events_x, routing_key=f"event.{code}")
+
+    work: dict[str, AbstractQueue] = {}
+    for ct in settings.communicator_types:
+        work[ct.name] = await channel.declare_queue(
+            names.work_queue(ct), durable=True,
+            arguments=_quorum(settings, **{"x-single-active-consumer": True}))
+    return Topology(names, events_x, history_x, dead_x, events_q, work)
+
+
+async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
+    """Remove every queue and the dead-letter exchange (tests and teardown only)."""
+    names = Names.from_settings(settings)
+    queues = [names.events_queue, names.history_queue, names.dead_queue]
+    queues += [names.work_queue(ct) for ct in settings.communicator_types]
+    for q in queues:
+        await channel.queue_delete(q)
+    await channel.exchange_delete(names.dead_exchange)
