@@ -39,6 +39,7 @@ In-process, drive it through :class:`Simulator`'s methods. In another process
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import collections
 import hmac
@@ -50,9 +51,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from aiohttp import BasicAuth, web
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import Settings
 from .errors import JASPER_ERROR_MEANINGS
@@ -67,20 +69,11 @@ SIM_STATUSES = frozenset({
 })
 PRE_ACTIVATION = frozenset({"ACTIVATION_READY", "TEST_READY", "INVENTORY"})
 FINAL = frozenset({"PURGED", "RETIRED", "REPLACED"})
-DOWN_MODES = (None, "refuse", "html503")
-# Admin API: the fields a fault or an account may set, and their JSON types.
-FAULT_FIELDS: dict[str, tuple[type, ...]] = {
-    "latency_s": (int, float), "fail_times": (int,), "always_fail": (bool,),
-    "error_code": (str,), "http_status": (int,), "html": (bool,),
-}
-ACCOUNT_FIELDS: dict[str, tuple[type, ...]] = {
-    "api_key": (str,), "max_in_flight": (int,), "requests_per_second": (int, float),
-    "down": (str, type(None)),
-}
 # Fields Edit Device Details accepts; anything else is 10000028.
 EDITABLE = frozenset({"status", "ratePlan", "communicationPlan", "customer", "deviceID", "modemID"})
 ALREADY_IN_STATUS = "10030000"
 
+_Body = TypeVar("_Body", bound=BaseModel)
 Action = Callable[[web.Request, "RequestRecord"], Awaitable[dict[str, Any]]]
 
 
@@ -110,14 +103,31 @@ class RequestRecord:
     error_code: str | None
 
 
-@dataclass
-class _Fault:
-    latency_s: float = 0.0
-    fail_times: int = 0
+class _Fault(BaseModel):
+    """What :meth:`Simulator.set_fault` set for one ICCID (also the admin API's body)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    latency_s: float = Field(0.0, ge=0)
+    fail_times: int = Field(0, ge=0)
     always_fail: bool = False
     error_code: str = "30000001"
-    http_status: int = 500
+    http_status: int = Field(500, ge=100, le=599)
     html: bool = False
+
+
+class _SimChange(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    status: str
+
+
+class _AccountChange(BaseModel):
+    """The admin API's body for adding or changing an account; only the keys sent apply."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    api_key: str = Field("", min_length=1)
+    max_in_flight: int = Field(1, ge=1)
+    requests_per_second: float = Field(5.0, gt=0)
+    down: Literal["refuse", "html503"] | None = None
 
 
 def _now() -> str:
@@ -202,8 +212,9 @@ class Simulator:
                   http_status: int = 500, html: bool = False) -> None:
         """Make calls for ``iccid`` slow (``latency_s``) and/or fail: the next
         ``fail_times`` calls, or every call with ``always_fail``."""
-        self._faults[iccid] = _Fault(latency_s, fail_times, always_fail, error_code,
-                                     http_status, html)
+        self._faults[iccid] = _Fault(
+            latency_s=latency_s, fail_times=fail_times, always_fail=always_fail,
+            error_code=error_code, http_status=http_status, html=html)
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -213,10 +224,12 @@ class Simulator:
                 if (iccid is None or r.iccid == iccid) and (method is None or r.method == method)]
 
     def reset(self) -> None:
-        """Forget SIMs, faults, requests and counters; accounts (and calls in flight) stay."""
+        """Forget SIMs (and ``unknown_iccids``), faults (and ``latency_s``), requests and
+        counters; accounts and the calls in flight stay."""
         self._sims.clear()
         self._faults.clear()
         self.unknown_iccids.clear()
+        self.latency_s = 0.0
         self.requests.clear()
         self.violations = 0
         self.max_in_flight_seen.clear()
@@ -287,7 +300,8 @@ class Simulator:
             raise
         finally:
             record.finished = time.monotonic()
-            record.http_status = response.status if response else record.http_status
+            if response is not None:
+                record.http_status = response.status
             self._log(record)
         if response is None:
             if request.transport is not None:
@@ -296,17 +310,17 @@ class Simulator:
         return response
 
     def _authenticate(self, request: web.Request, record: RequestRecord) -> Account:
-        header = request.headers.get("Authorization")
+        scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
         try:
-            credentials = BasicAuth.decode(header) if header else None
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode("latin1")
         except (ValueError, binascii.Error):
-            credentials = None
-        if credentials is None:
+            decoded = ""
+        if scheme.lower() != "basic" or ":" not in decoded:
             raise _Answer(401, None, "Full authentication is required to access this resource")
-        record.account = credentials.login
-        account = self.accounts.get(credentials.login)
-        if account is None or not hmac.compare_digest(
-                account.api_key.encode(), credentials.password.encode()):
+        username, _, api_key = decoded.partition(":")
+        record.account = username
+        account = self.accounts.get(username)
+        if account is None or not hmac.compare_digest(account.api_key.encode(), api_key.encode()):
             raise _error("10000001")
         return account
 
@@ -353,7 +367,10 @@ class Simulator:
         duration_ms = (record.finished - record.started) * 1000
         log.info("%s %s%s account=%s -> %s%s in %.0f ms", record.method, record.path, wanted,
                  record.account, outcome, code, duration_ms,
-                 extra={"fields": {**asdict(record), "duration_ms": round(duration_ms, 1)}})
+                 extra={"fields": {"method": record.method, "path": record.path,
+                                   "account": record.account, "http_status": record.http_status,
+                                   "error_code": record.error_code,
+                                   "duration_ms": round(duration_ms, 1)}})
 
     @staticmethod
     def _change(sim: _Sim, status: str) -> None:
@@ -424,9 +441,9 @@ class Simulator:
 
     async def _admin_put_sim(self, request: web.Request) -> web.Response:
         iccid = request.match_info["iccid"]
-        body = await _admin_body(request)
+        change = await _admin_body(request, _SimChange)
         try:
-            self.set_status(iccid, str(body.get("status")))
+            self.set_status(iccid, change.status)
         except ValueError as exc:
             raise _bad_request(str(exc)) from None
         return web.json_response(_details(iccid, self._sims[iccid]))
@@ -440,9 +457,9 @@ class Simulator:
 
     async def _admin_put_fault(self, request: web.Request) -> web.Response:
         iccid = request.match_info["iccid"]
-        body = _typed(await _admin_body(request), FAULT_FIELDS)
-        self.set_fault(iccid, **body)
-        return web.json_response({"iccid": iccid, **asdict(self._faults[iccid])})
+        fault = await _admin_body(request, _Fault)
+        self._faults[iccid] = fault
+        return web.json_response({"iccid": iccid, **fault.model_dump()})
 
     async def _admin_clear_faults(self, request: web.Request) -> web.Response:
         self.clear_faults()
@@ -450,15 +467,13 @@ class Simulator:
 
     async def _admin_put_account(self, request: web.Request) -> web.Response:
         username = request.match_info["username"]
-        body = _typed(await _admin_body(request), ACCOUNT_FIELDS)
-        if body.get("down") not in DOWN_MODES:
-            raise _bad_request(f"down must be one of {DOWN_MODES}")
+        change = await _admin_body(request, _AccountChange)
         account = self.accounts.get(username)
         if account is None:
-            if "api_key" not in body:
+            if "api_key" not in change.model_fields_set:
                 raise _bad_request("a new account needs an api_key")
-            account = self.add_account(username, body["api_key"])
-        for key, value in body.items():
+            account = self.add_account(username, change.api_key)
+        for key, value in change.model_dump(exclude_unset=True).items():
             setattr(account, key, value)
         return web.json_response({k: v for k, v in asdict(account).items() if k != "api_key"})
 
@@ -481,25 +496,12 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
 
 
-async def _admin_body(request: web.Request) -> dict[str, Any]:
+async def _admin_body(request: web.Request, model: type[_Body]) -> _Body:
     try:
-        body = await request.json()
-    except ValueError:
-        raise _bad_request("body must be JSON") from None
-    if not isinstance(body, dict):
-        raise _bad_request("body must be a JSON object")
-    return body
-
-
-def _typed(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> dict[str, Any]:
-    """``body`` if every key is one of ``fields`` and its value of the listed types."""
-    for key, value in body.items():
-        if key not in fields:
-            raise _bad_request(f"unknown field {key!r}; known: {sorted(fields)}")
-        if not isinstance(value, fields[key]) or (isinstance(value, bool) and bool not in
-                                                  fields[key]):
-            raise _bad_request(f"{key}: {value!r} is not {'/'.join(t.__name__ for t in fields[key])}")
-    return body
+        return model.model_validate_json(await request.read())
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()]
+        raise _bad_request("; ".join(problems)) from None
 
 
 def accounts_from_settings(settings: Settings) -> list[Account]:
