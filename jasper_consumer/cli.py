@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jasper-consumer",
         description="Activates and deactivates SIMs in Cisco Jasper Control Center "
                     "for Patriot commission/decommission events.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True)
 
     run = sub.add_parser("run", help="run the service")
     _config_arg(run)
@@ -72,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     jlog.configure(getattr(args, "log_level", "INFO"))
     try:
-        if args.command == "run":
+        if args.cmd == "run":
             return _run(args)
-        if args.command == "check-config":
+        if args.cmd == "check-config":
             return _check_config(args)
-        if args.command == "publish":
+        if args.cmd == "publish":
             return asyncio.run(_publish(args))
-        if args.command == "simulator":
+        if args.cmd == "simulator":
             return _simulator(args)
     except ConfigError as exc:
         print("configuration problems:", file=sys.stderr)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    raise AssertionError(args.command)  # pragma: no cover
+    raise AssertionError(args.cmd)  # pragma: no cover
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ exception ever leaves this module, and no message carries the API key.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
 _MAX_API_MESSAGE = 200  # characters of an unknown error's errorMessage kept for operators
 _TIMED_OUT = "timed out"
+_MIN_SCRUBBED_KEY = 4  # shorter keys are not scrubbed from bodies (it would mangle the text)
 _OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
 
 
@@ -220,9 +222,7 @@ def retry_reason(err: JasperError) -> str:
         return "rate_limited"
     if isinstance(err, JasperUnreachable):
         return "timeout" if err.message.startswith(_TIMED_OUT) else "unreachable"
-    if err.http_status is not None and err.http_status >= 500:
-        return "server_error"
-    if err.code in RETRYABLE_CODES:
+    if err.code in RETRYABLE_CODES or (err.http_status or 0) >= 500:
         return "server_error"
     return "unexpected_response"
 
@@ -284,6 +284,7 @@ class JasperClient:
         self._session = session
         self._owns_session = session is None
         self._api_key: SecretStr | None = None
+        self._authorization = SecretStr("")
         self._timeout = aiohttp.ClientTimeout(total=ct.request_timeout_seconds)
         self._host = URL(ct.server_address).host or ct.server_address
 
@@ -319,14 +320,12 @@ class JasperClient:
     def reload_credentials(self) -> None:
         """Re-read the API key (a rotated ``api_key_file`` applies); raises ConfigError."""
         key = self.ct.read_api_key()
-        try:
-            aiohttp.BasicAuth(self.ct.username, key).encode()
-        except (ValueError, UnicodeError):
-            raise ConfigError([
-                f"communicator type {self.ct.name!r}: username must not contain ':' and "
-                "username and api key must be Latin-1 text"
-            ]) from None
+        if ":" in self.ct.username:
+            raise ConfigError([f"communicator type {self.ct.name!r}: username must not "
+                               "contain ':' (HTTP Basic authentication)"])
+        token = base64.b64encode(f"{self.ct.username}:{key}".encode()).decode("ascii")
         self._api_key = SecretStr(key)
+        self._authorization = SecretStr(f"Basic {token}")
 
     # --- public calls ---
 
@@ -348,10 +347,10 @@ class JasperClient:
         def on_backoff(details: Details) -> None:
             err = last[0]
             self._metrics.retries.labels(self.ct.name, retry_reason(err)).inc()
-            log.info("Jasper call failed, retrying", extra={
+            log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
                 "communicator_type": self.ct.name, "iccid": iccid, "code": err.code,
                 "http_status": err.http_status, "attempt": details["tries"],
-                "wait_s": round(details.get("wait", 0.0), 3)})
+                "wait_s": round(details.get("wait", 0.0), 3)}})
 
         retrying = backoff.on_exception(
             backoff_waits, JasperRetryable,
@@ -428,7 +427,8 @@ class JasperClient:
         assert self._api_key is not None
         assert self._session is not None
         key = self._api_key.get_secret_value()
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json",
+                   "Authorization": self._authorization.get_secret_value()}
         if payload is not None:
             headers["Content-Type"] = "application/json"
         async with self.limiter:
@@ -438,11 +438,12 @@ class JasperClient:
             try:
                 async with self._session.request(
                     method, f"{self.ct.server_address}{path}", json=payload, headers=headers,
-                    auth=aiohttp.BasicAuth(self.ct.username, key), timeout=self._timeout,
-                    allow_redirects=False,
+                    timeout=self._timeout, allow_redirects=False,
                 ) as resp:
                     body = await _read_capped(resp.content, MAX_BODY_BYTES)
-                    answer = _Answer(resp.status, body.replace(key.encode(), b"***"),
+                    if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it
+                        body = body.replace(key.encode(), b"***")
+                    answer = _Answer(resp.status, body,
                                      resp.headers.get("Content-Type", "").split(";")[0].strip(),
                                      resp.headers)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:

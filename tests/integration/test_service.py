@@ -1,0 +1,248 @@
+"""The service end to end: real RabbitMQ, the simulator over real sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from jasper_consumer.simulator import Simulator
+
+from .conftest import RunService, iccid, make_event
+
+
+async def test_commission_activates_the_sim(run_service: RunService, sim: Simulator):
+    """A 65516 event sets the SIM ACTIVATED and publishes a succeeded signal."""
+    _, broker = await run_service()
+    event = make_event(iccid(1))
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+
+    assert (signal["outcome"], signal["sim_status"], signal["attempts"]) == \
+        ("succeeded", "ACTIVATED", 1)
+    assert signal["_routing_key"] == "jasper.succeeded"
+    assert signal["_correlation_id"] == event["event_id"]
+    assert signal["text"] == f"SIM {iccid(1)} activated via M2MOne NZ"
+    assert sim.status(iccid(1)) == "ACTIVATED"
+
+
+async def test_decommission_deactivates_the_sim(run_service: RunService, sim: Simulator):
+    """A 65517 event sets an active SIM DEACTIVATED."""
+    sim.set_status(iccid(2), "ACTIVATED")
+    _, broker = await run_service()
+    event = make_event(iccid(2), code=65517)
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+
+    assert (signal["outcome"], signal["command"], signal["sim_status"]) == \
+        ("succeeded", "deactivate", "DEACTIVATED")
+    assert sim.status(iccid(2)) == "DEACTIVATED"
+
+
+async def test_explicit_command_overrides_the_map(run_service: RunService, sim: Simulator):
+    """A 65516 event carrying command=deactivate deactivates the SIM."""
+    sim.set_status(iccid(3), "ACTIVATED")
+    _, broker = await run_service()
+    event = make_event(iccid(3), command="deactivate")
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+
+    assert (signal["outcome"], signal["command"]) == ("succeeded", "deactivate")
+    assert sim.status(iccid(3)) == "DEACTIVATED"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"event_code": "65516"}, "INVALID_EVENT"),
+        ({"device": {"communicator_type": "M2MOne NZ"}}, "MISSING_ICCID"),
+        ({"device": {"ref_no": "1234-5678", "communicator_type": "M2MOne NZ"}}, "INVALID_ICCID"),
+        ({"device": {"ref_no": iccid(4), "communicator_type": "Nope"}},
+         "UNKNOWN_COMMUNICATOR_TYPE"),
+        ({"event_code": 65000}, "UNKNOWN_EVENT_CODE"),
+    ],
+)
+async def test_local_failures_make_no_api_call(
+    run_service: RunService, sim: Simulator, overrides: dict[str, object], code: str
+):
+    """Events that cannot succeed get a failed signal with their code and no API call."""
+    _, broker = await run_service()
+    event = {**make_event(iccid(4)), **overrides}
+    await broker.publish(event, code=65516)
+
+    signal = await broker.signal_for(event["event_id"])
+
+    assert (signal["outcome"], signal["error"]["code"], signal["attempts"]) == \
+        ("failed", code, 0)
+    assert signal["client_id"] == "100234"
+    assert signal["error"]["http_status"] is None
+    assert sim.requests == []
+
+
+async def test_unreadable_messages_are_dead_lettered(run_service: RunService, sim: Simulator):
+    """Unreadable messages go to the dead-letter queue and the next event still succeeds."""
+    _, broker = await run_service()
+    bad = [b"not json", b"\xff\xfe", b"[1]", b'{"event_id": "x"}', b"{" + b" " * 70000 + b"}"]
+    for body in bad:
+        await broker.publish(body)
+    event = make_event(iccid(5))
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+    await broker.wait_for(lambda: len(broker.dead) == len(bad), "5 dead letters")
+
+    assert signal["outcome"] == "succeeded"
+    reasons = broker.dead_reasons()
+    assert any("not JSON" in r for r in reasons)
+    assert any("not UTF-8" in r for r in reasons)
+    assert any("not an object" in r for r in reasons)
+    assert any("client_id" in r for r in reasons)
+    assert any("max_message_bytes" in r for r in reasons)
+
+
+async def test_each_type_uses_its_own_credentials(run_service: RunService, sim: Simulator):
+    """Two communicator types call Control Center with their own user names."""
+    _, broker = await run_service(types=[
+        {"name": "M2MOne NZ", "username": "nz", "api_key": "nz-key", "requests_per_second": 50},
+        {"name": "M2MOne AU", "username": "au", "api_key": "au-key", "requests_per_second": 50},
+    ])
+    nz = make_event(iccid(6), communicator_type="M2MOne NZ")
+    au = make_event(iccid(7), communicator_type="M2MOne AU")
+    await broker.publish(nz)
+    await broker.publish(au)
+
+    signals = await broker.final_signals([nz["event_id"], au["event_id"]])
+
+    assert {s["outcome"] for s in signals.values()} == {"succeeded"}
+    assert [r.account for r in sim.calls(iccid(6))] == ["nz"]
+    assert [r.account for r in sim.calls(iccid(7))] == ["au"]
+
+
+async def test_commission_then_decommission_keeps_order(run_service: RunService, sim: Simulator):
+    """20 SIMs commissioned then decommissioned back-to-back end DEACTIVATED, calls in order."""
+    _, broker = await run_service(types=[
+        {"name": "M2MOne NZ", "username": "nz", "max_concurrency": 4,
+         "requests_per_second": 500}])
+    sim.latency_s = 0.005
+    ids = []
+    for n in range(20):
+        for code in (65516, 65517):
+            event = make_event(iccid(100 + n), code=code)
+            ids.append(event["event_id"])
+            await broker.publish(event)
+
+    signals = await broker.final_signals(ids)
+
+    assert {s["outcome"] for s in signals.values()} == {"succeeded"}
+    for n in range(20):
+        assert sim.status(iccid(100 + n)) == "DEACTIVATED"
+        puts = [r.requested_status for r in sim.calls(iccid(100 + n), method="PUT")]
+        assert puts == ["ACTIVATED", "DEACTIVATED"], (n, puts)
+    assert sim.max_in_flight_seen["nz"] <= 4
+    assert sim.violations == 0
+
+
+async def test_rate_limit_is_never_tripped(run_service: RunService, sim: Simulator):
+    """40 events at requests_per_second 5 against a simulator enforcing 5/s and 1 in flight."""
+    _, broker = await run_service(types=[
+        {"name": "M2MOne NZ", "username": "nz", "max_concurrency": 1, "requests_per_second": 5}])
+    ids = []
+    for n in range(40):
+        event = make_event(iccid(200 + n))
+        ids.append(event["event_id"])
+        await broker.publish(event)
+
+    signals = await broker.final_signals(ids, timeout=30)
+
+    assert {s["outcome"] for s in signals.values()} == {"succeeded"}
+    assert sim.violations == 0
+    assert all(s["attempts"] == 1 for s in signals.values())
+    starts = sorted(r.started for r in sim.requests)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) >= 0.19, min(gaps)
+
+
+async def test_unknown_iccid_fails_without_retry(run_service: RunService, sim: Simulator):
+    """An ICCID Control Center does not know gets one call and a failed signal."""
+    _, broker = await run_service()
+    event = make_event("89990000000000000001")
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+
+    assert (signal["outcome"], signal["error"]["code"], signal["attempts"]) == \
+        ("failed", "20000001", 1)
+    assert signal["error"]["http_status"] == 404
+    assert "invalid ICCID" in signal["text"]
+
+
+async def test_transient_errors_are_retried(run_service: RunService, sim: Simulator):
+    """Two 500s then success: one succeeded signal after 3 attempts."""
+    sim.set_fault(iccid(8), fail_times=2, error_code="30000001", http_status=500)
+    _, broker = await run_service()
+    event = make_event(iccid(8))
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+
+    assert (signal["outcome"], signal["attempts"]) == ("succeeded", 3)
+
+
+async def test_exhausted_retries_fail_and_dead_letter(run_service: RunService, sim: Simulator):
+    """A SIM that always answers 503 HTML fails with RETRIES_EXHAUSTED and a replayable copy."""
+    sim.set_fault(iccid(9), always_fail=True, http_status=503, html=True)
+    _, broker = await run_service()
+    event = make_event(iccid(9))
+    await broker.publish(event)
+
+    signal = await broker.signal_for(event["event_id"])
+    await broker.wait_for(lambda: len(broker.dead) == 1, "the dead-lettered copy")
+
+    assert (signal["outcome"], signal["error"]["code"], signal["attempts"]) == \
+        ("failed", "RETRIES_EXHAUSTED", 3)
+    assert "UNEXPECTED_RESPONSE" in signal["error"]["message"]
+    assert signal["error"]["http_status"] == 503
+    assert broker.dead_reasons() == ["RETRIES_EXHAUSTED"]
+    assert broker.dead[0].message_id == event["event_id"]
+
+
+async def test_identical_commands_are_coalesced(run_service: RunService, sim: Simulator):
+    """Five identical commissions for one SIM at once make one call and five signals."""
+    sim.latency_s = 0.3
+    _, broker = await run_service()
+    events = [make_event(iccid(10)) for _ in range(5)]
+    for event in events:
+        await broker.publish(event)
+
+    signals = await broker.final_signals([e["event_id"] for e in events])
+
+    assert {s["outcome"] for s in signals.values()} == {"succeeded"}
+    puts = sim.calls(iccid(10), method="PUT")
+    assert len(puts) <= 2, len(puts)
+    assert sorted(s["attempts"] for s in signals.values())[-len(puts):] == [1] * len(puts)
+
+
+async def test_wrong_key_pauses_the_type_until_fixed(run_service: RunService, sim: Simulator):
+    """A rejected key pauses the type with a delayed signal; fixing the key resumes it."""
+    sim.add_account("nz", "right-key", max_in_flight=1, requests_per_second=50)
+    service, broker = await run_service(types=[
+        {"name": "M2MOne NZ", "username": "nz", "api_key": "wrong-key",
+         "requests_per_second": 50}])
+    event = make_event(iccid(11))
+    await broker.publish(event)
+
+    await broker.wait_for(
+        lambda: any(s["outcome"] == "delayed" for s in broker.signals), "a delayed signal")
+    delayed = next(s for s in broker.signals if s["outcome"] == "delayed")
+    assert (delayed["error"]["code"], delayed["error"]["http_status"]) == ("10000001", 401)
+    assert delayed["_routing_key"] == "jasper.delayed"
+    assert service.metrics.communicator_up.labels("M2MOne NZ")._value.get() == 0
+
+    sim.accounts["nz"].api_key = "wrong-key"  # the operator fixes the account
+
+    signal = await broker.signal_for(event["event_id"])
+    assert signal["outcome"] == "succeeded"
+    assert [s["outcome"] for s in broker.signals if s["event_id"] == event["event_id"]] == \
+        ["delayed", "succeeded"]
+    assert service.metrics.communicator_up.labels("M2MOne NZ")._value.get() == 1
