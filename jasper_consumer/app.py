@@ -14,11 +14,18 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from .config import Settings
+from .edge import Handler
 from .history import Publisher
 from .jasper import JasperClient
 from .metrics import Metrics
@@ -61,7 +68,7 @@ class Service:
         self._connection: AbstractRobustConnection | None = None
         self._channels: list[AbstractRobustChannel] = []
         self._consumers: list[_Consumer] = []
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -104,18 +111,18 @@ class Service:
         assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
-        self._channels.append(channel)  # type: ignore[arg-type]
-        return channel  # type: ignore[return-value]
+        self._channels.append(channel)
+        return channel
 
-    async def _consume(self, name: str, queue: AbstractQueue, callback: object) -> None:
-        async def tracked(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def _consume(self, name: str, queue: AbstractQueue, callback: Handler) -> None:
+        async def tracked(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
             assert task is not None
-            self._inflight.add(task)  # type: ignore[arg-type]
+            self._inflight.add(task)
             try:
-                await callback(message)  # type: ignore[operator]
+                await callback(message)
             finally:
-                self._inflight.discard(task)  # type: ignore[arg-type]
+                self._inflight.discard(task)
 
         tag = await queue.consume(tracked)
         self._consumers.append(_Consumer(name, queue, tag))

@@ -148,7 +148,7 @@ class Settings(_Strict):
     commands: dict[int, Command] = Field(
         default_factory=lambda: {65516: Command.ACTIVATE, 65517: Command.DEACTIVATE}
     )
-    retry: RetrySettings = Field(default_factory=RetrySettings)  # type: ignore[arg-type]
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     history_queue: bool = True
     history_binding: str = "jasper.#"
     max_message_bytes: int = Field(65536, ge=1024)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
 
 from .config import CommunicatorType, Settings
 
@@ -67,7 +68,7 @@ class Topology:
     work_queues: dict[str, AbstractQueue]  # by communicator type name
 
 
-def _quorum(settings: Settings, **extra: object) -> dict[str, object]:
+def _quorum(settings: Settings, **extra: bool) -> FieldTable:
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": f"{settings.queue_prefix}.dlx",

@@ -44,7 +44,9 @@ def test_explicit_command_wins(settings: Settings):
     assert parse_event(encode(event(command="deactivate")), settings).command == "deactivate"
 
 
-@pytest.mark.parametrize("ref_no", ["8961018500234567", "8961018500234567890123456", "89610185X0234567890"])
+@pytest.mark.parametrize(
+    "ref_no", ["8961018500234567", "8961018500234567890123456", "89610185X0234567890"]
+)
 def test_invalid_iccid(ref_no: str):
     """Anything but 18 to 22 digits after removing spaces and dashes is INVALID_ICCID."""
     with pytest.raises(Exception, match="INVALID_ICCID"):

@@ -56,7 +56,7 @@ class Broker:
     async def publish(self, body: dict[str, Any] | bytes, *, code: int | None = None,
                       message_id: str | None = None) -> None:
         if isinstance(body, dict):
-            code = code or body.get("event_code")  # type: ignore[assignment]
+            code = code or body.get("event_code")
             message_id = message_id or body.get("event_id")
             raw = json.dumps(body).encode()
         else:
@@ -180,7 +180,7 @@ async def run_service(
 
     yield start
 
-    for service, settings in started:
+    for service, _ in started:
         await service.stop()
     for _, settings in started[:1]:
         cleanup = await connection.channel()
