@@ -1,9 +1,15 @@
-"""Composition root and lifecycle: connect, declare, start stages, drain on SIGTERM.
+"""Composition root and lifecycle: connect, declare, start stages, watch, drain on SIGTERM.
 
-Start order: broker connection → topology → workers (one channel each) → router
-→ probe server. Stop order is the reverse: stop consuming, let in-flight messages
-finish within ``shutdown_grace_seconds``, close channels (unacked messages go back
-to their queues), close HTTP sessions.
+Start order: HTTP clients → broker connection (robust: it reconnects with back-off
+and restores channels and consumers) → topology → workers (one channel each) →
+router → probe server → watchdog. Stop order is the reverse: stop consuming, hand
+back jobs not yet sent to Control Center, let calls in flight finish within
+``shutdown_grace_seconds``, close channels (anything unacked returns to its queue),
+close HTTP sessions.
+
+The watchdog checks every few seconds that each consumer is still registered on the
+broker (aio-pika can lose one silently across reconnects); it re-registers a lost one,
+and ``/readyz`` turns false while it cannot.
 """
 
 from __future__ import annotations
@@ -13,16 +19,10 @@ import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 
 from .config import Settings
 from .edge import Handler
@@ -37,11 +37,22 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Consumer:
-    name: str
-    queue: AbstractQueue
-    tag: str
+class _RouterConsumer:
+    """The router's consumer, with the same start/stop shape as a worker's."""
+
+    def __init__(self, queue: AbstractQueue, callback: Handler) -> None:
+        self.queue = queue
+        self.callback = callback
+        self.consumer_tag: str | None = None
+
+    async def start(self) -> None:
+        self.consumer_tag = await self.queue.consume(self.callback)
+
+    async def stop_consuming(self) -> None:
+        if self.consumer_tag is not None:
+            tag, self.consumer_tag = self.consumer_tag, None
+            with contextlib.suppress(Exception):
+                await self.queue.cancel(tag)
 
 
 class Service:
@@ -64,10 +75,12 @@ class Service:
         }
         self.workers: dict[str, Worker] = {}
         self.router: Router | None = None
+        self._router_consumer: _RouterConsumer | None = None
         self.probes = ProbeServer(self.metrics.registry, self.readiness)
         self._connection: AbstractRobustConnection | None = None
-        self._channels: list[AbstractRobustChannel] = []
-        self._consumers: list[_Consumer] = []
+        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog_problem: str | None = None
+        self._watchdog_last_ok = 0.0
         self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
@@ -81,7 +94,8 @@ class Service:
         for client in self.clients.values():
             await client.start()
         self._connection = await aio_pika.connect_robust(
-            s.amqp_url.get_secret_value(), client_properties={"connection_name": "jasper-consumer"})
+            s.amqp_url.get_secret_value(),
+            client_properties={"connection_name": f"jasper-consumer {s.queue_prefix}"})
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_close)
         self.metrics.broker_connected.set(1)
@@ -93,29 +107,34 @@ class Service:
 
         for ct in s.communicator_types:
             channel = await self._channel()
-            worker = Worker(ct, s, self.clients[ct.name], Publisher(channel, names, self.metrics),
-                            self.metrics)
-            self.workers[ct.name] = worker
             queue = await channel.get_queue(names.work_queue(ct), ensure=False)
-            await self._consume(f"work {ct.name}", queue, worker.on_message)
+            worker = Worker(ct, s, self.clients[ct.name],
+                            Publisher(channel, names, self.metrics), self.metrics,
+                            channel=channel, queue=queue, track=self._tracked)
+            self.workers[ct.name] = worker
+            await worker.start()
 
         channel = await self._channel()
         self.router = Router(s, Publisher(channel, names, self.metrics), self.metrics)
         queue = await channel.get_queue(names.events_queue, ensure=False)
-        await self._consume("events", queue, self.router.on_message)
+        self._router_consumer = _RouterConsumer(queue, self._tracked(self.router.on_message))
+        await self._router_consumer.start()
 
         await self.probes.start(self._http_host, s.http_port)
+        self._watchdog_last_ok = time.monotonic()
+        self._watchdog = asyncio.create_task(self._watch(), name="consumer watchdog")
         log.info("started", extra={"fields": {"http_port": self.probes.port}})
 
     async def _channel(self) -> AbstractRobustChannel:
         assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
-        self._channels.append(channel)
         return channel
 
-    async def _consume(self, name: str, queue: AbstractQueue, callback: Handler) -> None:
-        async def tracked(message: AbstractIncomingMessage) -> None:
+    def _tracked(self, callback: Handler) -> Handler:
+        """Wrap a consumer callback so shutdown knows which messages are in flight."""
+
+        async def tracked(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._inflight.add(task)
@@ -124,22 +143,25 @@ class Service:
             finally:
                 self._inflight.discard(task)
 
-        tag = await queue.consume(tracked)
-        self._consumers.append(_Consumer(name, queue, tag))
+        return tracked
 
     async def stop(self) -> None:
         """Stop consuming, finish in-flight work within the grace period, close."""
         if self._stopping:
             return
         self._stopping = True
-        log.info("stopping: no new messages; finishing %d in flight", len(self._inflight))
-        for consumer in self._consumers:
-            with contextlib.suppress(Exception):
-                await consumer.queue.cancel(consumer.tag)
-        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._router_consumer is not None:
+            await self._router_consumer.stop_consuming()
+        for worker in self.workers.values():
+            await worker.begin_shutdown()
         pending = {t for t in self._inflight if not t.done()}
-        while pending and time.monotonic() < deadline:
-            _, pending = await asyncio.wait(pending, timeout=deadline - time.monotonic())
+        log.info("stopping: no new messages; finishing %d in flight", len(pending))
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
         if pending:
             log.warning("grace period over: handing %d messages back to the broker", len(pending))
             for task in pending:
@@ -175,10 +197,48 @@ class Service:
         conn = self._connection
         if conn is None or conn.is_closed or self._stopping:
             return False, "not connected to RabbitMQ"
-        missing = [c.name for c in self._consumers if not c.tag]
-        if missing:
-            return False, f"consumers not registered: {', '.join(missing)}"
-        return True, f"{len(self._consumers)} consumers registered"
+        if self._watchdog_problem is not None:
+            return False, self._watchdog_problem
+        stale = time.monotonic() - self._watchdog_last_ok
+        if stale > 3 * self.settings.watchdog_interval_seconds + 10:
+            return False, f"consumer check has not passed for {stale:.0f} s"
+        return True, f"{len(self.workers) + 1} consumers registered"
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.watchdog_interval_seconds)
+            try:
+                self._watchdog_problem = await self._check_consumers()
+            except Exception as exc:  # broker away: readiness shows it
+                self._watchdog_problem = f"consumer check failed: {type(exc).__name__}"
+                continue
+            if self._watchdog_problem is None:
+                self._watchdog_last_ok = time.monotonic()
+
+    async def _check_consumers(self) -> str | None:
+        """Ask the broker whether each queue we consume still has a consumer; repair."""
+        conn = self._connection
+        if conn is None or conn.is_closed:
+            return "not connected to RabbitMQ"
+        consumers: list[tuple[str, Worker | _RouterConsumer]] = [
+            (f"work {name}", w) for name, w in self.workers.items()]
+        if self._router_consumer is not None:
+            consumers.append(("events", self._router_consumer))
+        channel = await conn.channel()
+        try:
+            for name, consumer in consumers:
+                if consumer.consumer_tag is None:
+                    continue  # deliberately not consuming (handing back held messages)
+                ok = await channel.declare_queue(consumer.queue.name, passive=True)
+                count = ok.declaration_result.consumer_count
+                if count == 0:
+                    log.error("consumer on %s vanished; registering it again", name,
+                              extra={"fields": {"queue": consumer.queue.name}})
+                    await consumer.stop_consuming()
+                    await consumer.start()
+        finally:
+            await channel.close()
+        return None
 
     def _on_reconnect(self, *_: object) -> None:
         self.metrics.broker_connected.set(1)

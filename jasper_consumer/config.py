@@ -154,6 +154,9 @@ class Settings(_Strict):
     max_message_bytes: int = Field(65536, ge=1024)
     delivery_limit: int = Field(20, ge=1)
     shutdown_grace_seconds: float = Field(20.0, gt=0)
+    paused_prefetch: int = Field(5000, ge=1, le=65535)
+    hold_refresh_seconds: float = Field(20 * 60.0, gt=0)
+    watchdog_interval_seconds: float = Field(5.0, gt=0)
     communicator_types: list[CommunicatorType] = Field(min_length=1)
 
     @field_validator("amqp_url")

@@ -11,7 +11,8 @@
         ├── JasperRetryable              transient (5xx, rate limit, network) → back off, retry
         │   └── JasperUnreachable        no HTTP answer at all (refused, reset, DNS, timeout)
         ├── RetriesExhausted             the retry budget ran out → fail, copy to dead letters
-        └── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
+        ├── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
+        └── CommunicatorDown             only transient errors, Echo fails too → pause the type
 
 A ``JasperError`` carries what a failure signal needs: ``code``, ``http_status``,
 ``message`` (the documented meaning, for an operator) and ``retryable``.
@@ -163,3 +164,14 @@ class CommunicatorMisconfigured(JasperError):
 
     retryable = True
     pauses_type = True
+
+
+class CommunicatorDown(JasperError):
+    """The account answers only transient errors and Echo fails too: pause, do not fail."""
+
+    retryable = True
+    pauses_type = True
+
+    def __init__(self, last: JasperError) -> None:
+        super().__init__(last.code, last.message, last.http_status)
+        self.last = last

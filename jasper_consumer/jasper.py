@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -34,6 +35,7 @@ from .errors import (
     PAUSE_CODES,
     RETRYABLE_CODES,
     RETRYABLE_HTTP,
+    CommunicatorDown,
     CommunicatorMisconfigured,
     ConfigError,
     JasperError,
@@ -50,6 +52,7 @@ MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
 _MAX_API_MESSAGE = 200  # characters of an unknown error's errorMessage kept for operators
 _TIMED_OUT = "timed out"
 _MIN_SCRUBBED_KEY = 4  # shorter keys are not scrubbed from bodies (it would mangle the text)
+OUTAGE_STREAK = 3  # transient failures in a row (any events) before Echo is asked
 _OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
 
 
@@ -74,12 +77,41 @@ class Limiter:
         self._start_lock = asyncio.Lock()  # FIFO: one waiter at a time owns the next start
         self._last_start = float("-inf")
         self._in_flight = 0
+        self._abort: JasperError | None = None
+        self._aborted = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
+    def abort_waiting(self, error: JasperError) -> None:
+        """Make every caller still waiting for a slot (now or later) raise ``error``."""
+        self._abort = error
+        self._aborted.set()
+
+    def reopen(self) -> None:
+        self._abort = None
+        self._aborted.clear()
+
     async def __aenter__(self) -> None:
+        if self._abort is not None:
+            raise self._abort
+        acquire = asyncio.ensure_future(self._acquire())
+        aborted = asyncio.ensure_future(self._aborted.wait())
+        try:
+            await asyncio.wait({acquire, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+        if acquire.cancelled():
+            raise self._abort or asyncio.CancelledError()
+        acquire.result()  # re-raise a failure of the wait itself
+        self._in_flight += 1
+
+    async def _acquire(self) -> None:
         await self._slots.acquire()
         try:
             async with self._start_lock:
@@ -91,7 +123,6 @@ class Limiter:
         except BaseException:
             self._slots.release()
             raise
-        self._in_flight += 1
 
     async def __aexit__(
         self,
@@ -287,6 +318,48 @@ class JasperClient:
         self._authorization = SecretStr("")
         self._timeout = aiohttp.ClientTimeout(total=ct.request_timeout_seconds)
         self._host = URL(ct.server_address).host or ct.server_address
+        self.outage_streak = OUTAGE_STREAK
+        self._transient_streak = 0  # transient failures in a row, across events
+        self._echo_lock = asyncio.Lock()
+        self._suspended_by: JasperError | None = None
+
+    # --- suspension (the worker pauses the type) ---
+
+    def suspend(self, error: JasperError) -> None:
+        """Stop calling: every attempt from now raises CommunicatorDown(error) at once."""
+        self._suspended_by = error
+
+    def resume(self) -> None:
+        self._suspended_by = None
+        self._transient_streak = 0
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended_by is not None
+
+    async def _check_outage(self, err: JasperError) -> None:
+        """After a streak of transient failures, ask Echo whether the account is down.
+
+        Echo failing too means the type is down: raise CommunicatorDown so the worker
+        pauses it instead of spending every event's retry budget (SPEC §6). Echo
+        passing means the problem is this event's: its own retries go on.
+        """
+        self._transient_streak += 1
+        if self._transient_streak < self.outage_streak:
+            return
+        async with self._echo_lock:
+            if self._suspended_by is not None:
+                raise CommunicatorDown(self._suspended_by)
+            if self._transient_streak < self.outage_streak:
+                return  # another event's Echo just passed
+            try:
+                await self.echo()
+            except JasperError as echo_err:
+                if echo_err.pauses_type:
+                    raise echo_err from None
+                if echo_err.retryable:
+                    raise CommunicatorDown(err) from None
+            self._transient_streak = 0
 
     def __repr__(self) -> str:
         return f"JasperClient({self.ct.name!r}, {self.ct.server_address!r})"
@@ -337,12 +410,21 @@ class JasperClient:
 
         async def attempt() -> CallResult:
             nonlocal attempts
+            if self._suspended_by is not None:
+                raise CommunicatorDown(self._suspended_by)
             attempts += 1
             try:
-                return await self._put_status(iccid, command)
-            except JasperError as exc:
+                result = await self._put_status(iccid, command)
+            except JasperRetryable as exc:
                 last[:] = [exc]
+                await self._check_outage(exc)
                 raise
+            except JasperError as exc:
+                if not exc.pauses_type:
+                    self._transient_streak = 0
+                raise
+            self._transient_streak = 0
+            return result
 
         def on_backoff(details: Details) -> None:
             err = last[0]

@@ -8,6 +8,20 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from . import __version__
+from .config import Settings
+from .topology import Names
+
+#: Closed label sets, pre-initialised by :meth:`Metrics.prepare` so that every series
+#: exists (at 0) from start-up: ``rate()`` and ``increase()`` in alerts then see the first
+#: event instead of a series that appears already at 1.
+COMMANDS = ("activate", "deactivate")
+OUTCOMES = ("succeeded", "failed")
+RETRY_REASONS = ("rate_limited", "timeout", "unreachable", "server_error", "unexpected_response")
+DEAD_LETTER_REASONS = ("unreadable", "invalid_job", "retries_exhausted")
+STAGES = ("route", "apply")
+PROBE_RESULTS = ("passed", "failed")
+
 _API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PROCESSING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                        60.0, 300.0)
@@ -63,3 +77,42 @@ class Metrics:
             registry=r)
         self.broker_connected = Gauge(
             "jasper_broker_connected", "1 while connected to RabbitMQ", registry=r)
+        self.ready = Gauge(
+            "jasper_ready", "1 while /readyz answers ready (broker connected, every consumer "
+            "registered, as the watchdog last saw it)", registry=r)
+        self.echo_probes = Counter(
+            "jasper_echo_probes", "Echo probes of a paused communicator type, by result",
+            ["communicator_type", "result"], registry=r)
+        self.queue_info = Gauge(
+            "jasper_queue_info", "1 for each queue the service consumes; joins RabbitMQ's "
+            "per-queue metrics (label queue) to a communicator type",
+            ["queue", "role", "communicator_type"], registry=r)
+        self.build_info = Gauge(
+            "jasper_build_info", "Always 1; the running version in a label", ["version"],
+            registry=r)
+        self.build_info.labels(__version__).set(1)
+
+    def prepare(self, settings: Settings) -> None:
+        """Create every label set of the configuration at 0 (see ``COMMANDS`` above) and
+        the ``jasper_queue_info`` series. Call once at start-up, before consuming."""
+        names = Names.from_settings(settings)
+        for code in settings.commands:
+            self.events_received.labels(str(code))
+        for stage in STAGES:
+            self.event_processing.labels(stage)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_lettered.labels(reason)
+        self.queue_info.labels(names.events_queue, "events", "").set(1)
+        for ct in settings.communicator_types:
+            self.queue_info.labels(names.work_queue(ct), "work", ct.name).set(1)
+            for command in COMMANDS:
+                self.api_request_duration.labels(ct.name, command)
+                for outcome in OUTCOMES:
+                    self.commands.labels(ct.name, command, outcome)
+            for reason in RETRY_REASONS:
+                self.retries.labels(ct.name, reason)
+            for result in PROBE_RESULTS:
+                self.echo_probes.labels(ct.name, result)
+            self.delayed.labels(ct.name)
+            self.coalesced.labels(ct.name)
+            self.inflight.labels(ct.name)

@@ -43,25 +43,23 @@ class Router:
         self._tails: dict[str, asyncio.Future[None]] = {}
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        await settle(message, self._handle, self._metrics, "route")
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        # Everything up to the first await runs in delivery order: keep the
-        # per-ICCID chain registration here, before any await.
+        # Until the first await this runs in delivery order: parse and join the ICCID's
+        # chain here. The next event for the ICCID is forwarded only after this one is
+        # acked, so a crash can never leave a later event acked and an earlier one not.
         started = time.perf_counter()
         try:
             job = parse_event(message.body, self._settings)
         except UnreadableMessage as exc:
-            await self._dead_letter(message, exc.reason)
+            reason = exc.reason
+            await settle(message, lambda m: self._dead_letter(m, reason), self._metrics, "route")
             return
         except Rejected as exc:
-            self._metrics.events_received.labels(str(exc.partial.event_code or "unknown")).inc()
-            await self._reject(message, exc, started)
+            rejected = exc
+            self._metrics.events_received.labels(self._code_label(exc.partial.event_code)).inc()
+            await settle(message, lambda m: self._reject(m, rejected, started),
+                         self._metrics, "route")
             return
-        self._metrics.events_received.labels(str(job.event_code)).inc()
-        await self._forward(job, message)
-
-    async def _forward(self, job: Job, message: AbstractIncomingMessage) -> None:
+        self._metrics.events_received.labels(self._code_label(job.event_code)).inc()
         key = f"{job.communicator_type}\x00{job.iccid}"
         previous = self._tails.get(key)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -69,15 +67,22 @@ class Router:
         try:
             if previous is not None:
                 await previous
-            await self._publisher.work(
-                self._work_queues[job.communicator_type],
-                job.model_dump_json().encode(),
-                message_id=job.event_id,
-            )
+            await settle(message, lambda m: self._forward(job), self._metrics, "route")
         finally:
             mine.set_result(None)
             if self._tails.get(key) is mine:
                 del self._tails[key]
+
+    def _code_label(self, code: int | None) -> str:
+        """Event codes of the commands map are labels; any other code is "other"."""
+        return str(code) if code in self._settings.commands else "other"
+
+    async def _forward(self, job: Job) -> None:
+        await self._publisher.work(
+            self._work_queues[job.communicator_type],
+            job.model_dump_json().encode(),
+            message_id=job.event_id,
+        )
 
     async def _reject(
         self, message: AbstractIncomingMessage, exc: Rejected, started: float

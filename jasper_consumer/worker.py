@@ -3,14 +3,19 @@
 The work queue has a single active consumer, so this process is the only one
 talking to the account. Within it:
 
-* **order per ICCID** — a job waits until the previous job for its ICCID is done;
-  jobs for other ICCIDs run concurrently, within the client's :class:`~.jasper.Limiter`;
+* **order per ICCID** — a job starts only when the previous job for its ICCID has
+  been settled (signal confirmed and acked), so a crash can never leave a later job
+  acked and an earlier one redelivered; jobs for other ICCIDs run concurrently,
+  within the client's :class:`~.jasper.Limiter`;
 * **coalescing** — a job identical to the last queued or in-flight job for its
   ICCID joins that call instead of making its own; each job still gets a signal;
-* **pause** — an error that says the type's settings are wrong (bad key, API
-  version, role) stops calls: each waiting job gets one ``jasper.delayed`` signal,
-  Echo probes (re-reading ``api_key_file``) run with back-off, and when one passes
-  the jobs go on in order.
+* **pause** — an error that says the type's settings are wrong (key, API version,
+  role), or an outage (transient errors and Echo failing too), stops calls. The
+  consumer's prefetch is raised so queued jobs arrive too, and each waiting job gets
+  one ``jasper.delayed`` signal. Echo probes (re-reading ``api_key_file``) run with
+  back-off between 1 and 30 s; when one passes, the jobs go on in order. Held
+  messages are handed back to the queue (in order, to its head) before the broker's
+  consumer timeout would cancel them, and consumed again.
 """
 
 from __future__ import annotations
@@ -20,20 +25,17 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from . import log as jlog
 from . import signals
 from .config import Command, CommunicatorType, Settings
-from .edge import settle
-from .errors import (
-    CommunicatorMisconfigured,
-    JasperError,
-    RetriesExhausted,
-)
+from .edge import Handler, settle
+from .errors import JasperError, RetriesExhausted
 from .events import Job
 from .history import Publisher
 from .jasper import CallResult, JasperClient
@@ -47,20 +49,31 @@ PROBE_MAX_INTERVAL_S = 30.0
 PROBE_REPAUSE_MAX_S = 300.0
 
 
+class HandBack(Exception):
+    """The job is not applied now: nack it so the broker keeps it (in order)."""
+
+
 @dataclass(eq=False)
 class _Call:
-    """One API call that serves one or more identical jobs for an ICCID."""
+    """One API call serving one or more identical jobs for an ICCID, and their settling.
 
+    It stays the ICCID's tail until every member's message is settled, so the next
+    job for the ICCID starts only after all of them are acked or handed back.
+    """
+
+    iccid: str
     command: Command
-    result: asyncio.Future[CallResult | JasperError]
-    followers: int = 0
-    previous: _Call | None = None
+    tails: dict[str, _Call]
+    result: asyncio.Future[CallResult | JasperError | HandBack]
+    members: int = 1
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
-
-@dataclass
-class _Pause:
-    error: JasperError
-    since: float = field(default_factory=time.monotonic)
+    def member_done(self) -> None:
+        self.members -= 1
+        if self.members == 0 and self.result.done():
+            self.settled.set()
+            if self.tails.get(self.iccid) is self:
+                del self.tails[self.iccid]
 
 
 class Worker:
@@ -73,96 +86,140 @@ class Worker:
         client: JasperClient,
         publisher: Publisher,
         metrics: Metrics,
+        *,
+        channel: AbstractChannel,
+        queue: AbstractQueue,
+        track: Callable[[Handler], Handler] = lambda handler: handler,
     ) -> None:
         self.ct = ct
         self._settings = settings
         self._client = client
         self._publisher = publisher
         self._metrics = metrics
+        self._channel = channel
+        self.queue = queue
+        self._callback = track(self.on_message)
+        self.consumer_tag: str | None = None
         self._tails: dict[str, _Call] = {}
-        self._up = asyncio.Event()
-        self._up.set()
-        self._pause: _Pause | None = None
+        self._unsettled = 0
+        self._state = asyncio.Condition()
+        self._pause: JasperError | None = None
+        self._paused_at = 0.0
+        self._handing_back = False
+        self._delayed_sent: set[str] = set()
         self._probe_task: asyncio.Task[None] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
         self._probe_floor_s = PROBE_MIN_INTERVAL_S
         self._succeeded_since_resume = True
         metrics.communicator_up.labels(ct.name).set(1)
+        metrics.inflight.labels(ct.name).set(0)
 
     @property
     def paused(self) -> bool:
         return self._pause is not None
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        await settle(message, self._handle, self._metrics, "apply")
+    # -- consuming -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.consumer_tag = await self.queue.consume(self._callback)
+
+    async def stop_consuming(self) -> None:
+        if self.consumer_tag is not None:
+            tag, self.consumer_tag = self.consumer_tag, None
+            with contextlib.suppress(Exception):
+                await self.queue.cancel(tag)
+
+    async def begin_shutdown(self) -> None:
+        """Stop consuming; jobs not yet sent to Control Center are handed back at once."""
+        await self.stop_consuming()
+        self._client.limiter.abort_waiting(
+            JasperError("SHUTTING_DOWN", "the service is stopping"))
+        await self._notify(handing_back=True)
 
     async def close(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
+        """Stop probing (after begin_shutdown and the drain)."""
+        for task in (self._probe_task, self._refresh_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
-    # -- one job ---------------------------------------------------------------------------
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         try:
             job = Job.model_validate_json(message.body)
         except ValidationError as exc:
-            reason = f"work item is not a job: {exc.error_count()} problem(s), first: " \
-                     f"{exc.errors()[0]['msg']}"
-            await self._publisher.dead_letter(message.body, reason,
-                                              message_id=message.message_id)
-            self._metrics.dead_lettered.labels("invalid_job").inc()
-            log.error(reason, extra={"fields": {"message_id": message.message_id}})
+            reason = (f"work item is not a job: {exc.error_count()} problem(s), first: "
+                      f"{exc.errors()[0]['msg']}")
+            await settle(message, lambda m: self._dead_letter(m, reason), self._metrics, "apply")
             return
 
-        # Up to the first await this runs in delivery order: join or extend the chain here.
+        # Until the first await this runs in delivery order: join or extend the chain here.
+        self._unsettled += 1
         tail = self._tails.get(job.iccid)
-        if tail is not None and tail.command is job.command and not tail.result.done():
-            tail.followers += 1
-            self._metrics.coalesced.labels(self.ct.name).inc()
-            outcome = await asyncio.shield(tail.result)
-            await self._finish(job, outcome, started, attempts=0)
-            return
-
-        loop = asyncio.get_running_loop()
-        call = _Call(job.command, loop.create_future(), previous=tail)
-        self._tails[job.iccid] = call
         try:
-            if tail is not None:
-                await asyncio.wait([tail.result])
-            call.previous = None
-            outcome = await self._apply(job)
-        except BaseException as exc:
-            if not call.result.done():
-                call.result.set_result(JasperError("INTERRUPTED", f"not applied: {exc!r}"))
-            raise
+            if tail is not None and tail.command is job.command and not tail.result.done():
+                tail.members += 1
+                self._metrics.coalesced.labels(self.ct.name).inc()
+                try:
+                    await settle(message, lambda m: self._follow(job, tail, started),
+                                 self._metrics, "apply")
+                finally:
+                    tail.member_done()
+                return
+            call = _Call(job.iccid, job.command, self._tails,
+                         asyncio.get_running_loop().create_future())
+            self._tails[job.iccid] = call
+            try:
+                if tail is not None:
+                    await tail.settled.wait()
+                await settle(message, lambda m: self._lead(job, call, started),
+                             self._metrics, "apply")
+            finally:
+                if not call.result.done():
+                    call.result.set_result(HandBack("the call was interrupted"))
+                call.member_done()
         finally:
-            if self._tails.get(job.iccid) is call:
-                del self._tails[job.iccid]
+            self._unsettled -= 1
+            await self._notify()
+
+    # -- one job ---------------------------------------------------------------------------
+
+    async def _lead(self, job: Job, call: _Call, started: float) -> None:
+        try:
+            outcome = await self._apply(job)
+        except HandBack as exc:
+            call.result.set_result(exc)
+            raise
         call.result.set_result(outcome)
-        attempts = outcome.attempts
-        await self._finish(job, outcome, started, attempts=attempts)
+        await self._finish(job, outcome, started, attempts=outcome.attempts)
+
+    async def _follow(self, job: Job, call: _Call, started: float) -> None:
+        outcome = await asyncio.shield(call.result)
+        if isinstance(outcome, HandBack):
+            raise HandBack(str(outcome))
+        await self._finish(job, outcome, started, attempts=0)
 
     async def _apply(self, job: Job) -> CallResult | JasperError:
         """Call Control Center until the job succeeds or fails for good; wait out pauses."""
         attempts = 0
-        delayed_sent = job.delayed_signalled
         while True:
+            if self._handing_back:
+                raise HandBack("handing held jobs back to the queue")
             if self._pause is not None:
-                if not delayed_sent:
-                    await self._send_delayed(job, self._pause.error, attempts)
-                    delayed_sent = True
-                await self._up.wait()
+                if job.event_id not in self._delayed_sent and not job.delayed_signalled:
+                    await self._send_delayed(job, self._pause, attempts)
+                await self._wait_while_paused()
                 continue
             try:
                 result = await self._client.change_status(job.iccid, job.command)
-            except CommunicatorMisconfigured as exc:
-                attempts += exc.attempts
-                self._enter_pause(exc)
-                continue
             except JasperError as exc:
                 attempts += exc.attempts
+                if self._handing_back:
+                    raise HandBack("handing held jobs back to the queue") from None
+                if exc.pauses_type:
+                    self._enter_pause(exc)
+                    continue
                 exc.attempts = attempts
                 return exc
             self._succeeded_since_resume = True
@@ -181,17 +238,18 @@ class Worker:
         await self._publisher.signal(signal)
         if isinstance(outcome, RetriesExhausted) and attempts > 0:
             await self._publisher.dead_letter(
-                _event_body(job), outcome.code, message_id=job.event_id,
+                json.dumps(job.to_event()).encode(), outcome.code, message_id=job.event_id,
                 headers={"x-jasper-last-error": outcome.last.code},
                 content_type="application/json",
             )
             self._metrics.dead_lettered.labels("retries_exhausted").inc()
+        self._delayed_sent.discard(job.event_id)
         self._metrics.commands.labels(self.ct.name, job.command.value, signal.outcome).inc()
         if signal.outcome is signals.Outcome.SUCCEEDED:
             self._metrics.last_success.labels(self.ct.name).set(time.time())
         jlog.outcome(
             event_id=job.event_id, client_id=job.client_id, communicator_type=self.ct.name,
-            command=job.command, outcome=signal.outcome, iccid=job.iccid,
+            command=job.command, outcome=signal.outcome,
             error_code=signal.error.code if signal.error else None,
             attempts=attempts, duration_ms=signal.duration_ms,
         )
@@ -205,14 +263,29 @@ class Worker:
             duration_ms=0.0,
         )
         await self._publisher.signal(signal)
+        self._delayed_sent.add(job.event_id)
         self._metrics.delayed.labels(self.ct.name).inc()
         jlog.outcome(
             event_id=job.event_id, client_id=job.client_id, communicator_type=self.ct.name,
-            command=job.command, outcome="delayed", iccid=job.iccid, error_code=error.code,
-            attempts=attempts,
+            command=job.command, outcome="delayed", error_code=error.code, attempts=attempts,
         )
 
-    # -- pause and probe -------------------------------------------------------------------
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        await self._publisher.dead_letter(message.body, reason, message_id=message.message_id)
+        self._metrics.dead_lettered.labels("invalid_job").inc()
+        log.error(reason, extra={"fields": {"message_id": message.message_id}})
+
+    # -- pause, probe, hand back -----------------------------------------------------------
+
+    async def _notify(self, *, handing_back: bool | None = None) -> None:
+        async with self._state:
+            if handing_back is not None:
+                self._handing_back = handing_back
+            self._state.notify_all()
+
+    async def _wait_while_paused(self) -> None:
+        async with self._state:
+            await self._state.wait_for(lambda: self._pause is None or self._handing_back)
 
     def _enter_pause(self, error: JasperError) -> None:
         if self._pause is not None:
@@ -220,16 +293,24 @@ class Worker:
         if not self._succeeded_since_resume:
             # Echo passed but real calls still fail (e.g. a role without SIM access).
             self._probe_floor_s = min(self._probe_floor_s * 2, PROBE_REPAUSE_MAX_S)
-        self._pause = _Pause(error)
-        self._up.clear()
+        self._pause = error
+        self._paused_at = time.monotonic()
+        self._client.suspend(error)
         self._metrics.communicator_up.labels(self.ct.name).set(0)
         log.error(
             "communicator type %s paused: %s (%s)", self.ct.name, error.message, error.code,
-            extra={"fields": {"communicator_type": self.ct.name, "error_code": error.code}},
+            extra={"fields": {"communicator_type": self.ct.name, "error_code": error.code,
+                              "http_status": error.http_status}},
         )
-        self._probe_task = asyncio.create_task(self._probe_until_up(), name=f"probe {self.ct.name}")
+        self._probe_task = asyncio.create_task(self._probe_until_up(),
+                                               name=f"probe {self.ct.name}")
+        self._refresh_task = asyncio.create_task(self._refresh_while_paused(),
+                                                 name=f"refresh {self.ct.name}")
 
     async def _probe_until_up(self) -> None:
+        # Let queued jobs reach this process while paused, so each gets its delayed signal.
+        with contextlib.suppress(Exception):
+            await self._channel.set_qos(prefetch_count=self._settings.paused_prefetch)
         interval = self._probe_floor_s
         while True:
             await asyncio.sleep(interval)
@@ -241,17 +322,34 @@ class Worker:
                 log.info("probe of %s failed: %s", self.ct.name, code,
                          extra={"fields": {"communicator_type": self.ct.name,
                                            "error_code": code}})
-                interval = min(max(interval * 2, self._probe_floor_s), max(
-                    PROBE_MAX_INTERVAL_S, self._probe_floor_s))
+                interval = max(self._probe_floor_s, min(interval * 2, PROBE_MAX_INTERVAL_S))
                 continue
             break
-        log.info("communicator type %s resumed", self.ct.name,
+        log.info("communicator type %s resumed after %.1f s", self.ct.name,
+                 time.monotonic() - self._paused_at,
                  extra={"fields": {"communicator_type": self.ct.name}})
-        self._pause = None
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+        with contextlib.suppress(Exception):
+            await self._channel.set_qos(prefetch_count=self._settings.prefetch)
         self._succeeded_since_resume = False
         self._metrics.communicator_up.labels(self.ct.name).set(1)
-        self._up.set()
+        self._client.resume()
+        async with self._state:
+            self._pause = None
+            self._state.notify_all()
 
-
-def _event_body(job: Job) -> bytes:
-    return json.dumps(job.to_event()).encode()
+    async def _refresh_while_paused(self) -> None:
+        """Before the broker's consumer timeout, hand held messages back and consume again."""
+        while True:
+            await asyncio.sleep(self._settings.hold_refresh_seconds)
+            if self._pause is None:
+                return
+            log.info("handing %d held messages of %s back to the queue", self._unsettled,
+                     self.ct.name, extra={"fields": {"communicator_type": self.ct.name}})
+            await self.stop_consuming()
+            await self._notify(handing_back=True)
+            async with self._state:
+                await self._state.wait_for(lambda: self._unsettled == 0)
+                self._handing_back = False
+            await self.start()

@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from jasper_consumer import errors
+from jasper_consumer import jasper as jasper_module
 from jasper_consumer.config import Command, CommunicatorType, RetrySettings
 from jasper_consumer.errors import (
     JASPER_ERROR_MEANINGS,
@@ -105,6 +106,12 @@ def jasper_error(code: str, message: str = "from the API") -> dict[str, str]:
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics(CollectorRegistry())
+
+
+@pytest.fixture(autouse=True)
+def _no_outage_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-event retry tests run without the type-wide outage check (tested on its own)."""
+    monkeypatch.setattr(jasper_module, "OUTAGE_STREAK", 10**6)
 
 
 class _Response(aiohttp.ClientResponse):
@@ -583,3 +590,62 @@ async def test_large_error_body_is_read_only_up_to_the_cap(metrics: Metrics) -> 
         await runner.cleanup()
 
     assert caught.value.last.message == "unexpected HTTP 502 answer (text/html, 65536 bytes)"
+
+
+async def test_outage_with_echo_failing_raises_communicator_down(
+    client: JasperClient, http: aioresponses
+) -> None:
+    """Transient failures in a row with Echo failing too say the type is down."""
+    client.outage_streak = 2
+    http.put(DEVICE_URL, status=503, body="<html>down</html>", content_type="text/html",
+             repeat=True)
+    http.get(f"{BASE}/echo/jasper-consumer", status=503, body="<html>down</html>",
+             content_type="text/html", repeat=True)
+
+    with pytest.raises(errors.CommunicatorDown) as caught:
+        await client.change_status(ICCID, Command.ACTIVATE)
+
+    assert (caught.value.code, caught.value.http_status, caught.value.attempts) == \
+        ("UNEXPECTED_RESPONSE", 503, 2)
+
+
+async def test_outage_check_passing_leaves_the_event_its_own_retries(
+    client: JasperClient, http: aioresponses
+) -> None:
+    """When Echo answers, a SIM that keeps failing exhausts its own retries."""
+    client.outage_streak = 2
+    http.put(DEVICE_URL, status=500, payload=jasper_error("30000001"), repeat=True)
+    http.get(f"{BASE}/echo/jasper-consumer", payload={"context": "jasper-consumer"},
+             repeat=True)
+
+    with pytest.raises(RetriesExhausted) as caught:
+        await client.change_status(ICCID, Command.ACTIVATE)
+
+    assert caught.value.attempts == RETRY.max_attempts
+
+
+async def test_suspended_client_makes_no_call(client: JasperClient, http: aioresponses) -> None:
+    """While the worker has the type paused, a change fails fast without any request."""
+    client.suspend(errors.JasperError("10000001", "Invalid credentials", 401))
+
+    with pytest.raises(errors.CommunicatorDown) as caught:
+        await client.change_status(ICCID, Command.ACTIVATE)
+
+    assert (caught.value.code, caught.value.attempts) == ("10000001", 0)
+    assert not http.requests
+    client.resume()
+    http.put(DEVICE_URL, payload={"iccid": ICCID})
+    assert (await client.change_status(ICCID, Command.ACTIVATE)).attempts == 1
+
+
+async def test_limiter_abort_releases_waiters() -> None:
+    """abort_waiting makes callers still waiting for a start slot fail at once."""
+    limiter = Limiter(1, 0.5)
+    async with limiter:
+        pass
+    waiter = asyncio.ensure_future(limiter.__aenter__())
+    await asyncio.sleep(0)
+    limiter.abort_waiting(errors.JasperError("SHUTTING_DOWN", "stopping"))
+    with pytest.raises(errors.JasperError, match="SHUTTING_DOWN"):
+        await asyncio.wait_for(waiter, 1)
+    assert limiter.in_flight == 0

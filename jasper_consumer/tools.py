@@ -1,0 +1,240 @@
+"""Operator tools: check each communicator type's settings, look up a SIM, print tables.
+
+* :func:`ping` (``check-config --ping``) calls Echo for every communicator type and
+  prints, per type, OK or what is wrong in an operator's words (:func:`explain`);
+* :func:`sim_status` (``sim-status``) shows a SIM's status and main fields from Get
+  Device Details, as a table or as JSON;
+* :func:`render_table` lays out plain-text tables (no colours, no terminal tricks), so
+  the output reads the same in a terminal, a log file or a ticket.
+
+The dead-letter tools are in :mod:`.deadletters`. Each tool writes to the stream it is
+given and returns the process exit status (:data:`EXIT_OK`, :data:`EXIT_FAILED`); a
+problem that stops it from doing its job at all raises :class:`ToolError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from prometheus_client import CollectorRegistry
+
+from . import errors
+from .config import CommunicatorType, Settings
+from .errors import ConfigError, EventRejected, JasperConsumerError, JasperError
+from .events import normalise_iccid
+from .jasper import JasperClient
+from .metrics import Metrics
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the tool ran, and what it checked is not right (a type failed, SIM not found)
+
+
+class ToolError(JasperConsumerError):
+    """An operator tool cannot do its job (broker unreachable, queue missing, ...)."""
+
+
+# What an error means and what to check, per code: (short meaning, advice).
+_ADVICE: dict[str, tuple[str, str]] = {
+    "10000001": ("invalid credentials",
+                 "check the user name and API key, and that this host's IP is allowed"),
+    errors.UNAUTHORIZED: ("credentials refused", "check the user name and API key"),
+    "10000024": ("invalid API version",
+                 "server_address must end with the API version, e.g. "
+                 "https://restapi1.jasper.com/rws/api/v1"),
+    "10000030": ("the user's role has no access to this API function",
+                 "ask the Control Center administrator to give the API user's role access "
+                 "to Echo, Get Device Details and Edit Device Details"),
+    "40000029": ("rate limit exceeded",
+                 "another program is using this account's calls; lower requests_per_second "
+                 "or try again in a minute"),
+    "30000001": ("Control Center server error", "a fault on Control Center's side; try again "
+                 "later and tell the carrier if it persists"),
+    "20000001": ("no such SIM (invalid ICCID)",
+                 "check the Device Ref No against the SIM's ICCID in Control Center, and that "
+                 "the SIM belongs to this communicator type's account"),
+    "10000025": ("invalid device ID", "check the SIM's device ID in Control Center"),
+    "10000029": ("SIM may not be moved back to a pre-activation status",
+                 "a SIM that was ever activated can only be ACTIVATED or DEACTIVATED"),
+    errors.JASPER_UNREACHABLE: ("Control Center unreachable",
+                                "check server_address and that this host can reach it "
+                                "(DNS, firewall, proxy)"),
+    errors.UNEXPECTED_RESPONSE: ("unexpected answer",
+                                 "server_address may not point at the Control Center REST "
+                                 "API: a proxy or a web page answered"),
+}
+
+# Our own codes whose message carries the detail (which host, which HTTP status).
+_DETAILED = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE,
+                       errors.UNAUTHORIZED})
+
+SIM_STATUS_MEANINGS: dict[str, str] = {
+    "ACTIVATED": "live: the SIM can connect and is billed",
+    "ACTIVATION_READY": "ready: the SIM can connect and becomes ACTIVATED on first use",
+    "DEACTIVATED": "off: the SIM cannot connect",
+    "INVENTORY": "in stock: the SIM cannot connect until it is activated",
+    "TEST_READY": "test mode: the SIM can connect within its test allowance",
+    "PURGED": "purged: the SIM is gone from the network for good",
+    "REPLACED": "replaced by another SIM for good",
+    "RETIRED": "retired for good",
+}
+
+# Get Device Details fields shown by ``sim-status``, in this order, with their labels.
+_SIM_FIELDS: tuple[tuple[str, str], ...] = (
+    ("iccid", "ICCID"),
+    ("status", "Status"),
+    ("ratePlan", "Rate plan"),
+    ("communicationPlan", "Communication plan"),
+    ("customer", "Customer"),
+    ("msisdn", "MSISDN"),
+    ("imsi", "IMSI"),
+    ("imei", "IMEI"),
+    ("deviceID", "Device ID"),
+    ("modemID", "Modem ID"),
+    ("dateActivated", "Date activated"),
+    ("dateAdded", "Date added"),
+    ("dateUpdated", "Date updated"),
+)
+
+
+def explain(err: JasperError) -> str:
+    """An error in an operator's words: ``invalid credentials (10000001) — check …``."""
+    meaning, advice = _ADVICE.get(err.code, (err.message, ""))
+    if err.code in _DETAILED:
+        meaning = f"{meaning}: {err.message}"
+    text = f"{meaning} ({err.code})"
+    return f"{text} — {advice}" if advice else text
+
+
+def render_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    max_widths: Mapping[int, int] | None = None,
+) -> str:
+    """Rows under a header and a rule, columns two spaces apart; cells longer than
+    ``max_widths[column]`` are cut with ``…``. The last column is not padded."""
+    limits = max_widths or {}
+
+    def cut(text: str, column: int) -> str:
+        text = " ".join(text.split())  # a table row is one line
+        limit = limits.get(column)
+        return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+    cells = [[cut(str(c), i) for i, c in enumerate(row)] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(widths[i]) for i, v in enumerate(values)).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _client(ct: CommunicatorType, settings: Settings) -> JasperClient:
+    return JasperClient(ct, settings.retry, Metrics(CollectorRegistry()))
+
+
+# --- check-config --ping ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """The outcome of one communicator type's Echo."""
+
+    name: str
+    problem: str | None  # None: Echo passed
+    elapsed_ms: float
+
+    @property
+    def line(self) -> str:
+        if self.problem is None:
+            return f"{self.name}: OK (Echo answered in {self.elapsed_ms:.0f} ms)"
+        return f"{self.name}: {self.problem}"
+
+
+async def ping_one(ct: CommunicatorType, settings: Settings) -> PingResult:
+    """Call Echo once with the type's credentials (re-reading ``api_key_file``)."""
+    started = time.perf_counter()
+    problem: str | None = None
+    try:
+        async with _client(ct, settings) as client:
+            await client.echo()
+    except JasperError as err:
+        problem = explain(err)
+    except ConfigError as err:
+        problem = "; ".join(err.problems)
+    return PingResult(ct.name, problem, (time.perf_counter() - started) * 1000)
+
+
+async def ping(settings: Settings, out: TextIO) -> int:
+    """Echo every communicator type (at once: they are separate accounts); print one line
+    each, in config order. Non-zero when any type fails."""
+    results = await asyncio.gather(*(ping_one(ct, settings) for ct in settings.communicator_types))
+    for result in results:
+        print(f"  {result.line}", file=out)
+    failed = [r for r in results if r.problem is not None]
+    if failed:
+        print(f"{len(failed)} of {len(results)} communicator type(s) failed Echo", file=out)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --- sim-status ---------------------------------------------------------------------------
+
+
+def _communicator(settings: Settings, name: str) -> CommunicatorType:
+    ct = settings.communicator(name)
+    if ct is None:
+        known = ", ".join(repr(c.name) for c in settings.communicator_types)
+        raise ToolError(f"communicator type {name!r} is not configured (configured: {known})")
+    return ct
+
+
+def sim_table(details: Mapping[str, Any]) -> str:
+    """The main fields of a Get Device Details answer as a two-column table."""
+    rows: list[list[str]] = []
+    for key, label in _SIM_FIELDS:
+        value = details.get(key)
+        if value is None or value == "":
+            continue
+        text = str(value)
+        if key == "status" and text in SIM_STATUS_MEANINGS:
+            text = f"{text} — {SIM_STATUS_MEANINGS[text]}"
+        rows.append([label, text])
+    return render_table(["FIELD", "VALUE"], rows)
+
+
+async def sim_status(
+    settings: Settings, communicator_type: str, ref_no: str, out: TextIO, *, as_json: bool = False
+) -> int:
+    """Print a SIM's details from Get Device Details (one call, no retry)."""
+    ct = _communicator(settings, communicator_type)
+    try:
+        iccid = normalise_iccid(ref_no)
+    except EventRejected as exc:
+        raise ToolError(exc.message) from None
+    try:
+        async with _client(ct, settings) as client:
+            details = await client.get_device(iccid)
+    except JasperError as err:
+        if as_json:
+            print(json.dumps({"iccid": iccid, "communicator_type": ct.name,
+                              "error": err.as_dict()}, indent=2), file=out)
+        else:
+            print(f"SIM {iccid} via {ct.name}: {explain(err)}", file=out)
+        return EXIT_FAILED
+    if as_json:
+        print(json.dumps(details, indent=2), file=out)
+    else:
+        print(f"SIM {iccid} via {ct.name}", file=out)
+        print(sim_table(details), file=out)
+    return EXIT_OK
