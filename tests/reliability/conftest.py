@@ -1,0 +1,309 @@
+"""Fault-test harness: the real service and simulator as subprocesses, the real broker.
+
+Every test gets its own queue prefix and exchanges, and removes them afterwards.
+Waiting is always on a condition with a bound (``wait_until``), never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+import yaml
+
+from jasper_consumer.config import slugify
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], what: str, timeout: float,
+    poll: float = 0.05,
+) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(poll)
+
+
+class Proc:
+    """A child process whose output goes to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill9(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout)
+
+    def close(self) -> None:
+        if self.alive:
+            self.popen.kill()
+            self.popen.wait(10)
+        self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Simulator:
+    """The simulator subprocess and its admin API."""
+
+    def __init__(self, proc: Proc, port: int, session: aiohttp.ClientSession):
+        self.proc = proc
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}/rws/api/v1"
+        self._admin = f"http://127.0.0.1:{port}/_sim"
+        self._http = session
+
+    async def _req(self, method: str, path: str, body: Any = None) -> Any:
+        async with self._http.request(method, self._admin + path, json=body) as resp:
+            assert resp.status < 300, (resp.status, await resp.text())
+            return await resp.json()
+
+    async def account(self, username: str, **fields: Any) -> Any:
+        return await self._req("PUT", f"/accounts/{username}", fields)
+
+    async def fault(self, iccid: str, **fields: Any) -> Any:
+        return await self._req("PUT", f"/faults/{iccid}", fields)
+
+    async def sim(self, iccid: str) -> Any:
+        async with self._http.get(f"{self._admin}/sims/{iccid}") as resp:
+            return await resp.json() if resp.status == 200 else None
+
+    async def stats(self) -> Any:
+        return await self._req("GET", "/stats")
+
+    async def requests(self) -> list[dict[str, Any]]:
+        return list(await self._req("GET", "/requests"))
+
+
+@dataclass
+class Signals:
+    """Every signal read from the test's history queue, by event id."""
+
+    by_event: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, signal: dict[str, Any]) -> None:
+        self.by_event.setdefault(signal["event_id"], []).append(signal)
+
+    def finals(self, event_id: str) -> list[dict[str, Any]]:
+        return [s for s in self.by_event.get(event_id, [])
+                if s["outcome"] in ("succeeded", "failed")]
+
+    def outcomes(self, event_id: str) -> list[str]:
+        return [s["outcome"] for s in self.by_event.get(event_id, [])]
+
+    def count(self, event_ids: list[str]) -> tuple[int, int]:
+        """(lost, duplicated) among ``event_ids``."""
+        lost = sum(1 for e in event_ids if not self.finals(e))
+        dup = sum(1 for e in event_ids if len(self.finals(e)) > 1)
+        return lost, dup
+
+
+def make_event(iccid: str, communicator_type: str, code: int = 65516,
+               **extra: Any) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()), "event_code": code, "client_id": f"c-{iccid[-6:]}",
+        "occurred_at": "2026-11-25T10:15:00Z",
+        "device": {"ref_no": iccid, "communicator_type": communicator_type}, **extra,
+    }
+
+
+def iccid(n: int) -> str:
+    return f"8961018501{n:010d}"
+
+
+class Harness:
+    """Starts services and the simulator for one test; publishes; collects signals."""
+
+    def __init__(self, tmp: Path, session: aiohttp.ClientSession,
+                 connection: aio_pika.abc.AbstractRobustConnection):
+        self.tmp = tmp
+        self.http = session
+        self.connection = connection
+        self.tag = f"jcr-{uuid.uuid4().hex[:10]}"
+        self.signals = Signals()
+        self.services: list[Proc] = []
+        self.sim: Simulator | None = None
+        self.config_path = tmp / "config.yaml"
+        self.config: dict[str, Any] = {}
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self.ports: list[int] = []
+
+    async def start_simulator(self, accounts: list[str]) -> Simulator:
+        port = free_port()
+        args = [sys.executable, "-m", "jasper_consumer", "simulator", "--port", str(port)]
+        for a in accounts:
+            args += ["--account", a]
+        proc = Proc(args, self.tmp / "simulator.log")
+        self.sim = Simulator(proc, port, self.http)
+
+        async def up() -> bool:
+            try:
+                await self.sim.stats()  # type: ignore[union-attr]
+            except (aiohttp.ClientError, OSError):
+                return False
+            return True
+
+        await wait_until(up, "the simulator to answer", 20)
+        return self.sim
+
+    def write_config(self, types: list[dict[str, Any]], **overrides: Any) -> Path:
+        assert self.sim is not None
+        for t in types:
+            t.setdefault("server_address", self.sim.base_url)
+        self.config = {
+            "amqp_url": AMQP_URL,
+            "events_exchange": f"{self.tag}.events",
+            "history_exchange": f"{self.tag}.history",
+            "queue_prefix": self.tag,
+            "http_port": 0,
+            "retry": {"max_attempts": 4, "initial_delay_seconds": 0.05,
+                      "max_delay_seconds": 0.5, "max_elapsed_seconds": 10},
+            "shutdown_grace_seconds": 10,
+            "watchdog_interval_seconds": 1,
+            "communicator_types": types,
+            **overrides,
+        }
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        return self.config_path
+
+    async def start_service(self, *, wait_ready: bool = True) -> Proc:
+        port = free_port()
+        config = dict(self.config, http_port=port)
+        path = self.tmp / f"config-{port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = Proc([sys.executable, "-m", "jasper_consumer", "run", "--config", str(path)],
+                    self.tmp / f"service-{len(self.services)}.log")
+        self.services.append(proc)
+        self.ports.append(port)
+        if wait_ready:
+            await wait_until(lambda: self.ready(port, proc), "the service to be ready", 30)
+        return proc
+
+    async def ready(self, port: int, proc: Proc) -> bool:
+        if not proc.alive:
+            raise AssertionError(
+                f"service exited {proc.popen.returncode}:\n{proc.output()[-3000:]}")
+        try:
+            async with self.http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    async def metrics(self, port: int) -> str:
+        async with self.http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            return await resp.text()
+
+    async def channel(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self.connection.channel()
+        return self._channel
+
+    async def read_signals(self) -> None:
+        """Consume the history queue (declared by the service) into ``self.signals``."""
+        channel = await self.channel()
+        queue = await channel.get_queue(f"{self.tag}.history")
+
+        async def on_signal(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self.signals.add(json.loads(message.body))
+
+        await queue.consume(on_signal, no_ack=True)
+
+    async def publish(self, events: list[dict[str, Any] | bytes],
+                      headers: list[dict[str, Any]] | None = None) -> None:
+        channel = await self.connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            f"{self.tag}.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        for i, event in enumerate(events):
+            if isinstance(event, dict):
+                body, code, mid = json.dumps(event).encode(), event.get("event_code"), \
+                    event.get("event_id")
+            else:
+                body, code, mid = event, 65516, None
+            await exchange.publish(
+                aio_pika.Message(body, content_type="application/json", message_id=mid,
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 headers=headers[i] if headers else None),
+                routing_key=f"event.{code if isinstance(code, int) else 65516}")
+        await channel.close()
+
+    async def wait_final(self, event_ids: list[str], timeout: float) -> None:
+        await wait_until(lambda: all(self.signals.finals(e) for e in event_ids),
+                         f"final signals for {len(event_ids)} events "
+                         f"(lost so far: {self.signals.count(event_ids)[0]})", timeout, 0.2)
+
+    async def queue_depth(self, name: str) -> int:
+        channel = await self.connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+            return int(queue.declaration_result.message_count or 0)
+        finally:
+            await channel.close()
+
+    async def cleanup(self) -> None:
+        for proc in self.services:
+            proc.close()
+        if self.sim is not None:
+            self.sim.proc.close()
+        channel = await self.connection.channel()
+        names = ["events", "history", "dead"] + [
+            f"work.{slugify(t['name'])}" for t in self.config.get("communicator_types", [])]
+        for n in names:
+            await channel.queue_delete(f"{self.tag}.{n}")
+        for x in ("events", "history", "dlx"):
+            await channel.exchange_delete(f"{self.tag}.{x}")
+        await channel.close()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    async with aiohttp.ClientSession() as session:
+        h = Harness(tmp_path, session, connection)
+        try:
+            yield h
+        finally:
+            await h.cleanup()
+            await connection.close()

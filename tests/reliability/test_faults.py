@@ -1,0 +1,287 @@
+"""Fault tests: each injects a fault into the real running service and counts losses."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from .conftest import Harness, iccid, make_event, wait_until
+
+
+async def test_sigterm_with_calls_in_flight_exits_cleanly(harness: Harness):
+    """SIGTERM with calls in flight: exit 0 within the grace period, nothing lost."""
+    await harness.start_simulator(["a:ka:2:50"])
+    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
+                           "max_concurrency": 2, "requests_per_second": 50}])
+    service = await harness.start_service()
+    await harness.read_signals()
+    sim = harness.sim
+    assert sim is not None
+    for n in range(10):
+        await sim.fault(iccid(n), latency_s=0.5)
+    events = [make_event(iccid(n), "Type A") for n in range(60)]
+    await harness.publish(events)
+    await wait_until(lambda: any(harness.signals.finals(e["event_id"]) for e in events),
+                     "the first signal", 20)
+
+    started = time.monotonic()
+    code = service.terminate(timeout=30)
+    took = time.monotonic() - started
+
+    assert code == 0, service.output()[-2000:]
+    assert took < harness.config["shutdown_grace_seconds"] + 2, took
+    done_before = sum(1 for e in events if harness.signals.finals(e["event_id"]))
+    await harness.start_service()
+    ids = [e["event_id"] for e in events]
+    await harness.wait_final(ids, 60)
+    lost, dup = harness.signals.count(ids)
+    assert (lost, dup) == (0, 0), f"published 60, done before SIGTERM {done_before}, " \
+        f"lost {lost}, duplicated {dup}"
+    assert '"stopped"' in service.output()
+
+
+async def test_kill9_three_times_loses_nothing(harness: Harness):
+    """kill -9 three times during 2,000 events across 3 types: every event gets a final signal."""
+    await harness.start_simulator(["a:ka:4:400", "b:kb:4:400", "c:kc:4:400"])
+    types = [{"name": f"Type {x.upper()}", "username": x, "api_key": f"k{x}",
+              "max_concurrency": 4, "requests_per_second": 400} for x in "abc"]
+    harness.write_config(types)
+    service = await harness.start_service()
+    await harness.read_signals()
+    events = [make_event(iccid(n), f"Type {'ABC'[n % 3]}") for n in range(2000)]
+    ids = [e["event_id"] for e in events]
+    publisher = asyncio.create_task(harness.publish(events))
+
+    for round_ in range(3):
+        target = 300 * (round_ + 1)
+        await wait_until(lambda t=target: sum(1 for e in ids if harness.signals.finals(e)) >= t,
+                         f"{target} signals before kill {round_ + 1}", 60, 0.05)
+        service.kill9()
+        service = await harness.start_service()
+    await publisher
+    await harness.wait_final(ids, 180)
+
+    lost, dup = harness.signals.count(ids)
+    print(f"kill -9 x3: published {len(ids)}, lost {lost}, duplicated {dup}")
+    assert lost == 0, f"published {len(ids)}, lost {lost}, duplicated {dup}"
+
+
+async def test_order_survives_kill9_redelivery(harness: Harness):
+    """50 SIMs x (activate, deactivate) with jittered latency and a kill -9 end all DEACTIVATED."""
+    await harness.start_simulator(["a:ka:4:300"])
+    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
+                           "max_concurrency": 4, "requests_per_second": 300}])
+    service = await harness.start_service()
+    await harness.read_signals()
+    sim = harness.sim
+    assert sim is not None
+    for n in range(50):
+        await sim.fault(iccid(n), latency_s=(n % 7) * 0.01)
+    events = []
+    for n in range(50):
+        events.append(make_event(iccid(n), "Type A", code=65516))
+        events.append(make_event(iccid(n), "Type A", code=65517))
+    ids = [e["event_id"] for e in events]
+    await harness.publish(events)
+    await wait_until(lambda: sum(1 for e in ids if harness.signals.finals(e)) >= 30,
+                     "30 signals", 30, 0.02)
+    service.kill9()
+    await harness.start_service()
+    await harness.wait_final(ids, 60)
+
+    statuses = {n: (await sim.sim(iccid(n)) or {}).get("status") for n in range(50)}
+    wrong = {n: s for n, s in statuses.items() if s != "DEACTIVATED"}
+    lost, dup = harness.signals.count(ids)
+    assert not wrong, f"not DEACTIVATED: {wrong}; lost {lost}, duplicated {dup}"
+    assert lost == 0
+
+
+async def test_wrong_key_file_pauses_only_its_type(harness: Harness):
+    """A wrong key in api_key_file pauses its type (delayed signals); fixing the file resumes."""
+    await harness.start_simulator(["a:right-key:1:50", "b:kb:1:50"])
+    key_file = harness.tmp / "a.key"
+    key_file.write_text("wrong-key\n")
+    harness.write_config([
+        {"name": "Type A", "username": "a", "api_key_file": str(key_file),
+         "requests_per_second": 50},
+        {"name": "Type B", "username": "b", "api_key": "kb", "requests_per_second": 50},
+    ])
+    service = await harness.start_service()
+    port = harness.ports[-1]
+    await harness.read_signals()
+    a_events = [make_event(iccid(n), "Type A") for n in range(10)]
+    b_events = [make_event(iccid(100 + n), "Type B") for n in range(10)]
+    await harness.publish(a_events + b_events)
+
+    await harness.wait_final([e["event_id"] for e in b_events], 20)
+    await wait_until(lambda: all("delayed" in harness.signals.outcomes(e["event_id"])
+                                 for e in a_events), "a delayed signal for every A event", 20)
+    assert 'jasper_communicator_up{communicator_type="Type A"} 0.0' in await harness.metrics(port)
+    assert not any(harness.signals.finals(e["event_id"]) for e in a_events)
+    delayed = harness.signals.by_event[a_events[0]["event_id"]][0]
+    assert (delayed["error"]["code"], delayed["error"]["http_status"]) == ("10000001", 401)
+
+    key_file.write_text("  right-key  \n")
+    ids = [e["event_id"] for e in a_events]
+    await harness.wait_final(ids, 45)
+
+    assert all(harness.signals.outcomes(e) == ["delayed", "succeeded"] for e in ids), \
+        {e: harness.signals.outcomes(e) for e in ids}
+    assert service.alive
+
+
+async def test_account_outage_pauses_and_recovers(harness: Harness):
+    """Account down (refused, then 503 HTML) for 30 s: nothing fails, at most one delayed each."""
+    await harness.start_simulator(["a:ka:1:100"])
+    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
+                           "max_concurrency": 1, "requests_per_second": 100}])
+    await harness.start_service()
+    await harness.read_signals()
+    sim = harness.sim
+    assert sim is not None
+    events = [make_event(iccid(n), "Type A") for n in range(200)]
+    ids = [e["event_id"] for e in events]
+    await harness.publish(events[:50])
+    await harness.wait_final(ids[:50], 30)
+
+    await sim.account("a", down="refuse")
+    await harness.publish(events[50:])
+    await wait_until(lambda: any("delayed" in harness.signals.outcomes(e) for e in ids[50:]),
+                     "a delayed signal", 20)
+    outage_started = time.monotonic()
+    await wait_until(lambda: time.monotonic() - outage_started > 15, "15 s of refused", 20, 0.5)
+    await sim.account("a", down="html503")
+    await wait_until(lambda: time.monotonic() - outage_started > 30, "15 s of 503", 20, 0.5)
+    await sim.account("a", down=None)
+    await harness.wait_final(ids, 90)
+
+    failed = [e for e in ids if harness.signals.finals(e)[0]["outcome"] != "succeeded"]
+    multi_delayed = [e for e in ids if harness.signals.outcomes(e).count("delayed") > 1]
+    lost, _ = harness.signals.count(ids)
+    echo_starts = sorted(r["started"] for r in await sim.requests() if "/echo/" in r["path"])
+    # aiohttp re-sends an idempotent GET once, at once, when the server drops a reused
+    # connection: requests < 50 ms apart are one probe of the service.
+    probes = [t for i, t in enumerate(echo_starts) if i == 0 or t - echo_starts[i - 1] > 0.05]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert (len(failed), len(multi_delayed), lost) == (0, 0, 0), (failed[:3], multi_delayed[:3])
+    assert not gaps or min(gaps) >= 0.95, gaps
+
+
+async def test_down_type_does_not_delay_another(harness: Harness):
+    """With type A down and 1,000 events queued, type B's events each signal within 1 s."""
+    await harness.start_simulator(["a:ka:1:50", "b:kb:1:50"])
+    harness.write_config([
+        {"name": "Type A", "username": "a", "api_key": "ka", "requests_per_second": 50},
+        {"name": "Type B", "username": "b", "api_key": "kb", "requests_per_second": 50},
+    ])
+    await harness.start_service()
+    await harness.read_signals()
+    sim = harness.sim
+    assert sim is not None
+    await sim.account("a", down="html503")
+    a_events = [make_event(iccid(n), "Type A") for n in range(1000)]
+    await harness.publish(a_events)
+    await wait_until(lambda: any("delayed" in harness.signals.outcomes(e["event_id"])
+                                 for e in a_events), "type A paused", 30)
+
+    latencies = []
+    for n in range(20):
+        event = make_event(iccid(5000 + n), "Type B")
+        sent = time.monotonic()
+        await harness.publish([event])
+        await wait_until(lambda e=event: bool(harness.signals.finals(e["event_id"])),
+                         "type B signal", 10, 0.005)
+        latencies.append(time.monotonic() - sent)
+
+    assert max(latencies) <= 1.0, sorted(latencies)[-5:]
+    await sim.account("a", down=None)
+    await harness.wait_final([e["event_id"] for e in a_events], 120)
+
+
+async def test_identical_commissions_are_coalesced(harness: Harness):
+    """5 identical commissions for one SIM at once (300 ms latency): <= 2 PUTs, 5 succeeded."""
+    await harness.start_simulator(["a:ka:2:50"])
+    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
+                           "max_concurrency": 2, "requests_per_second": 50}])
+    await harness.start_service()
+    await harness.read_signals()
+    sim = harness.sim
+    assert sim is not None
+    await sim.fault(iccid(1), latency_s=0.3)
+    events = [make_event(iccid(1), "Type A") for _ in range(5)]
+    await harness.publish(events)
+    ids = [e["event_id"] for e in events]
+    await harness.wait_final(ids, 20)
+
+    puts = [r for r in await sim.requests() if r["method"] == "PUT"]
+    assert len(puts) <= 2, len(puts)
+    assert [harness.signals.finals(e)[0]["outcome"] for e in ids] == ["succeeded"] * 5
+
+
+async def test_two_processes_share_the_account_limit(harness: Harness):
+    """Two processes never exceed max_concurrency per account; killing the active hands over."""
+    await harness.start_simulator(["a:ka:2:200", "b:kb:2:200"])
+    harness.write_config([
+        {"name": "Type A", "username": "a", "api_key": "ka", "max_concurrency": 2,
+         "requests_per_second": 200},
+        {"name": "Type B", "username": "b", "api_key": "kb", "max_concurrency": 2,
+         "requests_per_second": 200},
+    ])
+    first = await harness.start_service()
+    second = await harness.start_service()
+    await harness.read_signals()
+    sim = harness.sim
+    assert sim is not None
+    await sim.fault(iccid(0), latency_s=0.01)
+    events = [make_event(iccid(n), f"Type {'AB'[n % 2]}") for n in range(600)]
+    ids = [e["event_id"] for e in events]
+    await harness.publish(events)
+    await wait_until(lambda: sum(1 for e in ids if harness.signals.finals(e)) >= 150,
+                     "150 signals", 30, 0.02)
+    first.kill9()
+    await harness.wait_final(ids, 90)
+
+    stats = await sim.stats()
+    lost, dup = harness.signals.count(ids)
+    assert stats["violations"] == 0, stats
+    assert max(stats["max_in_flight_seen"].values()) <= 2, stats
+    assert lost == 0, f"published {len(ids)}, lost {lost}, duplicated {dup}"
+    assert second.alive
+
+
+async def test_broker_connection_loss_is_survived(harness: Harness):
+    """close_all_connections twice and a stop_app/start_app: no restart, consuming again, 0 lost."""
+    await harness.start_simulator(["a:ka:2:300"])
+    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
+                           "max_concurrency": 2, "requests_per_second": 300}])
+    service = await harness.start_service()
+    port = harness.ports[-1]
+    events = [make_event(iccid(n), "Type A") for n in range(300)]
+    ids = [e["event_id"] for e in events]
+
+    async def rabbitmqctl(*args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", *args, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        assert await asyncio.wait_for(proc.wait(), 120) == 0, args
+
+    for round_, action in enumerate(["close", "close", "restart"]):
+        batch = events[round_ * 100:(round_ + 1) * 100]
+        await harness.publish(batch)
+        if action == "close":
+            await rabbitmqctl("close_all_connections", "jasper-consumer reliability test")
+        else:
+            await rabbitmqctl("stop_app")
+            await rabbitmqctl("start_app")
+            await rabbitmqctl("await_startup")
+        await harness.connection.connected.wait()
+        lost_at = time.monotonic()
+        await wait_until(lambda p=port: harness.ready(p, service), "ready again", 30, 0.2)
+        await harness.read_signals()
+        await harness.wait_final([e["event_id"] for e in batch], 60)
+        assert time.monotonic() - lost_at < 60
+        assert service.alive
+
+    lost, dup = harness.signals.count(ids)
+    assert lost == 0, f"published {len(ids)}, lost {lost}, duplicated {dup}"
