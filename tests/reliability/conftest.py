@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,8 +251,10 @@ class Harness:
 
         await queue.consume(on_signal, no_ack=True)
 
-    async def publish(self, events: list[dict[str, Any] | bytes],
-                      headers: list[dict[str, Any]] | None = None) -> None:
+    async def publish(self, events: Sequence[dict[str, Any] | bytes],
+                      headers: list[dict[str, Any]] | None = None,
+                      message_ids: list[str] | None = None,
+                      routing_key: str | None = None) -> None:
         channel = await self.connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(
             f"{self.tag}.events", aio_pika.ExchangeType.TOPIC, durable=True)
@@ -262,11 +264,13 @@ class Harness:
                     event.get("event_id")
             else:
                 body, code, mid = event, 65516, None
+            if message_ids:
+                mid = message_ids[i]
             await exchange.publish(
                 aio_pika.Message(body, content_type="application/json", message_id=mid,
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                  headers=headers[i] if headers else None),
-                routing_key=f"event.{code if isinstance(code, int) else 65516}")
+                routing_key=routing_key or f"event.{code if isinstance(code, int) else 65516}")
         await channel.close()
 
     async def wait_final(self, event_ids: list[str], timeout: float) -> None:

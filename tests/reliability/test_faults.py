@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
+from collections.abc import Callable
 
 from .conftest import Harness, iccid, make_event, wait_until
+
+
+def at_least(harness: Harness, ids: list[str], n: int) -> Callable[[], bool]:
+    return lambda: sum(1 for e in ids if harness.signals.finals(e)) >= n
 
 
 async def test_sigterm_with_calls_in_flight_exits_cleanly(harness: Harness):
@@ -55,7 +61,7 @@ async def test_kill9_three_times_loses_nothing(harness: Harness):
 
     for round_ in range(3):
         target = 300 * (round_ + 1)
-        await wait_until(lambda t=target: sum(1 for e in ids if harness.signals.finals(e)) >= t,
+        await wait_until(at_least(harness, ids, target),
                          f"{target} signals before kill {round_ + 1}", 60, 0.05)
         service.kill9()
         service = await harness.start_service()
@@ -190,8 +196,7 @@ async def test_down_type_does_not_delay_another(harness: Harness):
         event = make_event(iccid(5000 + n), "Type B")
         sent = time.monotonic()
         await harness.publish([event])
-        await wait_until(lambda e=event: bool(harness.signals.finals(e["event_id"])),
-                         "type B signal", 10, 0.005)
+        await wait_until(at_least(harness, [event["event_id"]], 1), "type B signal", 10, 0.005)
         latencies.append(time.monotonic() - sent)
 
     assert max(latencies) <= 1.0, sorted(latencies)[-5:]
@@ -277,7 +282,7 @@ async def test_broker_connection_loss_is_survived(harness: Harness):
             await rabbitmqctl("await_startup")
         await harness.connection.connected.wait()
         lost_at = time.monotonic()
-        await wait_until(lambda p=port: harness.ready(p, service), "ready again", 30, 0.2)
+        await wait_until(functools.partial(harness.ready, port, service), "ready again", 30, 0.2)
         await harness.read_signals()
         await harness.wait_final([e["event_id"] for e in batch], 60)
         assert time.monotonic() - lost_at < 60
