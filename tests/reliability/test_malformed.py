@@ -46,8 +46,9 @@ def broken_event(draw: st.DrawFn) -> dict[str, Any]:
     return event
 
 
-_headers = st.dictionaries(st.text(min_size=1, max_size=10).filter(lambda k: not k.startswith("x-")),
-                           st.text(max_size=20) | st.integers(-2**31, 2**31 - 1), max_size=3)
+_headers = st.dictionaries(
+    st.text(min_size=1, max_size=10).filter(lambda k: not k.startswith("x-")),
+    st.text(max_size=20) | st.integers(-2**31, 2**31 - 1), max_size=3)
 _input = st.tuples(
     st.one_of(
         st.binary(max_size=200),
