@@ -81,6 +81,7 @@ class Service:
         self._watchdog: asyncio.Task[None] | None = None
         self._watchdog_problem: str | None = None
         self._watchdog_last_ok = 0.0
+        self._missing: set[str] = set()  # consumers seen missing once
         self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
@@ -230,10 +231,14 @@ class Service:
                 if consumer.consumer_tag is None:
                     continue  # deliberately not consuming (handing back held messages)
                 ok = await channel.declare_queue(consumer.queue.name, passive=True)
-                count = ok.declaration_result.consumer_count
-                if count == 0:
+                if ok.declaration_result.consumer_count:
+                    self._missing.discard(name)
+                elif name not in self._missing:
+                    self._missing.add(name)  # a quorum queue's count can lag: look again
+                else:
                     log.error("consumer on %s vanished; registering it again", name,
                               extra={"fields": {"queue": consumer.queue.name}})
+                    self._missing.discard(name)
                     await consumer.stop_consuming()
                     await consumer.start()
         finally:

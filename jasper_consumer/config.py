@@ -153,6 +153,7 @@ class Settings(_Strict):
     history_binding: str = "jasper.#"
     max_message_bytes: int = Field(65536, ge=1024)
     delivery_limit: int = Field(20, ge=1)
+    work_delivery_limit: int = Field(5000, ge=1)
     shutdown_grace_seconds: float = Field(20.0, gt=0)
     paused_prefetch: int = Field(5000, ge=1, le=65535)
     hold_refresh_seconds: float = Field(20 * 60.0, gt=0)

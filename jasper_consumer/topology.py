@@ -3,7 +3,8 @@
 ::
 
     patriot.events (topic) ──event.<code>──▶ <p>.events (quorum, DLX <p>.dlx, delivery limit)
-    (default exchange)     ──────────────▶ <p>.work.<slug> (quorum, single active consumer)
+    (default exchange)     ──────────────▶ <p>.work.<slug> (quorum, single active consumer,
+                                               DLX <p>.dlx, work delivery limit)
     patriot.history (topic) ──jasper.#──▶ <p>.history (quorum)
     <p>.dlx (fanout) ────────────────────▶ <p>.dead (quorum)
 
@@ -68,11 +69,11 @@ class Topology:
     work_queues: dict[str, AbstractQueue]  # by communicator type name
 
 
-def _quorum(settings: Settings, **extra: bool) -> FieldTable:
+def _quorum(settings: Settings, delivery_limit: int, **extra: bool) -> FieldTable:
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": f"{settings.queue_prefix}.dlx",
-        "x-delivery-limit": settings.delivery_limit,
+        "x-delivery-limit": delivery_limit,
         **extra,
     }
 
@@ -97,7 +98,7 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
         await history_q.bind(history_x, routing_key=settings.history_binding)
 
     events_q = await channel.declare_queue(
-        names.events_queue, durable=True, arguments=_quorum(settings))
+        names.events_queue, durable=True, arguments=_quorum(settings, settings.delivery_limit))
     for code in sorted(settings.commands):
         await events_q.bind(events_x, routing_key=f"event.{code}")
 
@@ -105,7 +106,10 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
     for ct in settings.communicator_types:
         work[ct.name] = await channel.declare_queue(
             names.work_queue(ct), durable=True,
-            arguments=_quorum(settings, **{"x-single-active-consumer": True}))
+            # A pause hands held messages back every hold_refresh_seconds, and each
+            # hand-back counts as a delivery: this limit must outlast long pauses.
+            arguments=_quorum(settings, settings.work_delivery_limit,
+                              **{"x-single-active-consumer": True}))
     return Topology(names, events_x, history_x, dead_x, events_q, work)
 
 

@@ -25,8 +25,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 PROBE_MIN_INTERVAL_S = 1.0
 PROBE_MAX_INTERVAL_S = 30.0
 PROBE_REPAUSE_MAX_S = 300.0
+
+T = TypeVar("T")
 
 
 class HandBack(Exception):
@@ -104,13 +107,16 @@ class Worker:
         self._unsettled = 0
         self._state = asyncio.Condition()
         self._pause: JasperError | None = None
+        self._paused = asyncio.Event()  # set while _pause is not None
         self._paused_at = 0.0
         self._handing_back = False
         self._delayed_sent: set[str] = set()
         self._probe_task: asyncio.Task[None] | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._refreshing = False
         self._probe_floor_s = PROBE_MIN_INTERVAL_S
         self._succeeded_since_resume = True
+        self.hand_backs = 0  # times held messages were handed back during a pause
         metrics.communicator_up.labels(ct.name).set(1)
         metrics.inflight.labels(ct.name).set(0)
 
@@ -171,9 +177,7 @@ class Worker:
                          asyncio.get_running_loop().create_future())
             self._tails[job.iccid] = call
             try:
-                if tail is not None:
-                    await tail.settled.wait()
-                await settle(message, lambda m: self._lead(job, call, started),
+                await settle(message, lambda m: self._lead(job, call, tail, started),
                              self._metrics, "apply")
             finally:
                 if not call.result.done():
@@ -185,8 +189,10 @@ class Worker:
 
     # -- one job ---------------------------------------------------------------------------
 
-    async def _lead(self, job: Job, call: _Call, started: float) -> None:
+    async def _lead(self, job: Job, call: _Call, previous: _Call | None, started: float) -> None:
         try:
+            if previous is not None:
+                await self._wait_signalling_delay(job, previous.settled.wait())
             outcome = await self._apply(job)
         except HandBack as exc:
             call.result.set_result(exc)
@@ -195,10 +201,30 @@ class Worker:
         await self._finish(job, outcome, started, attempts=outcome.attempts)
 
     async def _follow(self, job: Job, call: _Call, started: float) -> None:
-        outcome = await asyncio.shield(call.result)
+        outcome = await self._wait_signalling_delay(job, asyncio.shield(call.result))
         if isinstance(outcome, HandBack):
             raise HandBack(str(outcome))
         await self._finish(job, outcome, started, attempts=0)
+
+    async def _wait_signalling_delay(self, job: Job, waitable: Awaitable[T]) -> T:
+        """Wait for ``waitable`` (the job's turn, or a shared call); if the type is paused
+        meanwhile, the job gets its one delayed signal while it waits."""
+        target = asyncio.ensure_future(waitable)
+        try:
+            while not target.done():
+                if self._pause is not None and job.event_id not in self._delayed_sent:
+                    await self._send_delayed(job, self._pause, 0)
+                    continue
+                watch: set[asyncio.Future[Any]] = {target}
+                if self._pause is None:
+                    watch.add(asyncio.ensure_future(self._paused.wait()))
+                await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+                for other in watch - {target}:
+                    other.cancel()
+        finally:
+            if not target.done():
+                target.cancel()
+        return target.result()
 
     async def _apply(self, job: Job) -> CallResult | JasperError:
         """Call Control Center until the job succeeds or fails for good; wait out pauses."""
@@ -294,6 +320,7 @@ class Worker:
             # Echo passed but real calls still fail (e.g. a role without SIM access).
             self._probe_floor_s = min(self._probe_floor_s * 2, PROBE_REPAUSE_MAX_S)
         self._pause = error
+        self._paused.set()
         self._paused_at = time.monotonic()
         self._client.suspend(error)
         self._metrics.communicator_up.labels(self.ct.name).set(0)
@@ -328,8 +355,8 @@ class Worker:
         log.info("communicator type %s resumed after %.1f s", self.ct.name,
                  time.monotonic() - self._paused_at,
                  extra={"fields": {"communicator_type": self.ct.name}})
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
+        if self._refresh_task is not None and not self._refreshing:
+            self._refresh_task.cancel()  # asleep; a hand-back under way finishes by itself
         with contextlib.suppress(Exception):
             await self._channel.set_qos(prefetch_count=self._settings.prefetch)
         self._succeeded_since_resume = False
@@ -337,6 +364,7 @@ class Worker:
         self._client.resume()
         async with self._state:
             self._pause = None
+            self._paused.clear()
             self._state.notify_all()
 
     async def _refresh_while_paused(self) -> None:
@@ -347,9 +375,14 @@ class Worker:
                 return
             log.info("handing %d held messages of %s back to the queue", self._unsettled,
                      self.ct.name, extra={"fields": {"communicator_type": self.ct.name}})
-            await self.stop_consuming()
-            await self._notify(handing_back=True)
-            async with self._state:
-                await self._state.wait_for(lambda: self._unsettled == 0)
-                self._handing_back = False
-            await self.start()
+            self._refreshing = True
+            try:
+                await self.stop_consuming()
+                await self._notify(handing_back=True)
+                async with self._state:
+                    await self._state.wait_for(lambda: self._unsettled == 0)
+                    self._handing_back = False
+                self.hand_backs += 1
+                await self.start()
+            finally:
+                self._refreshing = False

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from jasper_consumer.simulator import Simulator
 
@@ -248,3 +250,64 @@ async def test_wrong_key_pauses_the_type_until_fixed(run_service: RunService, si
     assert [s["outcome"] for s in broker.signals if s["event_id"] == event["event_id"]] == \
         ["delayed", "succeeded"]
     assert service.metrics.communicator_up.labels("M2MOne NZ")._value.get() == 1
+
+
+async def test_held_messages_are_handed_back_in_order(run_service: RunService, sim: Simulator):
+    """In a long pause held messages go back to the queue and return in order, delayed once."""
+    sim.add_account("nz", "right-key", max_in_flight=1, requests_per_second=100)
+    service, broker = await run_service(
+        types=[{"name": "M2MOne NZ", "username": "nz", "api_key": "wrong-key",
+                "max_concurrency": 2, "requests_per_second": 100}],
+        hold_refresh_seconds=0.3)
+    events = []
+    for n in range(4):
+        for code in (65516, 65517, 65516):
+            events.append(make_event(iccid(300 + n), code=code))
+    for event in events:
+        await broker.publish(event)
+    ids = [e["event_id"] for e in events]
+    worker = service.workers["M2MOne NZ"]
+
+    await broker.wait_for(
+        lambda: all(any(s["event_id"] == e and s["outcome"] == "delayed" for s in broker.signals)
+                    for e in ids), "a delayed signal for every event")
+    async with asyncio.timeout(10):  # hand-backs publish nothing: poll the counter
+        while worker.hand_backs < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    sim.accounts["nz"].api_key = "wrong-key"
+    signals = await broker.final_signals(ids)
+
+    assert {s["outcome"] for s in signals.values()} == {"succeeded"}
+    for e in ids:
+        assert [s["outcome"] for s in broker.signals if s["event_id"] == e].count("delayed") == 1
+    for n in range(4):
+        puts = [r.requested_status for r in sim.calls(iccid(300 + n), method="PUT")
+                if r.http_status == 200]
+        assert puts == ["ACTIVATED", "DEACTIVATED", "ACTIVATED"], puts
+        assert sim.status(iccid(300 + n)) == "ACTIVATED"
+
+
+async def test_watchdog_registers_a_vanished_consumer(
+    run_service: RunService, connection: AbstractRobustConnection
+):
+    """A consumer that vanished without the service noticing is registered again."""
+    service, broker = await run_service(watchdog_interval_seconds=0.1)
+    router = service._router_consumer
+    assert router is not None
+    assert router.consumer_tag is not None
+    await router.queue.cancel(router.consumer_tag)  # behind the service's back
+
+    async def consumers() -> int:
+        channel = await connection.channel()  # a fresh channel: no cached declaration
+        ok = await channel.declare_queue(router.queue.name, passive=True)
+        await channel.close()
+        return int(ok.declaration_result.consumer_count or 0)
+
+    assert await consumers() == 0
+    event = make_event(iccid(12))
+    await broker.publish(event)
+    signal = await broker.signal_for(event["event_id"], timeout=10)
+
+    assert signal["outcome"] == "succeeded"
+    assert await consumers() == 1
+    assert service.readiness()[0]
