@@ -5,9 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/local.yaml
 SIM_PORT ?= 8081
+TOOLS  := $(CURDIR)/.tools/bin
+# promtool checks the alert rules: from PATH, else extracted from Debian's prometheus package.
+PROMTOOL ?= $(or $(shell command -v promtool 2>/dev/null),$(TOOLS)/promtool)
+export PROMTOOL
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit integration simulator clean
+.PHONY: help run test lint unit integration simulator clean demo schemas validate-deploy
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,12 +36,32 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check jasper_consumer tests
 	$(BIN)/mypy
 
-test: $(STAMP) lint ## lint, then every test (needs RabbitMQ on 127.0.0.1:5672)
+test: $(STAMP) $(PROMTOOL) lint ## lint, then every test (needs RabbitMQ on 127.0.0.1:5672)
 	@scripts/check-rabbitmq || exit 1
 	$(BIN)/pytest -q
 
+validate-deploy: $(STAMP) $(PROMTOOL) ## check deploy/: manifests, alert rules, dashboard, Dockerfile (also in test)
+	$(BIN)/pytest -q tests/test_deploy.py
+
+$(TOOLS)/promtool:
+	@echo "promtool is not on PATH: extracting it from Debian's prometheus package into $(TOOLS)"
+	@mkdir -p $(TOOLS)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	{ timeout 120 apt-get download -qq -o APT::Sandbox::User=root prometheus 2>/dev/null || \
+	  { timeout 300 apt-get update -qq && \
+	    timeout 120 apt-get download -qq -o APT::Sandbox::User=root prometheus; }; } && \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > "$@.part" && \
+	chmod +x "$@.part" && mv "$@.part" "$@"
+
 unit: $(STAMP) ## only the tests that need no broker
 	$(BIN)/pytest -q --ignore=tests/integration
+
+demo: $(STAMP) ## scripted run against the simulator: commission, decommission, failures, a paused type
+	@scripts/check-rabbitmq || exit 1
+	$(BIN)/python -m jasper_consumer.demo
+
+schemas: $(STAMP) ## regenerate docs/schemas/ (JSON Schemas of the messages) from the models
+	$(BIN)/python -m jasper_consumer.schemas docs/schemas
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

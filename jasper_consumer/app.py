@@ -37,6 +37,19 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 
+def _registered(consumer: Worker | _RouterConsumer) -> bool:
+    """Whether the consumer's tag is live on its channel as the client library sees it.
+
+    On a single-active-consumer queue another replica's consumer keeps the broker's
+    count above 0, so the count alone cannot tell that this one vanished.
+    """
+    try:
+        underlay = getattr(consumer.queue.channel, "channel")  # noqa: B009 (aiormq's, may raise)
+    except Exception:  # channel closed or being restored
+        return False
+    return consumer.consumer_tag in getattr(underlay, "consumers", {})
+
+
 class _RouterConsumer:
     """The router's consumer, with the same start/stop shape as a worker's."""
 
@@ -92,11 +105,12 @@ class Service:
         log.info("starting", extra={"fields": {
             "amqp": s.amqp_url_redacted, "queue_prefix": s.queue_prefix,
             "communicator_types": [ct.name for ct in s.communicator_types]}})
+        self.metrics.prepare(s)
+        # /healthz answers from the start, even while the broker is still away.
+        await self.probes.start(self._http_host, s.http_port)
         for client in self.clients.values():
             await client.start()
-        self._connection = await aio_pika.connect_robust(
-            s.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"jasper-consumer {s.queue_prefix}"})
+        self._connection = await self._connect()
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_close)
         self.metrics.broker_connected.set(1)
@@ -121,10 +135,28 @@ class Service:
         self._router_consumer = _RouterConsumer(queue, self._tracked(self.router.on_message))
         await self._router_consumer.start()
 
-        await self.probes.start(self._http_host, s.http_port)
         self._watchdog_last_ok = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch(), name="consumer watchdog")
         log.info("started", extra={"fields": {"http_port": self.probes.port}})
+
+    async def _connect(self) -> AbstractRobustConnection:
+        """Connect to RabbitMQ, retrying with back-off (1 s doubling to 30 s) until it answers.
+
+        Once connected, the robust connection reconnects by itself after a loss.
+        """
+        delay = 1.0
+        while True:
+            try:
+                return await aio_pika.connect_robust(
+                    self.settings.amqp_url.get_secret_value(),
+                    client_properties={
+                        "connection_name": f"jasper-consumer {self.settings.queue_prefix}"})
+            except (OSError, aio_pika.exceptions.AMQPError) as exc:
+                log.warning(
+                    "RabbitMQ at %s does not answer (%s); retrying in %.0f s",
+                    self.settings.amqp_url_redacted, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _channel(self) -> AbstractRobustChannel:
         assert self._connection is not None
@@ -176,6 +208,7 @@ class Service:
         for client in self.clients.values():
             await client.close()
         self.metrics.broker_connected.set(0)
+        self.metrics.ready.set(0)
         log.info("stopped")
 
     async def run(self) -> None:
@@ -195,6 +228,12 @@ class Service:
     # -- health ----------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
+        """What ``/readyz`` answers; also kept in ``jasper_ready``."""
+        ready, why = self._readiness()
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, why
+
+    def _readiness(self) -> tuple[bool, str]:
         conn = self._connection
         if conn is None or conn.is_closed or self._stopping:
             return False, "not connected to RabbitMQ"
@@ -215,6 +254,7 @@ class Service:
                 continue
             if self._watchdog_problem is None:
                 self._watchdog_last_ok = time.monotonic()
+            self.readiness()
 
     async def _check_consumers(self) -> str | None:
         """Ask the broker whether each queue we consume still has a consumer; repair."""
@@ -231,7 +271,7 @@ class Service:
                 if consumer.consumer_tag is None:
                     continue  # deliberately not consuming (handing back held messages)
                 ok = await channel.declare_queue(consumer.queue.name, passive=True)
-                if ok.declaration_result.consumer_count:
+                if ok.declaration_result.consumer_count and _registered(consumer):
                     self._missing.discard(name)
                 elif name not in self._missing:
                     self._missing.add(name)  # a quorum queue's count can lag: look again

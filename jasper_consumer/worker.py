@@ -345,12 +345,14 @@ class Worker:
                 self._client.reload_credentials()
                 await self._client.echo()
             except Exception as exc:  # any failure keeps the type paused
+                self._metrics.echo_probes.labels(self.ct.name, "failed").inc()
                 code = getattr(exc, "code", type(exc).__name__)
                 log.info("probe of %s failed: %s", self.ct.name, code,
                          extra={"fields": {"communicator_type": self.ct.name,
                                            "error_code": code}})
                 interval = max(self._probe_floor_s, min(interval * 2, PROBE_MAX_INTERVAL_S))
                 continue
+            self._metrics.echo_probes.labels(self.ct.name, "passed").inc()
             break
         log.info("communicator type %s resumed after %.1f s", self.ct.name,
                  time.monotonic() - self._paused_at,
