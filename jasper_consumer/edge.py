@@ -16,11 +16,17 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from .errors import HandBack
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+# Before handing back a message that failed, wait a moment: a broker that refuses or
+# returns publishes (e.g. a history exchange without a binding) must not turn into a
+# hot redelivery loop.
+REDELIVERY_PAUSE_S = 1.0
 
 
 async def settle(
@@ -32,12 +38,16 @@ async def settle(
         await handler(message)
     except asyncio.CancelledError:
         raise  # shutting down: the broker redelivers the unacked message
+    except HandBack:
+        await _answer(message, ack=False)  # deliberate, in order: the worker logs the reason
+        return
     except Exception as exc:
         log.warning(
             "%s could not finish a message; handing it back for redelivery", stage,
             extra={"fields": {"stage": stage, "message_id": message.message_id,
                               "error": f"{type(exc).__name__}: {exc}"}},
         )
+        await asyncio.sleep(REDELIVERY_PAUSE_S)
         await _answer(message, ack=False)
         return
     if await _answer(message, ack=True):

@@ -4,6 +4,7 @@
 
     JasperConsumerError
     ├── ConfigError(ValueError)          start-up stops; one line per problem
+    ├── HandBack                         not applied now (pause, shutdown) → nack, keep order
     ├── UnreadableMessage(ValueError)    not an event at all → dead-letter queue
     ├── EventRejected(ValueError)        an event that cannot succeed → failure signal, no API call
     └── JasperError                      Control Center (or the way to it) said no
@@ -74,6 +75,11 @@ class ConfigError(JasperConsumerError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class HandBack(JasperConsumerError):
+    """The job is not applied now (a pause being refreshed, shutdown): nack it so the
+    broker keeps it, in order, at the head of its queue."""
 
 
 class UnreadableMessage(JasperConsumerError, ValueError):

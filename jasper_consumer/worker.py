@@ -36,7 +36,7 @@ from . import log as jlog
 from . import signals
 from .config import Command, CommunicatorType, Settings
 from .edge import Handler, settle
-from .errors import JasperError, RetriesExhausted
+from .errors import HandBack, JasperError, RetriesExhausted
 from .events import Job
 from .history import Publisher
 from .jasper import CallResult, JasperClient
@@ -50,10 +50,6 @@ PROBE_MAX_INTERVAL_S = 30.0
 PROBE_REPAUSE_MAX_S = 300.0
 
 T = TypeVar("T")
-
-
-class HandBack(Exception):
-    """The job is not applied now: nack it so the broker keeps it (in order)."""
 
 
 @dataclass(eq=False)

@@ -69,9 +69,10 @@ class Broker:
         )
 
     async def start_reading(self) -> None:
-        history = await self.channel.get_queue(self.names.history_queue)
+        if self.settings.history_queue:
+            history = await self.channel.get_queue(self.names.history_queue)
+            await history.consume(self._on_signal, no_ack=True)
         dead = await self.channel.get_queue(self.names.dead_queue)
-        await history.consume(self._on_signal, no_ack=True)
         await dead.consume(self._on_dead, no_ack=True)
 
     async def _on_signal(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
@@ -311,3 +312,31 @@ async def test_watchdog_registers_a_vanished_consumer(
     assert signal["outcome"] == "succeeded"
     assert await consumers() == 1
     assert service.readiness()[0]
+
+
+async def test_unroutable_signal_is_not_a_success(
+    run_service: RunService, sim: Simulator, connection: AbstractRobustConnection
+):
+    """With nothing bound to the history exchange the event stays queued until a signal lands."""
+    service, broker = await run_service(history_queue=False)
+    event = make_event(iccid(13))
+    await broker.publish(event)
+    failures = service.metrics.history_publish_failures
+
+    async with asyncio.timeout(10):  # nothing is published that the test could wait on
+        while failures._value.get() < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert broker.final(event["event_id"]) == []
+
+    channel = await connection.channel()
+    late = await channel.declare_queue(exclusive=True)
+    await late.bind(broker.settings.history_exchange, "jasper.#")
+    async with asyncio.timeout(15), late.iterator() as messages:
+        async for message in messages:
+            signal = json.loads(message.body)
+            if signal["event_id"] == event["event_id"]:
+                break
+    await channel.close()
+
+    assert signal["outcome"] == "succeeded"
+    assert sim.status(iccid(13)) == "ACTIVATED"
