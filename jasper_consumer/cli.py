@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
+import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import aio_pika
 
+from . import deadletters, replay, tools
 from . import log as jlog
 from .config import Command, Settings, load_settings
 from .errors import ConfigError
+from .tools import ToolError
+from .topology import Names
 
 ENV_CONFIG = "JASPER_CONSUMER_CONFIG"
 
@@ -46,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the config; non-zero exit on problems")
     _config_arg(check)
+    check.add_argument("--ping", action="store_true",
+                       help="also call Echo with each communicator type's credentials")
 
     pub = sub.add_parser("publish", help="publish one event, as a producer would")
     _config_arg(pub)
@@ -58,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait up to SECONDS for the final signal and print it")
 
+    status = sub.add_parser("sim-status", help="show a SIM's status from Get Device Details")
+    _config_arg(status)
+    status.add_argument("--communicator-type", required=True,
+                        help="the communicator type whose account holds the SIM")
+    status.add_argument("iccid", metavar="ICCID", help="the SIM's ICCID (the Device Ref No)")
+    status.add_argument("--json", action="store_true", help="print Control Center's JSON")
+
+    dead = sub.add_parser("dead-letters", help="inspect and replay dead-lettered messages")
+    dead_sub = dead.add_subparsers(dest="dead_cmd", required=True)
+    list_cmd = dead_sub.add_parser("list", help="a table of the dead letters, oldest first")
+    replay_cmd = dead_sub.add_parser(
+        "replay", help="re-queue dead-lettered events for processing (skips non-events)")
+    for p in (list_cmd, replay_cmd):
+        _config_arg(p)
+        p.add_argument("--reason", metavar="TEXT",
+                       help="only dead letters whose reason contains TEXT (any case)")
+    list_cmd.add_argument("--limit", type=_positive_int, default=100, metavar="N",
+                          help="show at most N (default 100)")
+    list_cmd.add_argument("--json", action="store_true", help="one JSON object per dead letter")
+    replay_cmd.add_argument("--limit", type=_positive_int, metavar="N",
+                            help="replay at most N (default: all)")
+
     sim = sub.add_parser("simulator", help="run a local Jasper Control Center stand-in")
     sim.add_argument("--port", type=int, default=8081)
     sim.add_argument("--host", default="127.0.0.1")
@@ -68,25 +98,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TOOLS = frozenset({"check-config", "sim-status", "dead-letters"})
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     jlog.configure(getattr(args, "log_level", "INFO"))
+    if args.cmd in _TOOLS:  # they say themselves what went wrong; no client library noise
+        for name in ("aio_pika", "aiormq"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         if args.cmd == "run":
             return _run(args)
-        if args.cmd == "check-config":
-            return _check_config(args)
         if args.cmd == "publish":
             return asyncio.run(_publish(args))
         if args.cmd == "simulator":
             return _simulator(args)
-    except ConfigError as exc:
+        return asyncio.run(_tool(args, sys.stdout))
+    except (ConfigError, ToolError) as exc:
+        return _report(args, exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+async def run_tool(argv: Sequence[str], out: TextIO) -> int:
+    """``check-config``, ``sim-status`` or ``dead-letters`` in the running event loop, as
+    ``main`` runs them (for tests and embedding); output to ``out``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return await _tool(args, out)
+    except (ConfigError, ToolError) as exc:
+        return _report(args, exc)
+
+
+def _report(args: argparse.Namespace, exc: ConfigError | ToolError) -> int:
+    if isinstance(exc, ConfigError):
         print("configuration problems:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    print(f"jasper-consumer {args.cmd}: {exc}", file=sys.stderr)
+    return tools.EXIT_FAILED
+
+
+async def _tool(args: argparse.Namespace, out: TextIO) -> int:
+    if args.cmd == "check-config":
+        return await _check_config(args, out)
+    if args.cmd == "sim-status":
+        return await tools.sim_status(
+            _load(args.config), args.communicator_type, args.iccid, out, as_json=args.json)
+    if args.cmd == "dead-letters" and args.dead_cmd == "list":
+        return await _dead_letters_list(args, out)
+    if args.cmd == "dead-letters" and args.dead_cmd == "replay":
+        return await _dead_letters_replay(args, out)
     raise AssertionError(args.cmd)  # pragma: no cover
 
 
@@ -100,13 +171,67 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(args: argparse.Namespace) -> int:
+async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     settings = _load(args.config)
     for ct in settings.communicator_types:
         ct.read_api_key()
     print(f"{args.config}: OK — {len(settings.communicator_types)} communicator type(s): "
-          + ", ".join(repr(ct.name) for ct in settings.communicator_types))
+          + ", ".join(repr(ct.name) for ct in settings.communicator_types), file=out)
+    if not args.ping:
+        return 0
+    print("Echo with each communicator type's credentials:", file=out)
+    return await tools.ping(settings, out)
+
+
+async def _dead_letters_list(args: argparse.Namespace, out: TextIO) -> int:
+    listing = await deadletters.list_dead_letters(
+        _load(args.config), reason=args.reason, limit=args.limit)
+    if args.json:
+        now = datetime.now(UTC)
+        for letter in listing.letters:
+            print(json.dumps(letter.as_dict(now)), file=out)
+    else:
+        deadletters.print_listing(listing, out, reason=args.reason, limit=args.limit)
     return 0
+
+
+async def _dead_letters_replay(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _load(args.config)
+    summary = replay.ReplaySummary(
+        Names.from_settings(settings).dead_queue, settings.events_exchange)
+    stop = asyncio.Event()
+    with _first_ctrl_c_sets(stop):
+        try:
+            await replay.replay(settings, reason=args.reason, limit=args.limit,
+                                progress=replay.Progress(out), summary=summary, stop=stop)
+        except BaseException:  # the broker failed, or a second Ctrl-C: say what was done
+            if summary.seen:
+                replay.print_summary(summary, out, reason=args.reason, limit=args.limit)
+            raise
+    status = replay.print_summary(summary, out, reason=args.reason, limit=args.limit)
+    return 130 if summary.interrupted else status
+
+
+@contextlib.contextmanager
+def _first_ctrl_c_sets(stop: asyncio.Event) -> Iterator[None]:
+    """While inside, the first Ctrl-C sets ``stop``; the next one interrupts as usual."""
+    loop = asyncio.get_running_loop()
+
+    def first() -> None:
+        print("\nstopping: replaying no more, handing the rest back in order "
+              "(Ctrl-C again to abort at once)", file=sys.stderr)
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, first)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 async def _publish(args: argparse.Namespace) -> int:

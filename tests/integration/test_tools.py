@@ -6,6 +6,7 @@ copy of each (an exclusive queue bound to ``<prefix>.dlx``), never ``<prefix>.de
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -352,29 +353,54 @@ async def test_replay_honours_reason_and_limit(make_env: MakeEnv) -> None:
     assert {s["event_id"] for s in env.broker.signals} == set(replayed)
 
 
-async def test_interrupted_replay_loses_nothing(make_env: MakeEnv) -> None:
-    """A replay cancelled mid-way leaves each dead letter either replayed or still queued."""
+async def test_stopped_replay_hands_the_rest_back_in_order(make_env: MakeEnv) -> None:
+    """A replay stopped (first Ctrl-C) after two events leaves the rest queued, in order."""
     env = await make_env()
-    events = [make_event(iccid(300 + n)) for n in range(6)]
+    events = [make_event(iccid(300 + n)) for n in range(40)]
     for event in events:
         await env.broker.dead_letter(event, {"x-jasper-error": "RETRIES_EXHAUSTED"},
                                      message_id=event["event_id"])
-    await env.broker.wait_for(lambda: len(env.broker.dead) == 6, "6 dead letters")
-    summary = replay.ReplaySummary("dead", "events")
+    await env.broker.wait_for(lambda: len(env.broker.dead) == 40, "40 dead letters")
+    stop = asyncio.Event()
 
-    def interrupt_after_two(letter: DeadLetter) -> None:
+    def stop_after_two(letter: DeadLetter) -> None:
         if summary.replayed == 2:
-            raise KeyboardInterrupt  # as Ctrl-C would, between two dead letters
+            stop.set()
 
-    with pytest.raises(KeyboardInterrupt):
-        await replay.replay(env.settings, summary=summary, on_replayed=interrupt_after_two)
+    summary = replay.ReplaySummary("dead", "events")
+    await replay.replay(env.settings, summary=summary, on_replayed=stop_after_two, stop=stop)
 
     ids = [e["event_id"] for e in events]
     await env.broker.final_signals(ids[:2])
-    left = [d["event_id"] for d in await env.listed()]
-    assert (summary.interrupted, summary.replayed) == (True, 2)
-    assert left == ids[2:]
+    assert (summary.interrupted, summary.replayed, summary.not_reached) == (True, 2, 38)
+    assert [d["event_id"] for d in await env.listed()] == ids[2:]
     assert {s["event_id"] for s in env.broker.signals} == set(ids[:2])
+
+
+async def test_aborted_replay_loses_nothing(make_env: MakeEnv) -> None:
+    """A replay aborted at once (second Ctrl-C) leaves each dead letter replayed or queued."""
+    env = await make_env()
+    events = [make_event(iccid(400 + n)) for n in range(40)]
+    for n, event in enumerate(events):
+        body: dict[str, Any] | bytes = event if n % 4 else b"unreadable"
+        await env.broker.dead_letter(body, {"x-jasper-error": "RETRIES_EXHAUSTED"},
+                                     message_id=event["event_id"])
+    await env.broker.wait_for(lambda: len(env.broker.dead) == 40, "40 dead letters")
+    summary = replay.ReplaySummary("dead", "events")
+
+    def abort_after_ten(letter: DeadLetter) -> None:
+        if summary.replayed == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await replay.replay(env.settings, summary=summary, on_replayed=abort_after_ten)
+
+    replayed = {e["event_id"] for n, e in enumerate(events[:14]) if n % 4}  # 10 readable
+    await env.broker.final_signals(sorted(replayed))
+    left = [d["event_id"] for d in await env.listed()]
+    assert (summary.interrupted, summary.replayed) == (True, 10)
+    assert sorted(left) == sorted(e["event_id"] for e in events if e["event_id"] not in replayed)
+    assert {s["event_id"] for s in env.broker.signals} == replayed
 
 
 async def test_replay_leaves_what_the_broker_cannot_route(make_env: MakeEnv) -> None:
