@@ -101,6 +101,14 @@ class Service:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start everything; on failure close what was opened and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         log.info("starting", extra={"fields": {
             "amqp": s.amqp_url_redacted, "queue_prefix": s.queue_prefix,

@@ -72,7 +72,10 @@ class Job(BaseModel):
     iccid: str
     communicator_type: str
     occurred_at: datetime | None = None
-    delayed_signalled: bool = False
+    # When the router forwarded it (ns since the epoch, strictly increasing per router):
+    # the worker uses it to recognise an older job that a redelivery put behind a newer one.
+    routed_ns: int = 0
+    replayed: bool = False  # re-queued by an operator: apply even if this event was seen
 
     def to_event(self) -> dict[str, Any]:
         """The event this job came from, as a producer would publish it (for replay)."""

@@ -25,9 +25,8 @@ from aio_pika.abc import AbstractExchange
 from .config import Settings
 from .deadletters import DeadLetter, Replay, Snapshot, connect, matches, read_message
 from .tools import EXIT_FAILED, EXIT_OK, ToolError
-from .topology import Names
+from .topology import REPLAYED_HEADER, Names
 
-REPLAYED_HEADER = "x-jasper-replayed-from"  # the dead letter's reason, for whoever reads it
 _CONFIRM_TIMEOUT_S = 30.0
 
 

@@ -25,7 +25,7 @@ from .events import Job, Rejected, parse_event
 from .history import Publisher
 from .metrics import Metrics
 from .signals import SignalError, failed
-from .topology import Names
+from .topology import REPLAYED_HEADER, Names
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Router:
         self._work_queues = {ct.name: self._names.work_queue(ct)
                              for ct in settings.communicator_types}
         self._tails: dict[str, asyncio.Future[None]] = {}
+        self._last_ns = 0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         # Until the first await this runs in delivery order: parse and join the ICCID's
@@ -67,7 +68,9 @@ class Router:
         try:
             if previous is not None:
                 await previous
-            await settle(message, lambda m: self._forward(job), self._metrics, "route")
+            replayed = REPLAYED_HEADER in (message.headers or {})
+            await settle(message, lambda m: self._forward(job, replayed=replayed),
+                         self._metrics, "route")
         finally:
             mine.set_result(None)
             if self._tails.get(key) is mine:
@@ -77,10 +80,12 @@ class Router:
         """Event codes of the commands map are labels; any other code is "other"."""
         return str(code) if code in self._settings.commands else "other"
 
-    async def _forward(self, job: Job) -> None:
+    async def _forward(self, job: Job, *, replayed: bool) -> None:
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        stamped = job.model_copy(update={"routed_ns": self._last_ns, "replayed": replayed})
         await self._publisher.work(
             self._work_queues[job.communicator_type],
-            job.model_dump_json().encode(),
+            stamped.model_dump_json().encode(),
             message_id=job.event_id,
         )
 

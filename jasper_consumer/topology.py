@@ -2,7 +2,8 @@
 
 ::
 
-    patriot.events (topic) ──event.<code>──▶ <p>.events (quorum, DLX <p>.dlx, delivery limit)
+    patriot.events (topic) ──event.<code>──▶ <p>.events (quorum, single active consumer,
+                                               DLX <p>.dlx, delivery limit)
     (default exchange)     ──────────────▶ <p>.work.<slug> (quorum, single active consumer,
                                                DLX <p>.dlx, work delivery limit)
     patriot.history (topic) ──jasper.#──▶ <p>.history (quorum)
@@ -17,12 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
 from .config import CommunicatorType, Settings
+from .errors import ConfigError
 
 DEAD_REASON_HEADER = "x-jasper-error"
+# Set by `dead-letters replay` (value: the dead letter's reason); the router marks the
+# job replayed, so the worker applies it even though it has seen the event before.
+REPLAYED_HEADER = "x-jasper-replayed-from"
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,21 @@ def _quorum(settings: Settings, delivery_limit: int, **extra: bool) -> FieldTabl
 
 
 async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
-    """Declare everything (idempotent) and return handles bound to ``channel``."""
+    """Declare everything (idempotent) and return handles bound to ``channel``.
+
+    Raises :class:`ConfigError` naming the queue when one exists with other arguments
+    (e.g. left by an older version), since the broker then refuses the declaration.
+    """
+    try:
+        return await _declare(channel, settings)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise ConfigError([
+            f"RabbitMQ refused to declare the topology: {exc.args[0] if exc.args else exc}. "
+            "A queue or exchange of this queue_prefix exists with other settings: delete it "
+            "once it is drained, or use another queue_prefix"]) from None
+
+
+async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
     names = Names.from_settings(settings)
     events_x = await channel.declare_exchange(
         names.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -98,7 +118,11 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
         await history_q.bind(history_x, routing_key=settings.history_binding)
 
     events_q = await channel.declare_queue(
-        names.events_queue, durable=True, arguments=_quorum(settings, settings.delivery_limit))
+        names.events_queue, durable=True,
+        # One router at a time across replicas: its per-ICCID chain is what keeps events
+        # for a SIM in publish order on their way to the work queue.
+        arguments=_quorum(settings, settings.delivery_limit,
+                          **{"x-single-active-consumer": True}))
     for code in sorted(settings.commands):
         await events_q.bind(events_x, routing_key=f"event.{code}")
 

@@ -7,6 +7,11 @@ talking to the account. Within it:
   been settled (signal confirmed and acked), so a crash can never leave a later job
   acked and an earlier one redelivered; jobs for other ICCIDs run concurrently,
   within the client's :class:`~.jasper.Limiter`;
+* **stale redeliveries** — RabbitMQ 3.x quorum queues put a returned message at the
+  back of the queue, so after a crash or a hand-back an older job for a SIM can arrive
+  after a newer one. Jobs carry the router's stamp; a job older than one already
+  applied here for its ICCID is not applied (``SUPERSEDED``), and a job whose event
+  was already applied here gets that outcome again without a call;
 * **coalescing** — a job identical to the last queued or in-flight job for its
   ICCID joins that call instead of making its own; each job still gets a signal;
 * **pause** — an error that says the type's settings are wrong (key, API version,
@@ -25,6 +30,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,11 +38,11 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
+from . import errors, signals
 from . import log as jlog
-from . import signals
 from .config import Command, CommunicatorType, Settings
 from .edge import Handler, settle
-from .errors import HandBack, JasperError, RetriesExhausted
+from .errors import HandBack, JasperError, JasperRejected, RetriesExhausted
 from .events import Job
 from .history import Publisher
 from .jasper import CallResult, JasperClient
@@ -75,6 +81,34 @@ class _Call:
                 del self.tails[self.iccid]
 
 
+class _Recent:
+    """What this process applied lately: outcomes by event id, newest stamp by ICCID."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._outcomes: OrderedDict[str, CallResult | JasperError] = OrderedDict()
+        self._newest: OrderedDict[str, tuple[int, str]] = OrderedDict()
+
+    def outcome(self, job: Job) -> CallResult | JasperError | None:
+        return self._outcomes.get(job.event_id)
+
+    def newer_than(self, job: Job) -> str | None:
+        """The event id of a newer job already applied for the ICCID, if any."""
+        newest = self._newest.get(job.iccid)
+        if newest is not None and job.routed_ns and newest[0] > job.routed_ns:
+            return newest[1]
+        return None
+
+    def record(self, job: Job, outcome: CallResult | JasperError) -> None:
+        self._outcomes[job.event_id] = outcome
+        if job.routed_ns >= self._newest.get(job.iccid, (0, ""))[0]:
+            self._newest[job.iccid] = (job.routed_ns, job.event_id)
+            self._newest.move_to_end(job.iccid)
+        for table in (self._outcomes, self._newest):
+            while len(table) > self._size:
+                table.popitem(last=False)
+
+
 class Worker:
     """Consumes ``<prefix>.work.<slug>`` for one communicator type."""
 
@@ -100,6 +134,7 @@ class Worker:
         self._callback = track(self.on_message)
         self.consumer_tag: str | None = None
         self._tails: dict[str, _Call] = {}
+        self._recent = _Recent()
         self._unsettled = 0
         self._state = asyncio.Condition()
         self._pause: JasperError | None = None
@@ -189,12 +224,24 @@ class Worker:
         try:
             if previous is not None:
                 await self._wait_signalling_delay(job, previous.settled.wait())
-            outcome = await self._apply(job)
+            known = None if job.replayed else self._recent.outcome(job)
+            newer = self._recent.newer_than(job)
+            if known is not None:  # a redelivered duplicate: same outcome, no call
+                outcome, attempts = known, 0
+            elif newer is not None:
+                outcome, attempts = JasperRejected(
+                    errors.SUPERSEDED,
+                    f"not applied: a newer event for this SIM ({newer}) was applied already",
+                ), 0
+            else:
+                outcome = await self._apply(job)
+                attempts = outcome.attempts
         except HandBack as exc:
             call.result.set_result(exc)
             raise
+        self._recent.record(job, outcome)
         call.result.set_result(outcome)
-        await self._finish(job, outcome, started, attempts=outcome.attempts)
+        await self._finish(job, outcome, started, attempts=attempts)
 
     async def _follow(self, job: Job, call: _Call, started: float) -> None:
         outcome = await self._wait_signalling_delay(job, asyncio.shield(call.result))
@@ -229,7 +276,7 @@ class Worker:
             if self._handing_back:
                 raise HandBack("handing held jobs back to the queue")
             if self._pause is not None:
-                if job.event_id not in self._delayed_sent and not job.delayed_signalled:
+                if job.event_id not in self._delayed_sent:
                     await self._send_delayed(job, self._pause, attempts)
                 await self._wait_while_paused()
                 continue

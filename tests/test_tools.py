@@ -140,7 +140,7 @@ def test_a_work_item_replays_as_its_event(settings: Settings) -> None:
     """A job the broker dead-lettered from a work queue goes back as the event it came from."""
     job = {"event_id": "e-9", "event_code": 65517, "client_id": "100234",
            "command": "deactivate", "iccid": "89610185002345678901",
-           "communicator_type": "M2MOne NZ", "occurred_at": None, "delayed_signalled": True}
+           "communicator_type": "M2MOne NZ", "occurred_at": None}
     death = {"reason": "delivery_limit", "queue": "p.work.m2mone-nz", "time": NOW}
     letter = read(1, json.dumps(job).encode(), {"x-death": [death]}, "e-9", None, settings)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from jasper_consumer.errors import ConfigError
 from jasper_consumer.simulator import Simulator
 
 from .conftest import RunService, iccid, make_event
@@ -340,3 +343,54 @@ async def test_unroutable_signal_is_not_a_success(
 
     assert signal["outcome"] == "succeeded"
     assert sim.status(iccid(13)) == "ACTIVATED"
+
+
+async def test_older_job_behind_a_newer_one_is_superseded(
+    run_service: RunService, sim: Simulator, connection: AbstractRobustConnection
+):
+    """A redelivered older job arriving after a newer one for its SIM is not applied."""
+    service, broker = await run_service()
+    older = make_event(iccid(14))
+    newer = make_event(iccid(14), code=65517)
+    jobs = [  # as a crash would leave them: the newer one first, the older one behind it
+        {**newer, "command": "deactivate", "routed_ns": 2000},
+        {**older, "command": "activate", "routed_ns": 1000},
+        {**newer, "command": "deactivate", "routed_ns": 2000},  # and a duplicate
+    ]
+    channel = await connection.channel()
+    for job in jobs:
+        body = {k: job[k] for k in ("event_id", "event_code", "client_id", "command",
+                                    "routed_ns")}
+        body.update(iccid=iccid(14), communicator_type="M2MOne NZ")
+        await channel.default_exchange.publish(
+            aio_pika.Message(json.dumps(body).encode()),
+            routing_key=broker.names.work_queue(service.settings.communicator_types[0]))
+    await channel.close()
+
+    await broker.wait_for(lambda: len(broker.final(newer["event_id"])) == 2, "both signals")
+    stale = await broker.signal_for(older["event_id"])
+
+    assert (stale["outcome"], stale["error"]["code"], stale["attempts"]) == \
+        ("failed", "SUPERSEDED", 0)
+    assert newer["event_id"] in stale["error"]["message"]
+    assert [s["attempts"] for s in broker.final(newer["event_id"])] == [1, 0]
+    assert [r.requested_status for r in sim.calls(iccid(14), method="PUT")] == ["DEACTIVATED"]
+    assert sim.status(iccid(14)) == "DEACTIVATED"
+
+
+async def test_conflicting_queue_is_named_at_start(
+    run_service: RunService, connection: AbstractRobustConnection
+):
+    """A queue left with other arguments stops start-up with a message naming it."""
+    tag = f"jct-{uuid.uuid4().hex[:10]}"
+    channel = await connection.channel()
+    await channel.declare_queue(f"{tag}.events", durable=True)  # a classic queue
+    try:
+        with pytest.raises(ConfigError, match=rf"{tag}\.events.*another queue_prefix"):
+            await run_service(queue_prefix=tag)
+    finally:
+        cleanup = await connection.channel()
+        for name in ("events", "dead", "history"):
+            await cleanup.queue_delete(f"{tag}.{name}")
+        await cleanup.exchange_delete(f"{tag}.dlx")
+        await cleanup.close()

@@ -426,7 +426,7 @@ async def test_replay_turns_a_dead_work_item_back_into_its_event(
     event_id = str(uuid.uuid4())
     job = {"event_id": event_id, "event_code": 65517, "client_id": "100234",
            "command": "deactivate", "iccid": iccid(6), "communicator_type": "M2MOne NZ",
-           "occurred_at": None, "delayed_signalled": False}
+           "occurred_at": None}
     death = {"reason": "delivery_limit", "queue": f"{env.settings.queue_prefix}.work.m2mone-nz",
              "count": 1, "exchange": "", "routing-keys": ["x"],
              "time": datetime.now(UTC).replace(microsecond=0)}
