@@ -108,16 +108,18 @@ def _get(obj: Any, *path: str) -> Any:
     return obj
 
 
-def _partial(data: dict[str, Any], client_id: str) -> Partial:
+def _partial(data: dict[str, Any], client_id: str, settings: Settings) -> Partial:
     def typed(value: Any, kind: type) -> Any:
         return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
     command = data.get("command")
+    event_code = typed(data.get("event_code"), int)
     return Partial(
         event_id=typed(data.get("event_id"), str),
-        event_code=typed(data.get("event_code"), int),
+        event_code=event_code,
         client_id=client_id,
-        command=Command(command) if command in ("activate", "deactivate") else None,
+        command=Command(command) if command in ("activate", "deactivate")
+        else settings.commands.get(event_code),
         iccid=typed(_get(data, "device", "ref_no"), str),
         communicator_type=typed(_get(data, "device", "communicator_type"), str),
     )
@@ -164,7 +166,7 @@ def parse_event(body: bytes, settings: Settings) -> Job:
     if not isinstance(client_id, str) or not client_id:
         raise UnreadableMessage("event has no client_id (a non-empty string)")
 
-    partial = _partial(data, client_id)
+    partial = _partial(data, client_id, settings)
     try:
         event = Event.model_validate(data)
     except ValidationError as exc:

@@ -8,6 +8,7 @@ the caller leaves its input message unacknowledged so it is redelivered.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,5 +97,6 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,
             headers=all_headers,
+            timestamp=datetime.now(UTC),
         )
         await self._publish(self._dead, message, "")

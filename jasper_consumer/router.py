@@ -111,9 +111,11 @@ class Router:
         )
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        headers = dict(message.headers or {})
+        headers["x-jasper-routing-key"] = message.routing_key or ""
         await self._publisher.dead_letter(
             message.body, reason, message_id=message.message_id,
-            headers=dict(message.headers or {}), content_type=message.content_type,
+            headers=headers, content_type=message.content_type,
         )
         self._metrics.dead_lettered.labels("unreadable").inc()
         log.warning(
