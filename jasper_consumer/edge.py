@@ -31,16 +31,19 @@ REDELIVERY_PAUSE_S = 1.0
 
 async def settle(
     message: AbstractIncomingMessage, handler: Handler, metrics: Metrics, stage: str
-) -> None:
-    """Run ``handler`` on ``message``, then ack it, or nack it for redelivery if it raised."""
+) -> bool:
+    """Run ``handler`` on ``message``, then ack it, or nack it for redelivery if it raised.
+
+    Returns whether the message was acked.
+    """
     started = time.perf_counter()
     try:
         await handler(message)
     except asyncio.CancelledError:
         raise  # shutting down: the broker redelivers the unacked message
     except HandBack:
-        await _answer(message, ack=False)  # deliberate, in order: the worker logs the reason
-        return
+        await _answer(message, ack=False)  # deliberate, in order: the caller logs why
+        return False
     except Exception as exc:
         log.warning(
             "%s could not finish a message; handing it back for redelivery", stage,
@@ -49,9 +52,11 @@ async def settle(
         )
         await asyncio.sleep(REDELIVERY_PAUSE_S)
         await _answer(message, ack=False)
-        return
-    if await _answer(message, ack=True):
-        metrics.event_processing.labels(stage).observe(time.perf_counter() - started)
+        return False
+    if not await _answer(message, ack=True):
+        return False
+    metrics.event_processing.labels(stage).observe(time.perf_counter() - started)
+    return True
 
 
 async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:

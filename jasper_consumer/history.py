@@ -8,8 +8,8 @@ the caller leaves its input message unacknowledged so it is redelivered.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from . import log as jlog
 from .config import Settings
 from .edge import settle
-from .errors import UnreadableMessage
+from .errors import HandBack, UnreadableMessage
 from .events import Job, Rejected, parse_event
 from .history import Publisher
 from .metrics import Metrics
@@ -40,13 +40,15 @@ class Router:
         self._names = Names.from_settings(settings)
         self._work_queues = {ct.name: self._names.work_queue(ct)
                              for ct in settings.communicator_types}
-        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._tails: dict[str, asyncio.Future[bool]] = {}
         self._last_ns = 0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         # Until the first await this runs in delivery order: parse and join the ICCID's
         # chain here. The next event for the ICCID is forwarded only after this one is
         # acked, so a crash can never leave a later event acked and an earlier one not.
+        # If this one is handed back (it goes to the back of the queue), the ones behind
+        # it in the chain are handed back too, so they stay behind it.
         started = time.perf_counter()
         try:
             job = parse_event(message.body, self._settings)
@@ -63,16 +65,18 @@ class Router:
         self._metrics.events_received.labels(self._code_label(job.event_code)).inc()
         key = f"{job.communicator_type}\x00{job.iccid}"
         previous = self._tails.get(key)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._tails[key] = mine
+        acked = False
         try:
-            if previous is not None:
-                await previous
+            in_order = previous is None or await previous
             replayed = REPLAYED_HEADER in (message.headers or {})
-            await settle(message, lambda m: self._forward(job, replayed=replayed),
-                         self._metrics, "route")
+            acked = await settle(
+                message,
+                lambda m: self._forward(job, replayed=replayed) if in_order else _behind(),
+                self._metrics, "route")
         finally:
-            mine.set_result(None)
+            mine.set_result(acked)
             if self._tails.get(key) is mine:
                 del self._tails[key]
 
@@ -123,3 +127,7 @@ class Router:
             extra={"fields": {"message_id": message.message_id, "reason": reason,
                               "routing_key": message.routing_key, "bytes": len(message.body)}},
         )
+
+
+async def _behind() -> None:
+    raise HandBack("an earlier event for this SIM was handed back; this one stays behind it")
