@@ -134,6 +134,13 @@ class Signals:
     def outcomes(self, event_id: str) -> list[str]:
         return [s["outcome"] for s in self.by_event.get(event_id, [])]
 
+    def report(self, fault: str, event_ids: list[str]) -> str:
+        """One line for the fault's assertion message and the test log."""
+        lost, dup = self.count(event_ids)
+        line = f"{fault}: published {len(event_ids)}, lost {lost}, duplicated {dup}"
+        print(line)
+        return line
+
     def count(self, event_ids: list[str]) -> tuple[int, int]:
         """(lost, duplicated) among ``event_ids``."""
         lost = sum(1 for e in event_ids if not self.finals(e))
