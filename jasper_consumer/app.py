@@ -36,6 +36,9 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
+RECONNECT_MIN_S = 1.0  # first retry after a lost connection; doubles up to the max
+RECONNECT_MAX_S = 30.0
+
 
 def _registered(consumer: Worker | _RouterConsumer) -> bool:
     """Whether the consumer's tag is live on its channel as the client library sees it.
@@ -97,6 +100,8 @@ class Service:
         self._missing: set[str] = set()  # consumers seen missing once
         self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._broker_up = False
+        self._reconnecting: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -119,6 +124,7 @@ class Service:
         for client in self.clients.values():
             await client.start()
         self._connection = await self._connect()
+        self._broker_up = True
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection.close_callbacks.add(self._on_close)
         self.metrics.broker_connected.set(1)
@@ -157,6 +163,7 @@ class Service:
             try:
                 return await aio_pika.connect_robust(
                     self.settings.amqp_url.get_secret_value(),
+                    reconnect_interval=RECONNECT_MIN_S,
                     client_properties={
                         "connection_name": f"jasper-consumer {self.settings.queue_prefix}"})
             except (OSError, aio_pika.exceptions.AMQPError) as exc:
@@ -191,6 +198,8 @@ class Service:
         if self._stopping:
             return
         self._stopping = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -294,10 +303,26 @@ class Service:
         return None
 
     def _on_reconnect(self, *_: object) -> None:
+        self._broker_up = True
         self.metrics.broker_connected.set(1)
         log.info("reconnected to RabbitMQ")
 
     def _on_close(self, *_: object) -> None:
+        self._broker_up = False
         self.metrics.broker_connected.set(0)
-        if not self._stopping:
-            log.warning("connection to RabbitMQ lost; reconnecting")
+        if self._stopping:
+            return
+        log.warning("connection to RabbitMQ lost; reconnecting")
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.create_task(self._back_off_reconnects())
+
+    async def _back_off_reconnects(self) -> None:
+        """aio-pika retries at a fixed interval: double it while the broker stays away."""
+        conn = self._connection
+        assert conn is not None
+        interval = RECONNECT_MIN_S
+        while not self._broker_up and not self._stopping:
+            conn.reconnect_interval = interval  # type: ignore[attr-defined]
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, RECONNECT_MAX_S)
+        conn.reconnect_interval = RECONNECT_MIN_S  # type: ignore[attr-defined]

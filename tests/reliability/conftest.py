@@ -7,6 +7,7 @@ Waiting is always on a condition with a bound (``wait_until``), never a bare sle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -255,8 +256,10 @@ class Harness:
 
         async def on_signal(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             self.signals.add(json.loads(message.body))
+            with contextlib.suppress(Exception):  # lost with the connection: redelivered
+                await message.ack()
 
-        await queue.consume(on_signal, no_ack=True)
+        await queue.consume(on_signal)
 
     async def publish(self, events: Sequence[dict[str, Any] | bytes],
                       headers: list[dict[str, Any]] | None = None,
