@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import math
 import signal
 import time
 from typing import Any
@@ -135,11 +137,16 @@ class Service:
         names = Names.from_settings(s)
 
         for ct in s.communicator_types:
-            channel = await self._channel()
+            # Prefetch what the account can start in about two seconds: enough to keep
+            # it busy, few enough live objects (GC pauses, memory) for many types.
+            prefetch = min(s.prefetch, max(
+                4, 2 * ct.max_concurrency, math.ceil(2 * ct.requests_per_second)))
+            channel = await self._channel(prefetch)
             queue = await channel.get_queue(names.work_queue(ct), ensure=False)
             worker = Worker(ct, s, self.clients[ct.name],
                             Publisher(channel, names, self.metrics), self.metrics,
-                            channel=channel, queue=queue, track=self._tracked)
+                            channel=channel, queue=queue, track=self._tracked,
+                            prefetch=prefetch)
             self.workers[ct.name] = worker
             await worker.start()
 
@@ -151,6 +158,7 @@ class Service:
 
         self._watchdog_last_ok = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch(), name="consumer watchdog")
+        gc.freeze()  # start-up objects leave the collector's full passes (shorter pauses)
         log.info("started", extra={"fields": {"http_port": self.probes.port}})
 
     async def _connect(self) -> AbstractRobustConnection:
@@ -173,10 +181,10 @@ class Service:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    async def _channel(self) -> AbstractRobustChannel:
+    async def _channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
         assert self._connection is not None
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        await channel.set_qos(prefetch_count=prefetch or self.settings.prefetch)
         return channel
 
     def _tracked(self, callback: Handler) -> Handler:

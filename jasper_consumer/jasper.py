@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import re
@@ -59,7 +58,13 @@ _OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, e
 class Limiter:
     """At most ``max_concurrency`` calls in flight, and call starts at least
     ``1 / requests_per_second`` apart: no bursts, since the account may count calls in
-    any one-second window (SPEC §2). Waiters get their start slots in FIFO order."""
+    any one-second window (SPEC §2). Waiters get their start slots in FIFO order.
+
+    With ``count_from_send`` a start counts from when the request is written
+    (``mark_sent``, called from an aiohttp trace hook), not from when its slot was
+    granted: the start lock is held in between, so a pause of the event loop (a GC pass,
+    say) after a grant cannot let the next request leave right behind a late one.
+    """
 
     def __init__(
         self,
@@ -68,17 +73,20 @@ class Limiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         margin: float = 0.01,
+        count_from_send: bool = False,
     ) -> None:
         if max_concurrency < 1 or requests_per_second <= 0 or margin < 0:
             raise ValueError("max_concurrency >= 1, requests_per_second > 0 and margin >= 0")
         self.interval_s = (1.0 / requests_per_second) * (1.0 + margin)
+        self.count_from_send = count_from_send
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrency)
         self._start_lock = asyncio.Lock()  # FIFO: one waiter at a time owns the next start
         self._last_start = float("-inf")
         self._in_flight = 0
+        self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
         self._abort: JasperError | None = None
-        self._aborted = asyncio.Event()
+        self._waiting: set[asyncio.Task[Any]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -87,42 +95,50 @@ class Limiter:
     def abort_waiting(self, error: JasperError) -> None:
         """Make every caller still waiting for a slot (now or later) raise ``error``."""
         self._abort = error
-        self._aborted.set()
+        for task in self._waiting:
+            task.cancel()
 
     def reopen(self) -> None:
         self._abort = None
-        self._aborted.clear()
 
     async def __aenter__(self) -> None:
         if self._abort is not None:
             raise self._abort
-        acquire = asyncio.ensure_future(self._acquire())
-        aborted = asyncio.ensure_future(self._aborted.wait())
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
         try:
-            await asyncio.wait({acquire, aborted}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            aborted.cancel()
-            if not acquire.done():
-                acquire.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await acquire
-        if acquire.cancelled():
-            raise self._abort or asyncio.CancelledError()
-        acquire.result()  # re-raise a failure of the wait itself
-        self._in_flight += 1
-
-    async def _acquire(self) -> None:
-        await self._slots.acquire()
-        try:
-            async with self._start_lock:
-                now = self._clock()
-                slot = max(now, self._last_start + self.interval_s)
-                if slot > now:
-                    await asyncio.sleep(slot - now)
-                self._last_start = max(self._clock(), slot)
-        except BaseException:
-            self._slots.release()
+            await self._slots.acquire()
+            try:
+                await self._start_lock.acquire()
+                try:
+                    now = self._clock()
+                    slot = max(now, self._last_start + self.interval_s)
+                    if slot > now:
+                        await asyncio.sleep(slot - now)
+                except BaseException:
+                    self._start_lock.release()
+                    raise
+            except BaseException:
+                self._slots.release()
+                raise
+        except asyncio.CancelledError:
+            if self._abort is not None and task.uncancel() == 0:
+                raise self._abort from None
             raise
+        finally:
+            self._waiting.discard(task)
+        self._unsent = task
+        self._in_flight += 1
+        if not self.count_from_send:
+            self.mark_sent()
+
+    def mark_sent(self) -> None:
+        """The current task's request has been written: its start counts from now."""
+        if self._unsent is not None and self._unsent is asyncio.current_task():
+            self._unsent = None
+            self._last_start = self._clock()
+            self._start_lock.release()
 
     async def __aexit__(
         self,
@@ -130,6 +146,7 @@ class Limiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.mark_sent()  # never written (refused, say) or no trace hook: count it now
         self._in_flight -= 1
         self._slots.release()
 
@@ -310,7 +327,9 @@ class JasperClient:
     ) -> None:
         self.ct = ct
         self.retry = retry
-        self.limiter = limiter or Limiter(ct.max_concurrency, ct.requests_per_second)
+        # With our own session a trace hook tells the limiter when a request is written.
+        self.limiter = limiter or Limiter(ct.max_concurrency, ct.requests_per_second,
+                                          count_from_send=session is None)
         self._metrics = metrics
         self._session = session
         self._owns_session = session is None
@@ -380,10 +399,16 @@ class JasperClient:
         """Read the credentials and open the HTTP session (if none was given)."""
         self.reload_credentials()
         if self._session is None:
+            traces = aiohttp.TraceConfig()
+            traces.on_request_headers_sent.append(self._on_request_sent)
             self._session = aiohttp.ClientSession(
+                trace_configs=[traces],
                 connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency),
                 timeout=self._timeout,
             )
+
+    async def _on_request_sent(self, *_: object) -> None:
+        self.limiter.mark_sent()
 
     async def close(self) -> None:
         if self._owns_session and self._session is not None:

@@ -84,7 +84,7 @@ class _Call:
 class _Recent:
     """What this process applied lately: outcomes by event id, newest stamp by ICCID."""
 
-    def __init__(self, size: int = 100_000) -> None:
+    def __init__(self, size: int = 10_000) -> None:
         self._size = size
         self._outcomes: OrderedDict[str, CallResult | JasperError] = OrderedDict()
         self._newest: OrderedDict[str, tuple[int, str]] = OrderedDict()
@@ -123,6 +123,7 @@ class Worker:
         channel: AbstractChannel,
         queue: AbstractQueue,
         track: Callable[[Handler], Handler] = lambda handler: handler,
+        prefetch: int | None = None,
     ) -> None:
         self.ct = ct
         self._settings = settings
@@ -130,6 +131,7 @@ class Worker:
         self._publisher = publisher
         self._metrics = metrics
         self._channel = channel
+        self._prefetch = prefetch or settings.prefetch  # while not paused
         self.queue = queue
         self._callback = track(self.on_message)
         self.consumer_tag: str | None = None
@@ -403,7 +405,7 @@ class Worker:
         if self._refresh_task is not None and not self._refreshing:
             self._refresh_task.cancel()  # asleep; a hand-back under way finishes by itself
         with contextlib.suppress(Exception):
-            await self._channel.set_qos(prefetch_count=self._settings.prefetch)
+            await self._channel.set_qos(prefetch_count=self._prefetch)
         self._succeeded_since_resume = False
         self._metrics.communicator_up.labels(self.ct.name).set(1)
         self._client.resume()

@@ -649,3 +649,20 @@ async def test_limiter_abort_releases_waiters() -> None:
     with pytest.raises(errors.JasperError, match="SHUTTING_DOWN"):
         await asyncio.wait_for(waiter, 1)
     assert limiter.in_flight == 0
+
+
+async def test_limiter_counts_a_start_from_the_write() -> None:
+    """With count_from_send, a request written late pushes the next one back too."""
+    limiter = Limiter(2, 50, count_from_send=True)
+    written: list[float] = []
+
+    async def call(write_delay_s: float) -> None:
+        async with limiter:
+            await asyncio.sleep(write_delay_s)  # the loop was busy before the write
+            limiter.mark_sent()
+            written.append(time.monotonic())
+
+    await asyncio.gather(call(0.05), call(0.0))
+
+    assert written[1] - written[0] >= limiter.interval_s
+    assert limiter.in_flight == 0
