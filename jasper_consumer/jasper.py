@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -133,9 +133,11 @@ class Limiter:
         if not self.count_from_send:
             self.mark_sent()
 
-    def mark_sent(self) -> None:
-        """The current task's request has been written: its start counts from now."""
-        if self._unsent is not None and self._unsent is asyncio.current_task():
+    def mark_sent(self, task: asyncio.Task[Any] | None = None) -> None:
+        """``task``'s request (default: the current task's) has been written: its start
+        counts from now. Idempotent."""
+        task = task or asyncio.current_task()
+        if self._unsent is not None and self._unsent is task:
             self._unsent = None
             self._last_start = self._clock()
             self._start_lock.release()
@@ -400,15 +402,21 @@ class JasperClient:
         self.reload_credentials()
         if self._session is None:
             traces = aiohttp.TraceConfig()
+            # A request with a body is written by aiohttp in a task of its own: the hooks
+            # name the calling task through trace_request_ctx.
             traces.on_request_headers_sent.append(self._on_request_sent)
+            traces.on_request_chunk_sent.append(self._on_request_sent)
             self._session = aiohttp.ClientSession(
                 trace_configs=[traces],
                 connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency),
                 timeout=self._timeout,
             )
 
-    async def _on_request_sent(self, *_: object) -> None:
-        self.limiter.mark_sent()
+    async def _on_request_sent(
+        self, _: aiohttp.ClientSession, context: SimpleNamespace, __: object
+    ) -> None:
+        task = getattr(context, "trace_request_ctx", None)
+        self.limiter.mark_sent(task if isinstance(task, asyncio.Task) else None)
 
     async def close(self) -> None:
         if self._owns_session and self._session is not None:
@@ -546,6 +554,7 @@ class JasperClient:
                 async with self._session.request(
                     method, f"{self.ct.server_address}{path}", json=payload, headers=headers,
                     timeout=self._timeout, allow_redirects=False,
+                    trace_request_ctx=asyncio.current_task(),
                 ) as resp:
                     body = await _read_capped(resp.content, MAX_BODY_BYTES)
                     if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it

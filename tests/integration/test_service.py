@@ -394,3 +394,19 @@ async def test_conflicting_queue_is_named_at_start(
             await cleanup.queue_delete(f"{tag}.{name}")
         await cleanup.exchange_delete(f"{tag}.dlx")
         await cleanup.close()
+
+
+async def test_calls_overlap_up_to_max_concurrency(run_service: RunService, sim: Simulator):
+    """With slow answers, max_concurrency calls are in flight at once, never more."""
+    _, broker = await run_service(types=[
+        {"name": "M2MOne NZ", "username": "nz", "max_concurrency": 4,
+         "requests_per_second": 200}])
+    sim.latency_s = 0.2
+    events = [make_event(iccid(400 + n)) for n in range(8)]
+    for event in events:
+        await broker.publish(event)
+
+    await broker.final_signals([e["event_id"] for e in events])
+
+    assert sim.max_in_flight_seen["nz"] == 4
+    assert sim.violations == 0
