@@ -11,7 +11,7 @@ PROMTOOL ?= $(or $(shell command -v promtool 2>/dev/null),$(TOOLS)/promtool)
 export PROMTOOL
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit integration simulator clean demo schemas validate-deploy
+.PHONY: help run test lint unit integration simulator clean demo schemas validate-deploy bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,10 @@ demo: $(STAMP) ## scripted run against the simulator: commission, decommission, 
 
 schemas: $(STAMP) ## regenerate docs/schemas/ (JSON Schemas of the messages) from the models
 	$(BIN)/python -m jasper_consumer.schemas docs/schemas
+
+bench: $(STAMP) ## benchmarks against the broker and the simulator (< 10 min; not part of test): BENCHMARKS.md
+	@scripts/check-rabbitmq || exit 1
+	$(BIN)/python -m bench
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -402,15 +402,23 @@ class JasperClient:
         self.reload_credentials()
         if self._session is None:
             traces = aiohttp.TraceConfig()
-            # A request with a body is written by aiohttp in a task of its own: the hooks
-            # name the calling task through trace_request_ctx.
-            traces.on_request_headers_sent.append(self._on_request_sent)
+            # A request with a body is written (headers and body) by aiohttp in a task of
+            # its own, one loop pass after the headers are buffered: for it the body hook
+            # marks the start; the hooks name the calling task through trace_request_ctx.
+            traces.on_request_headers_sent.append(self._on_headers_sent)
             traces.on_request_chunk_sent.append(self._on_request_sent)
             self._session = aiohttp.ClientSession(
                 trace_configs=[traces],
                 connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency),
                 timeout=self._timeout,
             )
+
+    async def _on_headers_sent(
+        self, session: aiohttp.ClientSession, context: SimpleNamespace,
+        params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        if params.method in ("GET", "HEAD"):
+            await self._on_request_sent(session, context, params)
 
     async def _on_request_sent(
         self, _: aiohttp.ClientSession, context: SimpleNamespace, __: object
