@@ -98,9 +98,6 @@ class Limiter:
         for task in self._waiting:
             task.cancel()
 
-    def reopen(self) -> None:
-        self._abort = None
-
     async def __aenter__(self) -> None:
         if self._abort is not None:
             raise self._abort

@@ -48,10 +48,6 @@ class Signal(BaseModel):
     text: str
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _subject(command: Command | None, iccid: str | None) -> str:
     verb = {Command.ACTIVATE: "activate", Command.DEACTIVATE: "deactivate"}.get(
         command, "change"  # type: ignore[arg-type]
@@ -59,7 +55,9 @@ def _subject(command: Command | None, iccid: str | None) -> str:
     return f"{verb} SIM {iccid}" if iccid else f"{verb} SIM"
 
 
-def succeeded(job: Job, sim_status: str | None, attempts: int, duration_ms: float) -> Signal:
+def _signal(job: Job | Partial, outcome: Outcome, *, text: str, attempts: int,
+            duration_ms: float, sim_status: str | None = None,
+            error: SignalError | None = None) -> Signal:
     return Signal(
         event_id=job.event_id,
         client_id=job.client_id,
@@ -67,13 +65,22 @@ def succeeded(job: Job, sim_status: str | None, attempts: int, duration_ms: floa
         command=job.command,
         iccid=job.iccid,
         communicator_type=job.communicator_type,
-        outcome=Outcome.SUCCEEDED,
-        sim_status=sim_status or job.command.target_status,
+        outcome=outcome,
+        sim_status=sim_status,
+        error=error,
         attempts=attempts,
-        completed_at=_now(),
+        completed_at=datetime.now(UTC),
         duration_ms=round(duration_ms, 1),
-        text=f"SIM {job.iccid} {job.command.past_tense} via {job.communicator_type}",
+        text=text,
     )
+
+
+def succeeded(job: Job, sim_status: str | None, attempts: int, duration_ms: float) -> Signal:
+    return _signal(
+        job, Outcome.SUCCEEDED,
+        text=f"SIM {job.iccid} {job.command.past_tense} via {job.communicator_type}",
+        sim_status=sim_status or job.command.target_status,
+        attempts=attempts, duration_ms=duration_ms)
 
 
 def failed(
@@ -84,41 +91,16 @@ def failed(
     sim_status: str | None = None,
 ) -> Signal:
     via = f" via {job.communicator_type}" if job.communicator_type else ""
-    text = f"Could not {_subject(job.command, job.iccid)}{via}: {error.message} ({error.code})"
-    return Signal(
-        event_id=job.event_id,
-        client_id=job.client_id,
-        event_code=job.event_code,
-        command=job.command,
-        iccid=job.iccid,
-        communicator_type=job.communicator_type,
-        outcome=Outcome.FAILED,
-        sim_status=sim_status,
-        error=error,
-        attempts=attempts,
-        completed_at=_now(),
-        duration_ms=round(duration_ms, 1),
-        text=text,
-    )
+    return _signal(
+        job, Outcome.FAILED,
+        text=f"Could not {_subject(job.command, job.iccid)}{via}: {error.message} ({error.code})",
+        sim_status=sim_status, error=error, attempts=attempts, duration_ms=duration_ms)
 
 
 def delayed(job: Job, error: SignalError, attempts: int, duration_ms: float) -> Signal:
-    text = (
-        f"Waiting to {_subject(job.command, job.iccid)} via {job.communicator_type}: "
-        f"{error.message} ({error.code}); it will be applied once {job.communicator_type} "
-        "answers again"
-    )
-    return Signal(
-        event_id=job.event_id,
-        client_id=job.client_id,
-        event_code=job.event_code,
-        command=job.command,
-        iccid=job.iccid,
-        communicator_type=job.communicator_type,
-        outcome=Outcome.DELAYED,
-        error=error,
-        attempts=attempts,
-        completed_at=_now(),
-        duration_ms=round(duration_ms, 1),
-        text=text,
-    )
+    return _signal(
+        job, Outcome.DELAYED,
+        text=(f"Waiting to {_subject(job.command, job.iccid)} via {job.communicator_type}: "
+              f"{error.message} ({error.code}); it will be applied once "
+              f"{job.communicator_type} answers again"),
+        error=error, attempts=attempts, duration_ms=duration_ms)

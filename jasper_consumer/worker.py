@@ -153,10 +153,6 @@ class Worker:
         metrics.communicator_up.labels(ct.name).set(1)
         metrics.inflight.labels(ct.name).set(0)
 
-    @property
-    def paused(self) -> bool:
-        return self._pause is not None
-
     # -- consuming -------------------------------------------------------------------------
 
     async def start(self) -> None:
