@@ -82,7 +82,8 @@ async def test_kill9_three_times_loses_nothing(harness: Harness):
     await harness.wait_final(ids, 180)
 
     lost, _ = harness.signals.count(ids)
-    assert lost == 0, harness.signals.report("kill -9 x3", ids)
+    line = harness.signals.report("kill -9 x3", ids)
+    assert lost == 0, line
 
 
 async def test_order_survives_kill9_redelivery(harness: Harness):
@@ -220,9 +221,10 @@ async def test_down_type_does_not_delay_another(harness: Harness):
     print(f"isolation: type B publish-to-signal max {max(latencies) * 1000:.0f} ms")
     await sim.account("a", down=None)
     await harness.wait_final([e["event_id"] for e in a_events], 120)
-    lost, dup = harness.signals.count([e["event_id"] for e in a_events])
-    assert (lost, dup) == (0, 0), harness.signals.report(
-        "type A down with 1,000 queued", [e["event_id"] for e in a_events])
+    a_ids = [e["event_id"] for e in a_events]
+    lost, dup = harness.signals.count(a_ids)
+    line = harness.signals.report("type A down with 1,000 queued", a_ids)
+    assert (lost, dup) == (0, 0), line
 
 
 async def test_identical_commissions_are_coalesced(harness: Harness):
@@ -318,4 +320,5 @@ async def test_broker_connection_loss_is_survived(harness: Harness):
     print(f"broker loss: consuming again after {[round(s, 1) for s in resumed_after]} s")
     assert max(resumed_after) < 10, resumed_after
     lost, _ = harness.signals.count(ids)
-    assert lost == 0, harness.signals.report("broker connections closed x2, app restarted", ids)
+    line = harness.signals.report("broker connections closed x2, app restarted", ids)
+    assert lost == 0, line
