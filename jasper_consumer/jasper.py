@@ -304,6 +304,17 @@ def backoff_waits(
 # --- the client -----------------------------------------------------------------------------
 
 
+@dataclass
+class _Attempts:
+    """What one ``change_status`` call has done so far (shared by its retries)."""
+
+    iccid: str
+    command: Command
+    started: float
+    count: int = 0
+    last: JasperError | None = None
+
+
 @dataclass(frozen=True)
 class _Answer:
     status: int
@@ -340,6 +351,14 @@ class JasperClient:
         self._transient_streak = 0  # transient failures in a row, across events
         self._echo_lock = asyncio.Lock()
         self._suspended_by: JasperError | None = None
+        # Built once, not per call: every change_status retries through this wrapper.
+        self._retrying = backoff.on_exception(
+            backoff_waits, JasperRetryable,
+            factor=retry.initial_delay_seconds, max_value=retry.max_delay_seconds,
+            jitter=None,  # applied in backoff_waits: full jitter, floored by Retry-After
+            max_tries=retry.max_attempts, max_time=retry.max_elapsed_seconds,
+            on_backoff=self._on_backoff, logger=None,
+        )(self._attempt)
 
     # --- suspension (the worker pauses the type) ---
 
@@ -442,52 +461,44 @@ class JasperClient:
 
     async def change_status(self, iccid: str, command: Command) -> CallResult:
         """Set the SIM to ``command.target_status``, retrying transient failures (SPEC §5)."""
-        attempts = 0
-        last: list[JasperError] = []
-        started = time.monotonic()
-
-        async def attempt() -> CallResult:
-            nonlocal attempts
-            if self._suspended_by is not None:
-                raise CommunicatorDown(self._suspended_by)
-            attempts += 1
-            try:
-                result = await self._put_status(iccid, command)
-            except JasperRetryable as exc:
-                last[:] = [exc]
-                await self._check_outage(exc)
-                raise
-            except JasperError as exc:
-                if not exc.pauses_type:
-                    self._transient_streak = 0
-                raise
-            self._transient_streak = 0
-            return result
-
-        def on_backoff(details: Details) -> None:
-            err = last[0]
-            self._metrics.retries.labels(self.ct.name, retry_reason(err)).inc()
-            log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
-                "communicator_type": self.ct.name, "iccid": iccid, "code": err.code,
-                "http_status": err.http_status, "attempt": details["tries"],
-                "wait_s": round(details.get("wait", 0.0), 3)}})
-
-        retrying = backoff.on_exception(
-            backoff_waits, JasperRetryable,
-            factor=self.retry.initial_delay_seconds, max_value=self.retry.max_delay_seconds,
-            jitter=None,  # applied in backoff_waits: full jitter, floored by Retry-After
-            max_tries=self.retry.max_attempts, max_time=self.retry.max_elapsed_seconds,
-            on_backoff=on_backoff, logger=None,
-        )(attempt)
+        state = _Attempts(iccid, command, started=time.monotonic())
         try:
-            result: CallResult = await retrying()
+            result: CallResult = await self._retrying(state)
         except JasperRetryable as exc:
-            exc.attempts = attempts
-            raise RetriesExhausted(exc, attempts, time.monotonic() - started) from None
+            exc.attempts = state.count
+            raise RetriesExhausted(exc, state.count, time.monotonic() - state.started) from None
         except JasperError as exc:
-            exc.attempts = attempts
+            exc.attempts = state.count
             raise
-        return CallResult(result.sim_status, attempts)
+        return CallResult(result.sim_status, state.count)
+
+    async def _attempt(self, state: _Attempts) -> CallResult:
+        """One try of ``change_status``, wrapped with back-off once in ``__init__``."""
+        if self._suspended_by is not None:
+            raise CommunicatorDown(self._suspended_by)
+        state.count += 1
+        try:
+            result = await self._put_status(state.iccid, state.command)
+        except JasperRetryable as exc:
+            state.last = exc
+            await self._check_outage(exc)
+            raise
+        except JasperError as exc:
+            if not exc.pauses_type:
+                self._transient_streak = 0
+            raise
+        self._transient_streak = 0
+        return result
+
+    def _on_backoff(self, details: Details) -> None:
+        state: _Attempts = details["args"][0]
+        err = state.last
+        assert err is not None
+        self._metrics.retries.labels(self.ct.name, retry_reason(err)).inc()
+        log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
+            "communicator_type": self.ct.name, "iccid": state.iccid, "code": err.code,
+            "http_status": err.http_status, "attempt": details["tries"],
+            "wait_s": round(details.get("wait", 0.0), 3)}})
 
     async def get_device(self, iccid: str) -> dict[str, Any]:
         """Get Device Details: one attempt."""
