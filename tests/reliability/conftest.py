@@ -149,6 +149,14 @@ class Signals:
         return lost, dup
 
 
+def type_(letter: str, max_concurrency: int = 1, requests_per_second: float = 50,
+          **extra: Any) -> dict[str, Any]:
+    """Communicator type "Type <LETTER>" on simulator account <letter> with key k<letter>."""
+    return {"name": f"Type {letter.upper()}", "username": letter, "api_key": f"k{letter}",
+            "max_concurrency": max_concurrency, "requests_per_second": requests_per_second,
+            **extra}
+
+
 def make_event(iccid: str, communicator_type: str, code: int = 65516,
                **extra: Any) -> dict[str, Any]:
     return {
@@ -196,6 +204,17 @@ class Harness:
 
         await wait_until(up, "the simulator to answer", 20)
         return self.sim
+
+    async def setup(self, types: list[dict[str, Any]], *,
+                    account_keys: dict[str, str] | None = None, **overrides: Any) -> Simulator:
+        """Start the simulator with one account per type, enforcing the type's own limits
+        (its key unless ``account_keys`` says otherwise), and write the service's config."""
+        accounts = [
+            f"{t['username']}:{(account_keys or {}).get(t['username'], t.get('api_key'))}:"
+            f"{t.get('max_concurrency', 1)}:{t.get('requests_per_second', 1)}" for t in types]
+        sim = await self.start_simulator(accounts)
+        self.write_config(types, **overrides)
+        return sim
 
     def write_config(self, types: list[dict[str, Any]], **overrides: Any) -> Path:
         assert self.sim is not None

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .conftest import Harness, iccid, make_event, wait_until
+from .conftest import Harness, iccid, make_event, type_, wait_until
 
 
 async def publish_when_possible(harness: Harness, events: list[dict[str, Any]]) -> None:
@@ -30,13 +30,9 @@ def at_least(harness: Harness, ids: list[str], n: int) -> Callable[[], bool]:
 
 async def test_sigterm_with_calls_in_flight_exits_cleanly(harness: Harness):
     """SIGTERM with calls in flight: exit 0 within the grace period, nothing lost."""
-    await harness.start_simulator(["a:ka:2:50"])
-    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
-                           "max_concurrency": 2, "requests_per_second": 50}])
+    sim = await harness.setup([type_("a", 2, 50)])
     service = await harness.start_service()
     await harness.read_signals()
-    sim = harness.sim
-    assert sim is not None
     for n in range(10):
         await sim.fault(iccid(n), latency_s=0.5)
     events = [make_event(iccid(n), "Type A") for n in range(60)]
@@ -62,10 +58,7 @@ async def test_sigterm_with_calls_in_flight_exits_cleanly(harness: Harness):
 
 async def test_kill9_three_times_loses_nothing(harness: Harness):
     """kill -9 three times during 2,000 events across 3 types: every event gets a final signal."""
-    await harness.start_simulator(["a:ka:4:400", "b:kb:4:400", "c:kc:4:400"])
-    types = [{"name": f"Type {x.upper()}", "username": x, "api_key": f"k{x}",
-              "max_concurrency": 4, "requests_per_second": 400} for x in "abc"]
-    harness.write_config(types)
+    await harness.setup([type_(x, 4, 400) for x in "abc"])
     service = await harness.start_service()
     await harness.read_signals()
     events = [make_event(iccid(n), f"Type {'ABC'[n % 3]}") for n in range(2000)]
@@ -88,13 +81,9 @@ async def test_kill9_three_times_loses_nothing(harness: Harness):
 
 async def test_order_survives_kill9_redelivery(harness: Harness):
     """50 SIMs x (activate, deactivate) with jittered latency and a kill -9 end all DEACTIVATED."""
-    await harness.start_simulator(["a:ka:4:300"])
-    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
-                           "max_concurrency": 4, "requests_per_second": 300}])
+    sim = await harness.setup([type_("a", 4, 300)])
     service = await harness.start_service()
     await harness.read_signals()
-    sim = harness.sim
-    assert sim is not None
     for n in range(50):
         await sim.fault(iccid(n), latency_s=(n % 7) * 0.01)
     events = []
@@ -119,14 +108,11 @@ async def test_order_survives_kill9_redelivery(harness: Harness):
 
 async def test_wrong_key_file_pauses_only_its_type(harness: Harness):
     """A wrong key in api_key_file pauses its type (delayed signals); fixing the file resumes."""
-    await harness.start_simulator(["a:right-key:1:50", "b:kb:1:50"])
     key_file = harness.tmp / "a.key"
     key_file.write_text("wrong-key\n")
-    harness.write_config([
-        {"name": "Type A", "username": "a", "api_key_file": str(key_file),
-         "requests_per_second": 50},
-        {"name": "Type B", "username": "b", "api_key": "kb", "requests_per_second": 50},
-    ])
+    await harness.setup(
+        [{**type_("a"), "api_key": None, "api_key_file": str(key_file)}, type_("b")],
+        account_keys={"a": "right-key"})
     service = await harness.start_service()
     port = harness.ports[-1]
     await harness.read_signals()
@@ -155,13 +141,9 @@ async def test_wrong_key_file_pauses_only_its_type(harness: Harness):
 
 async def test_account_outage_pauses_and_recovers(harness: Harness):
     """Account down (refused, then 503 HTML) for 30 s: nothing fails, at most one delayed each."""
-    await harness.start_simulator(["a:ka:1:100"])
-    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
-                           "max_concurrency": 1, "requests_per_second": 100}])
+    sim = await harness.setup([type_("a", 1, 100)])
     await harness.start_service()
     await harness.read_signals()
-    sim = harness.sim
-    assert sim is not None
     events = [make_event(iccid(n), "Type A") for n in range(200)]
     ids = [e["event_id"] for e in events]
     await harness.publish(events[:50])
@@ -194,15 +176,9 @@ async def test_account_outage_pauses_and_recovers(harness: Harness):
 
 async def test_down_type_does_not_delay_another(harness: Harness):
     """With type A down and 1,000 events queued, type B's events each signal within 1 s."""
-    await harness.start_simulator(["a:ka:1:250", "b:kb:1:50"])
-    harness.write_config([
-        {"name": "Type A", "username": "a", "api_key": "ka", "requests_per_second": 250},
-        {"name": "Type B", "username": "b", "api_key": "kb", "requests_per_second": 50},
-    ])
+    sim = await harness.setup([type_("a", 1, 250), type_("b", 1, 50)])
     await harness.start_service()
     await harness.read_signals()
-    sim = harness.sim
-    assert sim is not None
     await sim.account("a", down="html503")
     a_events = [make_event(iccid(n), "Type A") for n in range(1000)]
     await harness.publish(a_events)
@@ -229,13 +205,9 @@ async def test_down_type_does_not_delay_another(harness: Harness):
 
 async def test_identical_commissions_are_coalesced(harness: Harness):
     """5 identical commissions for one SIM at once (300 ms latency): <= 2 PUTs, 5 succeeded."""
-    await harness.start_simulator(["a:ka:2:50"])
-    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
-                           "max_concurrency": 2, "requests_per_second": 50}])
+    sim = await harness.setup([type_("a", 2, 50)])
     await harness.start_service()
     await harness.read_signals()
-    sim = harness.sim
-    assert sim is not None
     await sim.fault(iccid(1), latency_s=0.3)
     events = [make_event(iccid(1), "Type A") for _ in range(5)]
     await harness.publish(events)
@@ -250,18 +222,10 @@ async def test_identical_commissions_are_coalesced(harness: Harness):
 
 async def test_two_processes_share_the_account_limit(harness: Harness):
     """Two processes never exceed max_concurrency per account; killing the active hands over."""
-    await harness.start_simulator(["a:ka:2:200", "b:kb:2:200"])
-    harness.write_config([
-        {"name": "Type A", "username": "a", "api_key": "ka", "max_concurrency": 2,
-         "requests_per_second": 200},
-        {"name": "Type B", "username": "b", "api_key": "kb", "max_concurrency": 2,
-         "requests_per_second": 200},
-    ])
+    sim = await harness.setup([type_("a", 2, 200), type_("b", 2, 200)])
     first = await harness.start_service()
     second = await harness.start_service()
     await harness.read_signals()
-    sim = harness.sim
-    assert sim is not None
     await sim.fault(iccid(0), latency_s=0.01)
     events = [make_event(iccid(n), f"Type {'AB'[n % 2]}") for n in range(600)]
     ids = [e["event_id"] for e in events]
@@ -282,9 +246,7 @@ async def test_two_processes_share_the_account_limit(harness: Harness):
 
 async def test_broker_connection_loss_is_survived(harness: Harness):
     """close_all_connections twice and a stop_app/start_app: no restart, consuming again, 0 lost."""
-    await harness.start_simulator(["a:ka:2:300"])
-    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
-                           "max_concurrency": 2, "requests_per_second": 300}])
+    await harness.setup([type_("a", 2, 300)])
     service = await harness.start_service()
     port = harness.ports[-1]
     events = [make_event(iccid(n), "Type A") for n in range(300)]

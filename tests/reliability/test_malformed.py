@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from .conftest import Harness, iccid, make_event, wait_until
+from .conftest import Harness, iccid, make_event, type_, wait_until
 
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | \
     st.text(max_size=30)
@@ -76,9 +76,7 @@ def generate(n: int) -> list[tuple[dict[str, Any] | bytes, dict[str, Any]]]:
 
 async def test_malformed_inputs_end_dead_lettered_or_failed(harness: Harness):
     """100 generated malformed messages: the service lives; each is dead-lettered or failed."""
-    await harness.start_simulator(["a:ka:2:200"])
-    harness.write_config([{"name": "Type A", "username": "a", "api_key": "ka",
-                           "max_concurrency": 2, "requests_per_second": 200}])
+    await harness.setup([type_("a", 2, 200)])
     service = await harness.start_service()
     port = harness.ports[-1]
     await harness.read_signals()
