@@ -137,6 +137,31 @@ def iccid(n: int) -> str:
 RunService = Callable[..., Awaitable[tuple[Service, Broker]]]
 
 
+def raw_config(tag: str, types: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
+    """A test's config: its own prefix and exchanges, quick retries, a random HTTP port."""
+    return {
+        "amqp_url": AMQP_URL,
+        "events_exchange": f"{tag}.events",
+        "history_exchange": f"{tag}.history",
+        "queue_prefix": tag,
+        "http_port": 0,
+        "retry": {"max_attempts": 3, "initial_delay_seconds": 0.01,
+                  "max_delay_seconds": 0.05, "max_elapsed_seconds": 5},
+        "communicator_types": types,
+        "shutdown_grace_seconds": 5,
+        **overrides,
+    }
+
+
+async def remove_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
+    """Delete every queue and exchange a test's service declared."""
+    cleanup = await connection.channel()
+    await delete_all(cleanup, settings)
+    await cleanup.exchange_delete(settings.events_exchange)
+    await cleanup.exchange_delete(settings.history_exchange)
+    await cleanup.close()
+
+
 @pytest.fixture
 async def run_service(
     sim: Simulator, connection: AbstractRobustConnection
@@ -159,19 +184,7 @@ async def run_service(
                                 max_in_flight=t.get("max_concurrency", 1),
                                 requests_per_second=t.get("requests_per_second", 1.0))
             t.setdefault("api_key", "k")
-        raw: dict[str, Any] = {
-            "amqp_url": AMQP_URL,
-            "events_exchange": f"{tag}.events",
-            "history_exchange": f"{tag}.history",
-            "queue_prefix": tag,
-            "http_port": 0,
-            "retry": {"max_attempts": 3, "initial_delay_seconds": 0.01,
-                      "max_delay_seconds": 0.05, "max_elapsed_seconds": 5},
-            "communicator_types": types,
-            "shutdown_grace_seconds": 5,
-        }
-        raw.update(overrides)
-        settings = parse_settings(raw, {})
+        settings = parse_settings(raw_config(tag, types, **overrides), {})
         service = Service(settings, Metrics(CollectorRegistry()), http_host="127.0.0.1")
         await service.start()
         started.append((service, settings))
@@ -184,9 +197,5 @@ async def run_service(
     for service, _ in started:
         await service.stop()
     for _, settings in started[:1]:
-        cleanup = await connection.channel()
-        await delete_all(cleanup, settings)
-        await cleanup.exchange_delete(settings.events_exchange)
-        await cleanup.exchange_delete(settings.history_exchange)
-        await cleanup.close()
+        await remove_topology(connection, settings)
     await channel.close()

@@ -30,9 +30,8 @@ from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.deadletters import DeadLetter
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
-from jasper_consumer.topology import delete_all
 
-from .conftest import AMQP_URL, Broker, iccid, make_event
+from .conftest import AMQP_URL, Broker, iccid, make_event, raw_config, remove_topology
 
 
 class ToolsBroker(Broker):
@@ -107,13 +106,7 @@ async def make_env(sim: Simulator, connection: AbstractRobustConnection,
                 sim.add_account(t["username"], t["api_key"], max_in_flight=4,
                                 requests_per_second=200)
             made_types.append(t)
-        raw: dict[str, Any] = {
-            "amqp_url": AMQP_URL, "events_exchange": f"{tag}.events",
-            "history_exchange": f"{tag}.history", "queue_prefix": tag, "http_port": 0,
-            "retry": {"max_attempts": 3, "initial_delay_seconds": 0.01,
-                      "max_delay_seconds": 0.05, "max_elapsed_seconds": 5},
-            "communicator_types": made_types, "shutdown_grace_seconds": 5, **overrides,
-        }
+        raw = raw_config(tag, made_types, **overrides)
         settings = parse_settings(raw, {})
         config = tmp_path / f"config-{uuid.uuid4().hex[:6]}.yaml"
         config.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -132,11 +125,7 @@ async def make_env(sim: Simulator, connection: AbstractRobustConnection,
     for running in services:
         await running.stop()
     for settings in made[:1]:
-        cleanup = await connection.channel()
-        await delete_all(cleanup, settings)
-        await cleanup.exchange_delete(settings.events_exchange)
-        await cleanup.exchange_delete(settings.history_exchange)
-        await cleanup.close()
+        await remove_topology(connection, settings)
     await confirming.close()
     await channel.close()
 
