@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 PROBE_MIN_INTERVAL_S = 1.0
 PROBE_MAX_INTERVAL_S = 30.0
 PROBE_REPAUSE_MAX_S = 300.0
+# Event ids remembered as having had their delayed signal: more than paused_prefetch can
+# hold (at most 65,535), so only ids of long-gone messages are ever dropped.
+DELAYED_MEMORY = 100_000
 
 T = TypeVar("T")
 
@@ -143,7 +146,9 @@ class Worker:
         self._paused = asyncio.Event()  # set while _pause is not None
         self._paused_at = 0.0
         self._handing_back = False
-        self._delayed_sent: set[str] = set()
+        # Event ids that got their delayed signal (insertion-ordered, oldest dropped first:
+        # ids handed to another replica never reach _finish here).
+        self._delayed_sent: dict[str, None] = {}
         self._probe_task: asyncio.Task[None] | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshing = False
@@ -310,7 +315,7 @@ class Worker:
                 content_type="application/json",
             )
             self._metrics.dead_lettered.labels("retries_exhausted").inc()
-        self._delayed_sent.discard(job.event_id)
+        self._delayed_sent.pop(job.event_id, None)
         self._metrics.commands.labels(self.ct.name, job.command.value, signal.outcome).inc()
         if signal.outcome is signals.Outcome.SUCCEEDED:
             self._metrics.last_success.labels(self.ct.name).set(time.time())
@@ -330,7 +335,9 @@ class Worker:
             duration_ms=0.0,
         )
         await self._publisher.signal(signal)
-        self._delayed_sent.add(job.event_id)
+        self._delayed_sent[job.event_id] = None
+        if len(self._delayed_sent) > DELAYED_MEMORY:
+            del self._delayed_sent[next(iter(self._delayed_sent))]
         self._metrics.delayed.labels(self.ct.name).inc()
         jlog.outcome(
             event_id=job.event_id, client_id=job.client_id, communicator_type=self.ct.name,
