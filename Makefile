@@ -58,10 +58,10 @@ unit: $(STAMP) ## only the tests that need no broker
 
 demo: $(STAMP) ## scripted run against the simulator: commission, decommission, failures, a paused type
 	@scripts/check-rabbitmq || exit 1
-	$(BIN)/python -m jasper_consumer.demo
+	$(BIN)/python -m jasper_consumer.tools.demo
 
 schemas: $(STAMP) ## regenerate docs/schemas/ (JSON Schemas of the messages) from the models
-	$(BIN)/python -m jasper_consumer.schemas docs/schemas
+	$(BIN)/python -m jasper_consumer.tools.schemas docs/schemas
 
 bench: $(STAMP) ## benchmarks against the broker and the simulator (< 10 min; not part of test): BENCHMARKS.md
 	@scripts/check-rabbitmq || exit 1

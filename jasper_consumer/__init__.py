@@ -3,7 +3,7 @@
 ::
 
     patriot.events ─▶ router ─▶ work queue per communicator type ─▶ worker ─▶ Control Center
-                        │        (single active consumer)              │       (jasper.py)
+                        │        (single active consumer)              │       (jasper/)
                         │                                              │
                         └───────────▶ patriot.history (signals) ◀──────┘
                         └───────────▶ <prefix>.dead (unreadable messages, exhausted retries)

@@ -17,11 +17,11 @@ from typing import Any, TextIO
 
 import aio_pika
 
-from . import deadletters, replay, tools
 from . import log as jlog
+from . import tools
 from .config import Command, Settings, load_settings
 from .errors import ConfigError
-from .tools import ToolError
+from .tools import ToolError, check, deadletters, replay
 from .topology import Names
 
 ENV_CONFIG = "JASPER_CONSUMER_CONFIG"
@@ -152,7 +152,7 @@ async def _tool(args: argparse.Namespace, out: TextIO) -> int:
     if args.cmd == "check-config":
         return await _check_config(args, out)
     if args.cmd == "sim-status":
-        return await tools.sim_status(
+        return await check.sim_status(
             _load(args.config), args.communicator_type, args.iccid, out, as_json=args.json)
     if args.cmd == "dead-letters" and args.dead_cmd == "list":
         return await _dead_letters_list(args, out)
@@ -180,7 +180,7 @@ async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     if not args.ping:
         return 0
     print("Echo with each communicator type's credentials:", file=out)
-    return await tools.ping(settings, out)
+    return await check.ping(settings, out)
 
 
 async def _dead_letters_list(args: argparse.Namespace, out: TextIO) -> int:

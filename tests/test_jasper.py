@@ -23,7 +23,6 @@ from pydantic import SecretStr
 from yarl import URL
 
 from jasper_consumer import errors
-from jasper_consumer import jasper as jasper_module
 from jasper_consumer.config import Command, CommunicatorType, RetrySettings
 from jasper_consumer.errors import (
     JASPER_ERROR_MEANINGS,
@@ -43,6 +42,7 @@ from jasper_consumer.jasper import (
     parse_retry_after,
     retry_wait,
 )
+from jasper_consumer.jasper import client as jasper_module
 from jasper_consumer.metrics import Metrics
 
 BASE = "https://restapi1.jasper.com/rws/api/v1"

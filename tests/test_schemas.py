@@ -13,10 +13,11 @@ import jsonschema
 import pytest
 import yaml
 
-from jasper_consumer import schemas, signals
+from jasper_consumer import signals
 from jasper_consumer.config import Command
 from jasper_consumer.events import Job, Partial
 from jasper_consumer.signals import SignalError
+from jasper_consumer.tools import schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

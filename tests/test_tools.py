@@ -11,15 +11,16 @@ import pytest
 
 from jasper_consumer import cli, errors
 from jasper_consumer.config import Settings, parse_settings
-from jasper_consumer.deadletters import Listing, format_age, print_listing, read, reason_of
 from jasper_consumer.errors import (
     CommunicatorMisconfigured,
     JasperRejected,
     JasperRetryable,
     JasperUnreachable,
 )
-from jasper_consumer.replay import Progress, ReplaySummary, print_summary
-from jasper_consumer.tools import explain, render_table, sim_table
+from jasper_consumer.tools.check import explain, sim_table
+from jasper_consumer.tools.deadletters import Listing, format_age, print_listing, read, reason_of
+from jasper_consumer.tools.replay import Progress, ReplaySummary, print_summary
+from jasper_consumer.tools.tables import render_table
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 EVENT_ID = "c7d0a7a2-5b0e-4c53-8a55-1f0c3c1e9b11"

@@ -23,13 +23,13 @@ import yaml
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
-from jasper_consumer import demo, replay
 from jasper_consumer.app import Service
 from jasper_consumer.cli import run_tool
 from jasper_consumer.config import Settings, parse_settings
-from jasper_consumer.deadletters import DeadLetter
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
+from jasper_consumer.tools import demo, replay
+from jasper_consumer.tools.deadletters import DeadLetter
 
 from .conftest import AMQP_URL, Broker, iccid, make_event, raw_config, remove_topology
 

@@ -22,10 +22,10 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange
 
-from .config import Settings
+from ..config import Settings
+from ..topology import REPLAYED_HEADER, Names
+from . import EXIT_FAILED, EXIT_OK, ToolError
 from .deadletters import DeadLetter, Replay, Snapshot, connect, matches, read_message
-from .tools import EXIT_FAILED, EXIT_OK, ToolError
-from .topology import REPLAYED_HEADER, Names
 
 _CONFIRM_TIMEOUT_S = 30.0
 

@@ -56,8 +56,8 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import Settings
-from .errors import JASPER_ERROR_MEANINGS
+from ..config import Settings
+from ..errors import JASPER_ERROR_MEANINGS
 
 log = logging.getLogger(__name__)
 

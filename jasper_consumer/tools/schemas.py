@@ -8,7 +8,7 @@
 
 They are JSON Schema draft-07 (AsyncAPI 3.0 reads it as
 ``application/schema+json;version=draft-07``) and live in ``docs/schemas/``, where
-``docs/asyncapi.yaml`` refers to them. ``python -m jasper_consumer.schemas`` (``make
+``docs/asyncapi.yaml`` refers to them. ``python -m jasper_consumer.tools.schemas`` (``make
 schemas``) rewrites them; ``--check`` exits 1 when they differ from the models, and a
 test does the same.
 """
@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .events import Event
-from .signals import Signal
+from ..events import Event
+from ..signals import Signal
 
 DRAFT_07 = "http://json-schema.org/draft-07/schema#"
 DEFAULT_DIR = Path("docs/schemas")
@@ -170,7 +170,7 @@ def write(directory: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jasper_consumer.schemas",
+    parser = argparse.ArgumentParser(prog="python -m jasper_consumer.tools.schemas",
                                      description="Write the message JSON Schemas.")
     parser.add_argument("directory", nargs="?", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--check", action="store_true",

@@ -17,26 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from . import errors
-from .config import CommunicatorType, Settings
-from .errors import ConfigError, EventRejected, JasperConsumerError, JasperError
-from .events import normalise_iccid
-from .jasper import JasperClient
-from .metrics import Metrics
-
-EXIT_OK = 0
-EXIT_FAILED = 1  # the tool ran, and what it checked is not right (a type failed, SIM not found)
-
-
-class ToolError(JasperConsumerError):
-    """An operator tool cannot do its job (broker unreachable, queue missing, ...)."""
-
+from .. import errors
+from ..config import CommunicatorType, Settings
+from ..errors import ConfigError, EventRejected, JasperError
+from ..events import normalise_iccid
+from ..jasper import JasperClient
+from ..metrics import Metrics
+from . import EXIT_FAILED, EXIT_OK, ToolError
+from .tables import render_table
 
 # What an error means and what to check, per code: (short meaning, advice).
 _ADVICE: dict[str, tuple[str, str]] = {
@@ -108,35 +102,6 @@ def explain(err: JasperError) -> str:
         meaning = f"{meaning}: {err.message}"
     text = f"{meaning} ({err.code})"
     return f"{text} — {advice}" if advice else text
-
-
-def render_table(
-    headers: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    max_widths: Mapping[int, int] | None = None,
-) -> str:
-    """Rows under a header and a rule, columns two spaces apart; cells longer than
-    ``max_widths[column]`` are cut with ``…``. The last column is not padded."""
-    limits = max_widths or {}
-
-    def cut(text: str, column: int) -> str:
-        text = " ".join(text.split())  # a table row is one line
-        limit = limits.get(column)
-        return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
-
-    cells = [[cut(str(c), i) for i, c in enumerate(row)] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(widths[i]) for i, v in enumerate(values)).rstrip()
-
-    out = [line(headers), line(["-" * w for w in widths])]
-    out += [line(row) for row in cells]
-    return "\n".join(out)
 
 
 def _client(ct: CommunicatorType, settings: Settings) -> JasperClient:

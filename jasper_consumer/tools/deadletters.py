@@ -31,11 +31,12 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
-from .config import Settings
-from .errors import UnreadableMessage
-from .events import Job, parse_event
-from .tools import ToolError, render_table
-from .topology import DEAD_REASON_HEADER, Names
+from ..config import Settings
+from ..errors import UnreadableMessage
+from ..events import Job, parse_event
+from ..topology import DEAD_REASON_HEADER, Names
+from . import ToolError
+from .tables import render_table
 
 LAST_ERROR_HEADER = "x-jasper-last-error"
 _RETURN_BATCH = 16  # messages handed back at once (see Snapshot)

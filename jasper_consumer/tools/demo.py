@@ -13,7 +13,7 @@ queue and prints them; then removes its queues and exchanges.
    event gets a ``delayed`` signal; the right key is written to the file, the service's
    Echo probe passes and the event succeeds.
 
-Exits 0 when every scenario ended as expected. ``python -m jasper_consumer.demo --help``.
+Exits 0 when every scenario ended as expected. ``python -m jasper_consumer.tools.demo --help``.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
-from .app import Service
-from .config import Settings, parse_settings, redact_url
-from .metrics import Metrics
-from .simulator import Simulator
-from .tools import render_table
-from .topology import Names, delete_all
+from ..app import Service
+from ..config import Settings, parse_settings, redact_url
+from ..metrics import Metrics
+from ..simulator import Simulator
+from ..topology import Names, delete_all
+from .tables import render_table
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 STEP_TIMEOUT_S = 20.0
@@ -235,13 +235,13 @@ async def run_demo(out: TextIO, amqp_url: str = AMQP_URL) -> tuple[list[str], li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jasper_consumer.demo",
+    parser = argparse.ArgumentParser(prog="python -m jasper_consumer.tools.demo",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--amqp-url", default=AMQP_URL, help=f"RabbitMQ (default {AMQP_URL})")
     parser.add_argument("--verbose", action="store_true", help="also print the service's logs")
     args = parser.parse_args(argv)
     if args.verbose:
-        from . import log as jlog
+        from .. import log as jlog
 
         jlog.configure("INFO")
     else:

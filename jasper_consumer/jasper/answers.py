@@ -1,0 +1,184 @@
+"""Control Center's answers and network failures as errors, and the back-off between
+tries (SPEC §2, §5). Pure functions: no I/O, no state."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import backoff
+
+from .. import errors
+from ..errors import (
+    JASPER_ERROR_MEANINGS,
+    PAUSE_CODES,
+    RETRYABLE_CODES,
+    RETRYABLE_HTTP,
+    CommunicatorMisconfigured,
+    JasperError,
+    JasperRejected,
+    JasperRetryable,
+    JasperUnreachable,
+)
+
+MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
+_MAX_API_MESSAGE = 200  # characters of an unknown error's errorMessage kept for operators
+_TIMED_OUT = "timed out"
+_OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What a successful status change returned."""
+
+    sim_status: str | None  # the SIM's status after the call (the target status on success)
+    attempts: int  # HTTP calls made
+
+
+# --- error mapping -------------------------------------------------------------------------
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    name = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == name), None)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None."""
+    if value is None or not (value := value.strip()):
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _api_error(body: bytes) -> tuple[str | None, str]:
+    """``(errorCode, errorMessage)`` from a Jasper error body; code None if it has none."""
+    data = _json(body)
+    if not isinstance(data, dict):
+        return None, ""
+    code = data.get("errorCode")
+    message = data.get("errorMessage")
+    code_s = str(code).strip() if isinstance(code, str | int) and str(code).strip() else None
+    message_s = " ".join(message.split()) if isinstance(message, str) else ""
+    return code_s, message_s
+
+
+def _truncate(text: str, limit: int = _MAX_API_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(body: bytes, content_type: str) -> str:
+    if not body:
+        return "empty body"
+    return f"{content_type or 'no content type'}, {len(body)} bytes"
+
+
+def classify(
+    http_status: int, body: bytes, content_type: str, headers: Mapping[str, str]
+) -> JasperError:
+    """The error an answer that is not a success stands for (SPEC §2, §5)."""
+    code, api_message = _api_error(body)
+    retry_after = parse_retry_after(_header(headers, "Retry-After"))
+    if code is not None:
+        message = JASPER_ERROR_MEANINGS.get(code) or _truncate(
+            api_message or f"Control Center error {code}")
+        if code in PAUSE_CODES:
+            return CommunicatorMisconfigured(code, message, http_status)
+        if code in RETRYABLE_CODES or http_status in RETRYABLE_HTTP:
+            return JasperRetryable(code, message, http_status, retry_after)
+        return JasperRejected(code, message, http_status)
+    if http_status == 401:
+        message = f"Control Center refused the credentials (HTTP {http_status})"
+        detail = _truncate(api_message) if api_message else _describe(body, content_type)
+        return CommunicatorMisconfigured(errors.UNAUTHORIZED, f"{message}: {detail}", http_status)
+    message = f"unexpected HTTP {http_status} answer ({_describe(body, content_type)})"
+    if http_status in RETRYABLE_HTTP or http_status >= 500 or 200 <= http_status < 300:
+        # 2xx: an idempotent PUT can be repeated until Control Center answers properly.
+        return JasperRetryable(errors.UNEXPECTED_RESPONSE, message, http_status, retry_after)
+    return JasperRejected(errors.UNEXPECTED_RESPONSE, message, http_status)
+
+
+def transport_failure(exc: BaseException, host: str, timeout_s: float) -> JasperUnreachable:
+    """A network failure (no HTTP answer) in words, built only from safe fields."""
+    if isinstance(exc, TimeoutError):  # also aiohttp's ServerTimeoutError
+        return JasperUnreachable(f"{_TIMED_OUT} after {timeout_s:.1f} s waiting for {host}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return JasperUnreachable(f"TLS certificate of {host} could not be verified")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return JasperUnreachable(f"TLS handshake with {host} failed")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return JasperUnreachable(f"cannot resolve host name {host} (DNS lookup failed)")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return JasperUnreachable(f"connection refused by {exc.host}:{exc.port}")
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return JasperUnreachable(f"cannot connect to {exc.host}:{exc.port}: {reason}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return JasperUnreachable(f"{host} closed the connection without answering")
+    if isinstance(exc, ConnectionResetError):
+        return JasperUnreachable(f"connection reset by {host}")
+    if isinstance(exc, ConnectionRefusedError):
+        return JasperUnreachable(f"connection refused by {host}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return JasperUnreachable(f"the answer from {host} was cut off")
+    if isinstance(exc, OSError) and exc.strerror:
+        return JasperUnreachable(f"network error talking to {host}: {exc.strerror}")
+    return JasperUnreachable(f"request to {host} failed ({type(exc).__name__})")
+
+
+def retry_reason(err: JasperError) -> str:
+    """The ``reason`` label of ``jasper_retries_total`` (a closed set)."""
+    if err.code == "40000029" or err.http_status == 429:
+        return "rate_limited"
+    if isinstance(err, JasperUnreachable):
+        return "timeout" if err.message.startswith(_TIMED_OUT) else "unreachable"
+    if err.code in RETRYABLE_CODES or (err.http_status or 0) >= 500:
+        return "server_error"
+    return "unexpected_response"
+
+
+def _code_label(code: str) -> str:
+    """Error codes as a metric label: Jasper's 8-digit codes and our own, else ``OTHER``."""
+    return code if code in _OWN_CODES or re.fullmatch(r"\d{8}", code) else "OTHER"
+
+
+def retry_wait(jittered_s: float, retry_after_s: float | None, max_delay_s: float) -> float:
+    """The back-off wait: the jittered delay, raised to ``Retry-After`` (capped at max delay)."""
+    if retry_after_s is None:
+        return jittered_s
+    return max(jittered_s, min(retry_after_s, max_delay_s))
+
+
+def backoff_waits(
+    factor: float, max_value: float, jitter: Callable[[float], float] = backoff.full_jitter
+) -> Generator[float, Any, None]:
+    """``backoff.expo`` with full jitter, honouring the ``Retry-After`` of the error sent in.
+
+    Jitter is applied here, not by ``backoff``, so that it cannot cut below Retry-After.
+    """
+    expo = backoff.expo(factor=factor, max_value=max_value)
+    next(expo)  # prime, as backoff does with send(None)
+    err = yield 0.0  # backoff primes us with send(None)
+    while True:
+        retry_after = err.retry_after_s if isinstance(err, JasperRetryable) else None
+        err = yield retry_wait(jitter(next(expo)), retry_after, max_value)

@@ -1,0 +1,107 @@
+"""At most ``max_concurrency`` calls in flight and call starts spaced ``1 / requests_per_second``
+apart, per Control Center account (SPEC §2)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from ..errors import JasperError
+
+
+class Limiter:
+    """At most ``max_concurrency`` calls in flight, and call starts at least
+    ``1 / requests_per_second`` apart: no bursts, since the account may count calls in
+    any one-second window (SPEC §2). Waiters get their start slots in FIFO order.
+
+    With ``count_from_send`` a start counts from when the request is written
+    (``mark_sent``, called from an aiohttp trace hook), not from when its slot was
+    granted: the start lock is held in between, so a pause of the event loop (a GC pass,
+    say) after a grant cannot let the next request leave right behind a late one.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        requests_per_second: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        margin: float = 0.01,
+        count_from_send: bool = False,
+    ) -> None:
+        if max_concurrency < 1 or requests_per_second <= 0 or margin < 0:
+            raise ValueError("max_concurrency >= 1, requests_per_second > 0 and margin >= 0")
+        self.interval_s = (1.0 / requests_per_second) * (1.0 + margin)
+        self.count_from_send = count_from_send
+        self._clock = clock
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._start_lock = asyncio.Lock()  # FIFO: one waiter at a time owns the next start
+        self._last_start = float("-inf")
+        self._in_flight = 0
+        self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
+        self._abort: JasperError | None = None
+        self._waiting: set[asyncio.Task[Any]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def abort_waiting(self, error: JasperError) -> None:
+        """Make every caller still waiting for a slot (now or later) raise ``error``."""
+        self._abort = error
+        for task in self._waiting:
+            task.cancel()
+
+    async def __aenter__(self) -> None:
+        if self._abort is not None:
+            raise self._abort
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            await self._slots.acquire()
+            try:
+                await self._start_lock.acquire()
+                try:
+                    now = self._clock()
+                    slot = max(now, self._last_start + self.interval_s)
+                    if slot > now:
+                        await asyncio.sleep(slot - now)
+                except BaseException:
+                    self._start_lock.release()
+                    raise
+            except BaseException:
+                self._slots.release()
+                raise
+        except asyncio.CancelledError:
+            if self._abort is not None and task.uncancel() == 0:
+                raise self._abort from None
+            raise
+        finally:
+            self._waiting.discard(task)
+        self._unsent = task
+        self._in_flight += 1
+        if not self.count_from_send:
+            self.mark_sent()
+
+    def mark_sent(self, task: asyncio.Task[Any] | None = None) -> None:
+        """``task``'s request (default: the current task's) has been written: its start
+        counts from now. Idempotent."""
+        task = task or asyncio.current_task()
+        if self._unsent is not None and self._unsent is task:
+            self._unsent = None
+            self._last_start = self._clock()
+            self._start_lock.release()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.mark_sent()  # never written (refused, say) or no trace hook: count it now
+        self._in_flight -= 1
+        self._slots.release()

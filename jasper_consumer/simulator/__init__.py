@@ -1,0 +1,9 @@
+"""A local Cisco Jasper Control Center stand-in for demos, tests and benchmarks (SPEC §8).
+
+It serves the REST API the service calls (:mod:`.server`), keeps accounts with their
+own limits and SIMs with their statuses, and injects faults through an admin API.
+"""
+
+from .server import Account, RequestRecord, Simulator, accounts_from_settings, serve
+
+__all__ = ["Account", "RequestRecord", "Simulator", "accounts_from_settings", "serve"]

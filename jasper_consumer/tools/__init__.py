@@ -1,0 +1,20 @@
+"""Operator tools, set apart from the service: each writes to the stream it is given and
+returns the process exit status; a problem that stops it from doing its job at all raises
+:class:`ToolError`.
+
+* :mod:`.check` — ``check-config --ping`` and ``sim-status``;
+* :mod:`.deadletters` and :mod:`.replay` — ``dead-letters list`` / ``replay``;
+* :mod:`.tables` — plain-text tables;
+* :mod:`.demo` — ``make demo``; :mod:`.schemas` — ``make schemas``.
+"""
+
+from __future__ import annotations
+
+from ..errors import JasperConsumerError
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the tool ran, and what it checked is not right (a type failed, SIM not found)
+
+
+class ToolError(JasperConsumerError):
+    """An operator tool cannot do its job (broker unreachable, queue missing, ...)."""
