@@ -19,6 +19,7 @@ import aio_pika
 
 from . import log as jlog
 from . import tools
+from .broker import connect_once
 from .config import Command, Settings, load_settings
 from .errors import ConfigError
 from .tools import ToolError, check, deadletters, replay
@@ -246,7 +247,7 @@ async def _publish(args: argparse.Namespace) -> int:
     }
     if args.command:
         event["command"] = args.command
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    connection = await connect_once(settings.amqp_urls)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.declare_exchange(

@@ -139,7 +139,8 @@ class CommunicatorType(_Strict):
 class Settings(_Strict):
     """Everything the service needs to know, validated."""
 
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # One URL, or one per node of a RabbitMQ cluster (the first that answers is used).
+    amqp_url: SecretStr | list[SecretStr] = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     events_exchange: str = Field("patriot.events", min_length=1)
     history_exchange: str = Field("patriot.history", min_length=1)
     queue_prefix: str = Field("jasper-consumer", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -155,17 +156,30 @@ class Settings(_Strict):
     delivery_limit: int = Field(20, ge=1)
     work_delivery_limit: int = Field(5000, ge=1)
     shutdown_grace_seconds: float = Field(20.0, gt=0)
-    paused_prefetch: int = Field(5000, ge=1, le=65535)
+    # Jobs of a paused type no longer wait in the consumer's prefetch (they are parked),
+    # so this key has no effect; it is still accepted so that older configs start.
+    paused_prefetch: int | None = Field(None, ge=1, le=65535)
+    # The longest a message is held unacked before it is renewed (below the broker's
+    # consumer timeout, 30 min by default): the parked queue's anchor token.
     hold_refresh_seconds: float = Field(20 * 60.0, gt=0)
+    # Outcomes remembered per communicator type (duplicates repeat them without a call).
+    outcome_memory_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     watchdog_interval_seconds: float = Field(5.0, gt=0)
     communicator_types: list[CommunicatorType] = Field(min_length=1)
 
     @field_validator("amqp_url")
     @classmethod
-    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+    def _check_amqp_url(
+        cls, value: SecretStr | list[SecretStr]
+    ) -> SecretStr | list[SecretStr]:
+        urls = value if isinstance(value, list) else [value]
+        if not urls:
+            raise ValueError("the list of node URLs is empty")
+        for n, url in enumerate(urls, 1):
+            parts = urlsplit(url.get_secret_value())
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                where = f"URL {n} of {len(urls)}" if len(urls) > 1 else "it"
+                raise ValueError(f"{where} must be an amqp:// or amqps:// URL with a host")
         return value
 
     @model_validator(mode="after")
@@ -187,8 +201,14 @@ class Settings(_Strict):
         return None
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """Every node's URL, secrets included (pass them only to the AMQP client)."""
+        urls = self.amqp_url if isinstance(self.amqp_url, list) else [self.amqp_url]
+        return [url.get_secret_value() for url in urls]
+
+    @property
     def amqp_url_redacted(self) -> str:
-        return redact_url(self.amqp_url.get_secret_value())
+        return ", ".join(redact_url(url) for url in self.amqp_urls)
 
 
 def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -246,7 +266,10 @@ def format_validation_error(exc: ValidationError, raw: Any) -> list[str]:
         where = _location(loc, raw)
         msg = err["msg"].removeprefix("Value error, ")
         secret = any(any(s in str(p) for s in _SECRET_KEYS) for p in loc)
-        if err["type"] in ("missing", "extra_forbidden") or secret or "input" not in err:
+        given = err.get("input")
+        scalar = given is None or isinstance(given, bool | int | float | str)
+        if (err["type"] in ("missing", "extra_forbidden") or secret or "input" not in err
+                or not scalar):  # a mapping or list may hold secrets: never echo one
             value = ""
         else:
             value = f" (got {err['input']!r})"

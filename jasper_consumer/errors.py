@@ -4,19 +4,21 @@
 
     JasperConsumerError
     ├── ConfigError(ValueError)          start-up stops; one line per problem
-    ├── HandBack                         not applied now (pause, shutdown) → nack, keep order
+    ├── HandBack                         not forwarded now (the router keeps order) → nack
+    ├── TypePaused                       the communicator type is paused → the job is parked
     ├── UnreadableMessage(ValueError)    not an event at all → dead-letter queue
     ├── EventRejected(ValueError)        an event that cannot succeed → failure signal, no API call
     └── JasperError                      Control Center (or the way to it) said no
         ├── JasperRejected               the change was refused; retrying cannot help → fail
         ├── JasperRetryable              transient (5xx, rate limit, network) → back off, retry
         │   └── JasperUnreachable        no HTTP answer at all (refused, reset, DNS, timeout)
-        ├── RetriesExhausted             the retry budget ran out → fail, copy to dead letters
-        ├── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
-        └── CommunicatorDown             only transient errors, Echo fails too → pause the type
+        └── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
 
 A ``JasperError`` carries what a failure signal needs: ``code``, ``http_status``,
-``message`` (the documented meaning, for an operator) and ``retryable``.
+``message`` (the documented meaning, for an operator) and ``retryable``. Errors are
+control flow only: once caught they become a small frozen value
+(:class:`~jasper_consumer.outcomes.Outcome`, :class:`~jasper_consumer.outcomes.ErrorInfo`)
+and are never stored.
 """
 
 from __future__ import annotations
@@ -79,8 +81,18 @@ class ConfigError(JasperConsumerError, ValueError):
 
 
 class HandBack(JasperConsumerError):
-    """The job is not applied now (a pause being refreshed, shutdown): nack it so the
-    broker keeps it, in order, at the head of its queue."""
+    """The router does not forward this event now (an earlier one for its SIM was handed
+    back): nack it so it stays behind that one."""
+
+
+class TypePaused(JasperConsumerError):
+    """The communicator type is paused (SPEC §5): the job is parked with its delayed
+    signal and applied after the resume. ``error`` is the pause's ``ErrorInfo``."""
+
+    def __init__(self, error: Any) -> None:
+        self.error = error
+        self.attempts = 0  # calls made for the job before the pause stopped it
+        super().__init__(f"paused: {getattr(error, 'code', error)}")
 
 
 class UnreadableMessage(JasperConsumerError, ValueError):
@@ -150,35 +162,8 @@ class JasperUnreachable(JasperRetryable):
         super().__init__(JASPER_UNREACHABLE, message, None)
 
 
-class RetriesExhausted(JasperError):
-    """Every retry of a transient failure failed; carries the last error."""
-
-    retryable = True
-
-    def __init__(self, last: JasperError, attempts: int, elapsed_s: float) -> None:
-        super().__init__(
-            RETRIES_EXHAUSTED,
-            f"gave up after {attempts} attempts in {elapsed_s:.1f} s; last error: "
-            f"{last.message} ({last.code})",
-            last.http_status,
-        )
-        self.last = last
-        self.attempts = attempts
-
-
 class CommunicatorMisconfigured(JasperError):
     """The communicator type's settings are wrong (credentials, API version, role): pause it."""
 
     retryable = True
     pauses_type = True
-
-
-class CommunicatorDown(JasperError):
-    """The account answers only transient errors and Echo fails too: pause, do not fail."""
-
-    retryable = True
-    pauses_type = True
-
-    def __init__(self, last: JasperError) -> None:
-        super().__init__(last.code, last.message, last.http_status)
-        self.last = last

@@ -72,9 +72,10 @@ class Job(BaseModel):
     iccid: str
     communicator_type: str
     occurred_at: datetime | None = None
-    # When the router forwarded it (ns since the epoch, strictly increasing per router):
-    # the worker uses it to recognise an older job that a redelivery put behind a newer one.
-    routed_ns: int = 0
+    # The router's stamp: strictly increasing across routers and failovers (the router
+    # epoch, kept in the broker, times 10**12, plus a counter). The worker uses it to
+    # recognise an older job that reached it after a newer one for the same SIM. 0: unknown.
+    stamp: int = 0
     replayed: bool = False  # re-queued by an operator: apply even if this event was seen
 
     def to_event(self) -> dict[str, Any]:
@@ -160,6 +161,10 @@ def parse_event(body: bytes, settings: Settings) -> Job:
     except json.JSONDecodeError as exc:
         raise UnreadableMessage(f"body is not JSON: {exc.msg} at line {exc.lineno} "
                                 f"column {exc.colno}") from None
+    except RecursionError:
+        raise UnreadableMessage("body is not JSON this service reads: nested too deep") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise UnreadableMessage(f"body is not JSON this service reads: {exc}"[:300]) from None
     if not isinstance(data, dict):
         raise UnreadableMessage(f"body is a JSON {type(data).__name__}, not an object")
     client_id = data.get("client_id")

@@ -1,13 +1,24 @@
-"""Publishing with publisher confirms and ``mandatory``: signals, work items, dead letters.
+"""Publishing with publisher confirms and ``mandatory``: signals, parked jobs, work items,
+dead letters — and :meth:`History.report`, the one place a signal is built, published,
+counted and logged.
 
-A publish returns only once the broker has confirmed the message; a nack, a
-return (unroutable message) or a lost channel raises :class:`PublishFailed`, and
-the caller leaves its input message unacknowledged so it is redelivered.
+A publish returns only once the broker has confirmed the message; a nack, a return
+(unroutable message) or a lost channel raises :class:`PublishFailed`, and the caller
+leaves its input message unacknowledged.
+
+A delayed signal of a job that waits for a paused type is also the job's place in the
+type's parked queue: it is published once, to the history exchange, with a ``BCC``
+routing key that only the parked queue is bound to (RabbitMQ's sender-selected
+distribution; the header is removed before delivery). One confirmed publish records
+both "this job had its delayed signal" and "this job waits here" (SPEC §5).
 """
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import logging
+import os
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -15,27 +26,40 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
 
+from . import log as jlog
+from . import signals
 from .errors import JasperConsumerError
+from .events import Job, Partial
 from .metrics import Metrics
-from .signals import Signal
+from .outcomes import ErrorInfo, Outcome, Result
+from .signals import Kind, Signal, SignalError
 from .topology import DEAD_REASON_HEADER, Names
 
+log = logging.getLogger(__name__)
+
 _CONFIRM_TIMEOUT_S = 30.0
+_PREFIX = os.urandom(6).hex()  # message ids: unique per process, and no syscall per message
+_COUNTER = itertools.count()
 
 
 class PublishFailed(JasperConsumerError):
     """The broker did not confirm a publish; the input message must not be acked."""
 
 
-class Publisher:
+def message_id() -> str:
+    return f"{_PREFIX}-{next(_COUNTER)}"
+
+
+class History:
     """Publishes on one channel opened with ``publisher_confirms`` and ``on_return_raises``."""
 
     def __init__(self, channel: AbstractChannel, names: Names, metrics: Metrics) -> None:
         self._names = names
         self._metrics = metrics
+        self._channel = channel
         self._history: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
-        self._channel = channel
+        self._finals: dict[tuple[str, str, str], Any] = {}
 
     async def _exchange(self, name: str) -> AbstractExchange:
         return await self._channel.get_exchange(name, ensure=False)
@@ -50,9 +74,79 @@ class Publisher:
             raise PublishFailed(
                 f"broker did not confirm publish to {exchange.name or '(default)'!r} "
                 f"with routing key {routing_key!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+            ) from None
 
-    async def signal(self, signal: Signal) -> None:
+    # -- signals ---------------------------------------------------------------------------
+
+    async def report(
+        self,
+        subject: Job | Partial,
+        kind: Kind,
+        *,
+        type_label: str,
+        attempts: int,
+        started: float,
+        sim_status: str | None = None,
+        error: ErrorInfo | None = None,
+        backlog: bool = False,
+        park_key: str | None = None,
+        park_headers: HeadersType | None = None,
+        reason: str | None = None,
+    ) -> Signal:
+        """Build the signal, publish it (confirmed), count it and log its line.
+
+        ``park_key``: a delayed signal that is also the job's place in the parked queue
+        bound with that key (see the module docstring). ``type_label`` is the metric label:
+        a configured type's name, or ``unknown``.
+        """
+        duration_ms = (time.perf_counter() - started) * 1000
+        serr = SignalError(**error.as_dict()) if error is not None else None
+        if kind is Kind.DELAYED:
+            assert isinstance(subject, Job)
+            assert serr is not None
+            signal = signals.delayed(subject, serr, attempts, duration_ms, backlog=backlog)
+        elif kind is Kind.SUCCEEDED:
+            assert isinstance(subject, Job)
+            signal = signals.succeeded(subject, sim_status, attempts, duration_ms)
+        else:
+            assert serr is not None
+            signal = signals.failed(subject, serr, attempts, duration_ms, sim_status)
+        headers: dict[str, Any] = dict(park_headers or {})
+        if park_key is not None:
+            headers["BCC"] = [park_key]
+        await self.publish_signal(signal, headers or None)
+        self._count(signal, type_label)
+        jlog.outcome(
+            event_id=signal.event_id, client_id=signal.client_id,
+            communicator_type=signal.communicator_type, command=signal.command,
+            outcome=signal.outcome, error_code=serr.code if serr else None,
+            attempts=attempts, duration_ms=signal.duration_ms,
+            **({"reason": reason} if reason else {}),
+        )
+        return signal
+
+    async def final(self, job: Job, outcome: Outcome, *, started: float, type_label: str,
+                    attempts: int) -> Signal:
+        """The final signal of a job from its outcome."""
+        kind = Kind.SUCCEEDED if outcome.result is Result.SUCCEEDED else Kind.FAILED
+        return await self.report(job, kind, type_label=type_label, attempts=attempts,
+                                 started=started, sim_status=outcome.sim_status,
+                                 error=outcome.error)
+
+    def _count(self, signal: Signal, type_label: str) -> None:
+        if signal.outcome is Kind.DELAYED:
+            self._metrics.delayed.labels(type_label).inc()
+            return
+        key = (type_label, signal.command.value if signal.command else "unknown",
+               signal.outcome.value)
+        child = self._finals.get(key)
+        if child is None:
+            child = self._finals[key] = self._metrics.commands.labels(*key)
+        child.inc()
+        if signal.outcome is Kind.SUCCEEDED:
+            self._metrics.last_success.labels(type_label).set(time.time())
+
+    async def publish_signal(self, signal: Signal, headers: HeadersType | None = None) -> None:
         """Publish a result signal to the history exchange."""
         if self._history is None:
             self._history = await self._exchange(self._names.history_exchange)
@@ -61,8 +155,9 @@ class Publisher:
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=signal.event_id,
-            message_id=str(uuid.uuid4()),
+            message_id=message_id(),
             type=signal.outcome.routing_key,
+            headers=headers,
         )
         try:
             await self._publish(self._history, message, signal.outcome.routing_key)
@@ -70,9 +165,11 @@ class Publisher:
             self._metrics.history_publish_failures.inc()
             raise
 
-    async def work(self, queue_name: str, body: bytes, message_id: str,
-                   headers: HeadersType | None = None) -> None:
-        """Put a job on a communicator type's work queue (default exchange)."""
+    # -- other publishes -------------------------------------------------------------------
+
+    async def to_queue(self, queue_name: str, body: bytes, message_id: str | None,
+                       headers: HeadersType | None = None) -> None:
+        """Put a message on a queue of ours (default exchange): a job, a parked job, a token."""
         message = aio_pika.Message(
             body,
             content_type="application/json",

@@ -1,47 +1,67 @@
 """Stage 1: read an event, then forward it to its work queue, fail it, or dead-letter it.
 
-* unreadable (too big, not UTF-8/JSON/an object, no ``client_id``) → ``<prefix>.dead``;
+* unreadable (too big, not UTF-8/JSON/an object, no ``client_id``, anything the parser
+  raises) → ``<prefix>.dead``;
 * an event that cannot succeed (§4 local codes) → a ``jasper.failed`` signal, no API call;
 * otherwise → the communicator type's work queue, as a :class:`~.events.Job`.
 
 Events for the same ICCID are forwarded one after another in delivery order (the
 next is published only after the previous one is confirmed), so the work queue
 holds them in publish order; events for different ICCIDs go through concurrently.
+
+Each job carries a *stamp* that orders it against every other job for its SIM, also
+across router failovers: ``epoch * 10**12 + n``. The epoch lives in the broker
+(``<prefix>.router-epoch``): a router that becomes the events queue's active consumer
+takes the highest epoch there, adds one and writes it back before its first forward.
+A new router therefore stamps above every job of the old one, whatever the clocks say.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from . import log as jlog
 from .config import Settings
 from .edge import settle
 from .errors import HandBack, UnreadableMessage
 from .events import Job, Rejected, parse_event
-from .history import Publisher
+from .history import History, message_id
 from .metrics import Metrics
-from .signals import SignalError, failed
+from .outcomes import ErrorInfo
+from .signals import Kind
 from .topology import REPLAYED_HEADER, Names
 
 log = logging.getLogger(__name__)
+
+EPOCH_SCALE = 10**12
 
 
 class Router:
     """Consumes ``<prefix>.events``; see the module docstring."""
 
-    def __init__(self, settings: Settings, publisher: Publisher, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, history: History, metrics: Metrics,
+                 channel: AbstractChannel) -> None:
         self._settings = settings
-        self._publisher = publisher
+        self._history = history
         self._metrics = metrics
+        self._channel = channel
         self._names = Names.from_settings(settings)
         self._work_queues = {ct.name: self._names.work_queue(ct)
                              for ct in settings.communicator_types}
+        self._types = frozenset(self._work_queues)
         self._tails: dict[str, asyncio.Future[bool]] = {}
-        self._last_ns = 0
+        self._received = {code: metrics.events_received.labels(str(code))
+                          for code in settings.commands}
+        self._received_other = metrics.events_received.labels("other")
+        self._owner: object | None = None
+        self._epoch: asyncio.Future[int] | None = None
+        self._counter = itertools.count(1)
+        self.stopping = False
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         # Until the first await this runs in delivery order: parse and join the ICCID's
@@ -49,6 +69,11 @@ class Router:
         # acked, so a crash can never leave a later event acked and an earlier one not.
         # If this one is handed back (it goes to the back of the queue), the ones behind
         # it in the chain are handed back too, so they stay behind it.
+        if self.stopping:
+            return  # not acked: returned in order when the channel closes
+        if message.channel is not self._owner:  # this router just became the active one
+            self._owner = message.channel
+            self._epoch = asyncio.ensure_future(self._next_epoch())
         started = time.perf_counter()
         try:
             job = parse_event(message.body, self._settings)
@@ -58,11 +83,15 @@ class Router:
             return
         except Rejected as exc:
             rejected = exc
-            self._metrics.events_received.labels(self._code_label(exc.partial.event_code)).inc()
+            self._count(exc.partial.event_code)
             await settle(message, lambda m: self._reject(m, rejected, started),
                          self._metrics, "route")
             return
-        self._metrics.events_received.labels(self._code_label(job.event_code)).inc()
+        except Exception as exc:  # whatever else the parser raises, the message is settled
+            reason = f"the parser failed on this body: {type(exc).__name__}"
+            await settle(message, lambda m: self._dead_letter(m, reason), self._metrics, "route")
+            return
+        self._count(job.event_code)
         key = f"{job.communicator_type}\x00{job.iccid}"
         previous = self._tails.get(key)
         mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -80,18 +109,34 @@ class Router:
             if self._tails.get(key) is mine:
                 del self._tails[key]
 
-    def _code_label(self, code: int | None) -> str:
+    def _count(self, code: int | None) -> None:
         """Event codes of the commands map are labels; any other code is "other"."""
-        return str(code) if code in self._settings.commands else "other"
+        child = self._received.get(code) if code is not None else None
+        (child or self._received_other).inc()
+
+    async def _next_epoch(self) -> int:
+        """Take the highest epoch in the broker, add one, write it back (see module doc)."""
+        queue = await self._channel.get_queue(self._names.epoch_queue, ensure=False)
+        seen = []
+        while (got := await queue.get(fail=False, no_ack=False)) is not None:
+            seen.append(got)
+        epochs = [int(m.body) for m in seen if m.body.isdigit()]
+        epoch = max(epochs, default=0) + 1
+        await self._history.to_queue(self._names.epoch_queue, str(epoch).encode(), message_id())
+        for got in seen:
+            with contextlib.suppress(Exception):
+                await got.ack()
+        log.info("routing with epoch %d", epoch, extra={"fields": {"epoch": epoch}})
+        self._counter = itertools.count(1)
+        return epoch
 
     async def _forward(self, job: Job, *, replayed: bool) -> None:
-        self._last_ns = max(time.time_ns(), self._last_ns + 1)
-        stamped = job.model_copy(update={"routed_ns": self._last_ns, "replayed": replayed})
-        await self._publisher.work(
-            self._work_queues[job.communicator_type],
-            stamped.model_dump_json().encode(),
-            message_id=job.event_id,
-        )
+        assert self._epoch is not None
+        epoch = await asyncio.shield(self._epoch)
+        stamped = job.model_copy(update={"stamp": epoch * EPOCH_SCALE + next(self._counter),
+                                         "replayed": replayed})
+        await self._history.to_queue(self._work_queues[job.communicator_type],
+                                     stamped.model_dump_json().encode(), job.event_id)
 
     async def _reject(
         self, message: AbstractIncomingMessage, exc: Rejected, started: float
@@ -99,25 +144,17 @@ class Router:
         partial = exc.partial
         if partial.event_id is None and message.message_id:
             partial = partial.model_copy(update={"event_id": message.message_id})
-        signal = failed(
-            partial,
-            SignalError(code=exc.code, http_status=None, message=exc.message, retryable=False),
-            attempts=0,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
-        await self._publisher.signal(signal)
+        known = partial.communicator_type in self._types
+        await self._history.report(
+            partial, Kind.FAILED, type_label=partial.communicator_type if known  # type: ignore[arg-type]
+            else "unknown", attempts=0, started=started,
+            error=ErrorInfo(exc.code, None, exc.message, False), reason=exc.message)
         self._metrics.local_failures.labels(exc.code).inc()
-        jlog.outcome(
-            event_id=signal.event_id, client_id=signal.client_id,
-            communicator_type=signal.communicator_type, command=signal.command,
-            outcome=signal.outcome, error_code=exc.code, attempts=0,
-            duration_ms=signal.duration_ms, reason=exc.message,
-        )
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         headers = dict(message.headers or {})
         headers["x-jasper-routing-key"] = message.routing_key or ""
-        await self._publisher.dead_letter(
+        await self._history.dead_letter(
             message.body, reason, message_id=message.message_id,
             headers=headers, content_type=message.content_type,
         )

@@ -11,7 +11,9 @@ from .config import Command
 from .events import Job, Partial
 
 
-class Outcome(StrEnum):
+class Kind(StrEnum):
+    """A signal's ``outcome`` field and routing key (SPEC §4)."""
+
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     DELAYED = "delayed"
@@ -39,7 +41,7 @@ class Signal(BaseModel):
     command: Command | None
     iccid: str | None
     communicator_type: str | None
-    outcome: Outcome
+    outcome: Kind
     sim_status: str | None = None
     error: SignalError | None = None
     attempts: int = 0
@@ -55,7 +57,7 @@ def _subject(command: Command | None, iccid: str | None) -> str:
     return f"{verb} SIM {iccid}" if iccid else f"{verb} SIM"
 
 
-def _signal(job: Job | Partial, outcome: Outcome, *, text: str, attempts: int,
+def _signal(job: Job | Partial, outcome: Kind, *, text: str, attempts: int,
             duration_ms: float, sim_status: str | None = None,
             error: SignalError | None = None) -> Signal:
     return Signal(
@@ -77,7 +79,7 @@ def _signal(job: Job | Partial, outcome: Outcome, *, text: str, attempts: int,
 
 def succeeded(job: Job, sim_status: str | None, attempts: int, duration_ms: float) -> Signal:
     return _signal(
-        job, Outcome.SUCCEEDED,
+        job, Kind.SUCCEEDED,
         text=f"SIM {job.iccid} {job.command.past_tense} via {job.communicator_type}",
         sim_status=sim_status or job.command.target_status,
         attempts=attempts, duration_ms=duration_ms)
@@ -92,15 +94,20 @@ def failed(
 ) -> Signal:
     via = f" via {job.communicator_type}" if job.communicator_type else ""
     return _signal(
-        job, Outcome.FAILED,
+        job, Kind.FAILED,
         text=f"Could not {_subject(job.command, job.iccid)}{via}: {error.message} ({error.code})",
         sim_status=sim_status, error=error, attempts=attempts, duration_ms=duration_ms)
 
 
-def delayed(job: Job, error: SignalError, attempts: int, duration_ms: float) -> Signal:
+def delayed(job: Job, error: SignalError, attempts: int, duration_ms: float, *,
+            backlog: bool = False) -> Signal:
+    """The interim signal of a job that waits for a paused type (SPEC §5); ``backlog`` when
+    the type is up again but the job waits behind those held up by the pause."""
+    why = (f"{job.communicator_type} was paused ({error.message}, {error.code}) and the "
+           "events held up meanwhile are applied first" if backlog else
+           f"{error.message} ({error.code}); it will be applied once "
+           f"{job.communicator_type} answers again")
     return _signal(
-        job, Outcome.DELAYED,
-        text=(f"Waiting to {_subject(job.command, job.iccid)} via {job.communicator_type}: "
-              f"{error.message} ({error.code}); it will be applied once "
-              f"{job.communicator_type} answers again"),
+        job, Kind.DELAYED,
+        text=f"Waiting to {_subject(job.command, job.iccid)} via {job.communicator_type}: {why}",
         error=error, attempts=attempts, duration_ms=duration_ms)

@@ -8,6 +8,9 @@
                                                DLX <p>.dlx, work delivery limit)
     patriot.history (topic) ──jasper.#──▶ <p>.history (quorum)
     <p>.dlx (fanout) ────────────────────▶ <p>.dead (quorum)
+    patriot.history ──<p>.parked.<slug> (BCC only)──▶ <p>.parked.<slug> (quorum): jobs that
+                                               wait for a paused type, with their delayed signal
+    (default exchange)     ──────────────▶ <p>.router-epoch (quorum): the router's epoch
 
 Declaring is idempotent; the same arguments are used every time so a redeclare on
 an existing broker never fails with PRECONDITION_FAILED.
@@ -57,6 +60,14 @@ class Names:
 
     def work_queue(self, ct: CommunicatorType) -> str:
         return f"{self.prefix}.work.{ct.slug}"
+
+    def parked_queue(self, ct: CommunicatorType) -> str:
+        """Jobs of a paused type (also the BCC routing key that reaches it)."""
+        return f"{self.prefix}.parked.{ct.slug}"
+
+    @property
+    def epoch_queue(self) -> str:
+        return f"{self.prefix}.router-epoch"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Names:
@@ -126,14 +137,21 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
     for code in sorted(settings.commands):
         await events_q.bind(events_x, routing_key=f"event.{code}")
 
+    await channel.declare_queue(
+        names.epoch_queue, durable=True, arguments={"x-queue-type": "quorum"})
+
     work: dict[str, AbstractQueue] = {}
     for ct in settings.communicator_types:
         work[ct.name] = await channel.declare_queue(
             names.work_queue(ct), durable=True,
-            # A pause hands held messages back every hold_refresh_seconds, and each
-            # hand-back counts as a delivery: this limit must outlast long pauses.
+            # Returns after crashes and failovers count as deliveries, and so do the
+            # owner's anchor tokens during a pause: this limit must outlast long pauses.
             arguments=_quorum(settings, settings.work_delivery_limit,
                               **{"x-single-active-consumer": True}))
+        parked = await channel.declare_queue(
+            names.parked_queue(ct), durable=True,
+            arguments=_quorum(settings, settings.work_delivery_limit))
+        await parked.bind(history_x, routing_key=names.parked_queue(ct))
     return Topology(names, events_x, history_x, dead_x, events_q, work)
 
 
@@ -142,6 +160,8 @@ async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
     names = Names.from_settings(settings)
     queues = [names.events_queue, names.history_queue, names.dead_queue]
     queues += [names.work_queue(ct) for ct in settings.communicator_types]
+    queues += [names.parked_queue(ct) for ct in settings.communicator_types]
+    queues.append(names.epoch_queue)
     for q in queues:
         await channel.queue_delete(q)
     await channel.exchange_delete(names.dead_exchange)

@@ -1,438 +1,359 @@
-"""Stage 2, one per communicator type: apply jobs to Control Center, in order per SIM.
+"""Stage 2, one per communicator type: take jobs from its work queue, apply them, settle.
 
-The work queue has a single active consumer, so this process is the only one
-talking to the account. Within it:
+The work queue has a single active consumer: the process whose consumer is active owns
+the type, and only it calls the account (SPEC §6). A process learns that it owns the
+type from a delivery on a channel it had not owned before; it then waits one call
+interval plus the request timeout before its first call (the previous owner's last
+request may still be open) and reads the parked queue's depth. Losing the channel loses
+the type: calls stop, probing stops, the broker returns every unacked message.
 
-* **order per ICCID** — a job starts only when the previous job for its ICCID has
-  been settled (signal confirmed and acked), so a crash can never leave a later job
-  acked and an earlier one redelivered; jobs for other ICCIDs run concurrently,
-  within the client's :class:`~.jasper.Limiter`;
-* **stale redeliveries** — RabbitMQ 3.x quorum queues put a returned message at the
-  back of the queue, so after a crash or a hand-back an older job for a SIM can arrive
-  after a newer one. Jobs carry the router's stamp; a job older than one already
-  applied here for its ICCID is not applied (``SUPERSEDED``), and a job whose event
-  was already applied here gets that outcome again without a call;
-* **coalescing** — a job identical to the last queued or in-flight job for its
-  ICCID joins that call instead of making its own; each job still gets a signal;
-* **pause** — an error that says the type's settings are wrong (key, API version,
-  role), or an outage (transient errors and Echo failing too), stops calls. The
-  consumer's prefetch is raised so queued jobs arrive too, and each waiting job gets
-  one ``jasper.delayed`` signal. Echo probes (re-reading ``api_key_file``) run with
-  back-off between 1 and 30 s; when one passes, the jobs go on in order. Held
-  messages are handed back to the queue (in order, to its head) before the broker's
-  consumer timeout would cancel them, and consumed again.
+Each job goes to :class:`~.lanes.Lanes` (order per SIM, coalescing, outcomes) and is
+applied by ``max_concurrency`` runners within the account's limits; its signal is
+published and confirmed before its message is acked. While the type is paused, or jobs
+held up by a pause still wait, jobs go to :class:`~.parking.Parking` instead, each with
+its delayed signal. Nothing here ever nacks: a message not done is returned by the
+broker when the channel closes, to the head of its queue and in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
-from . import errors, signals
-from . import log as jlog
-from .config import Command, CommunicatorType, Settings
-from .edge import Handler, settle
-from .errors import HandBack, JasperError, JasperRejected, RetriesExhausted
+from .config import CommunicatorType, Settings
+from .errors import TypePaused
 from .events import Job
-from .history import Publisher
-from .jasper import CallResult, JasperClient
+from .history import History, PublishFailed
+from .jasper.answers import retry_reason
+from .jasper.client import JasperClient
+from .jasper.retry import change_status
+from .lanes import Entry, Immediate, Lanes, Member, Memory, identity
 from .metrics import Metrics
-from .signals import Signal, SignalError
+from .outcomes import ErrorInfo, Outcome
+from .parking import TOKEN_HEADER, Parking
+from .pause import Pause
+from .topology import Names
 
 log = logging.getLogger(__name__)
 
-PROBE_MIN_INTERVAL_S = 1.0
-PROBE_MAX_INTERVAL_S = 30.0
-PROBE_REPAUSE_MAX_S = 300.0
-# Event ids remembered as having had their delayed signal: more than paused_prefetch can
-# hold (at most 65,535), so only ids of long-gone messages are ever dropped.
-DELAYED_MEMORY = 100_000
-
-T = TypeVar("T")
+REPUBLISH_MAX_S = 30.0  # a signal the broker did not confirm is published again, backing off
 
 
-@dataclass(eq=False)
-class _Call:
-    """One API call serving one or more identical jobs for an ICCID, and their settling.
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """A job's message and where it came from."""
 
-    It stays the ICCID's tail until every member's message is settled, so the next
-    job for the ICCID starts only after all of them are acked or handed back.
-    """
-
-    iccid: str
-    command: Command
-    tails: dict[str, _Call]
-    result: asyncio.Future[CallResult | JasperError | HandBack]
-    members: int = 1
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def member_done(self) -> None:
-        self.members -= 1
-        if self.members == 0 and self.result.done():
-            self.settled.set()
-            if self.tails.get(self.iccid) is self:
-                del self.tails[self.iccid]
-
-
-class _Recent:
-    """What this process applied lately: outcomes by event id, newest stamp by ICCID."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._size = size
-        self._outcomes: OrderedDict[str, CallResult | JasperError] = OrderedDict()
-        self._newest: OrderedDict[str, tuple[int, str]] = OrderedDict()
-
-    def outcome(self, job: Job) -> CallResult | JasperError | None:
-        return self._outcomes.get(job.event_id)
-
-    def newer_than(self, job: Job) -> str | None:
-        """The event id of a newer job already applied for the ICCID, if any."""
-        newest = self._newest.get(job.iccid)
-        if newest is not None and job.routed_ns and newest[0] > job.routed_ns:
-            return newest[1]
-        return None
-
-    def record(self, job: Job, outcome: CallResult | JasperError) -> None:
-        self._outcomes[job.event_id] = outcome
-        if job.routed_ns >= self._newest.get(job.iccid, (0, ""))[0]:
-            self._newest[job.iccid] = (job.routed_ns, job.event_id)
-            self._newest.move_to_end(job.iccid)
-        for table in (self._outcomes, self._newest):
-            while len(table) > self._size:
-                table.popitem(last=False)
+    message: AbstractIncomingMessage
+    parked: bool  # from the parked queue (else the work queue)
+    started: float  # perf_counter when it arrived
 
 
 class Worker:
     """Consumes ``<prefix>.work.<slug>`` for one communicator type."""
 
     def __init__(
-        self,
-        ct: CommunicatorType,
-        settings: Settings,
-        client: JasperClient,
-        publisher: Publisher,
-        metrics: Metrics,
-        *,
-        channel: AbstractChannel,
-        queue: AbstractQueue,
-        track: Callable[[Handler], Handler] = lambda handler: handler,
-        prefetch: int | None = None,
+        self, ct: CommunicatorType, settings: Settings, client: JasperClient,
+        history: History, metrics: Metrics, *, queue: AbstractQueue, names: Names,
+        open_channel: Callable[[], Awaitable[AbstractChannel]], parked_prefetch: int,
     ) -> None:
         self.ct = ct
+        self.queue = queue
+        self.consumer_tag: str | None = None
         self._settings = settings
         self._client = client
-        self._publisher = publisher
-        self._metrics = metrics
-        self._channel = channel
-        self._prefetch = prefetch or settings.prefetch  # while not paused
-        self.queue = queue
-        self._callback = track(self.on_message)
-        self.consumer_tag: str | None = None
-        self._tails: dict[str, _Call] = {}
-        self._recent = _Recent()
-        self._unsettled = 0
-        self._state = asyncio.Condition()
-        self._pause: JasperError | None = None
-        self._paused = asyncio.Event()  # set while _pause is not None
-        self._paused_at = 0.0
-        self._handing_back = False
-        # Event ids that got their delayed signal (insertion-ordered, oldest dropped first:
-        # ids handed to another replica never reach _finish here).
-        self._delayed_sent: dict[str, None] = {}
-        self._probe_task: asyncio.Task[None] | None = None
-        self._refresh_task: asyncio.Task[None] | None = None
-        self._refreshing = False
-        self._probe_floor_s = PROBE_MIN_INTERVAL_S
-        self._succeeded_since_resume = True
-        self.hand_backs = 0  # times held messages were handed back during a pause
-        metrics.communicator_up.labels(ct.name).set(1)
-        metrics.inflight.labels(ct.name).set(0)
+        self._history = history
+        self._retries = {r: metrics.retries.labels(ct.name, r) for r in (
+            "rate_limited", "timeout", "unreachable", "server_error", "unexpected_response")}
+        self._dead = metrics.dead_lettered.labels("invalid_job")
+        self._dead_exhausted = metrics.dead_lettered.labels("retries_exhausted")
+        self._coalesced = metrics.coalesced.labels(ct.name)
+        self._processing = metrics.event_processing.labels("apply")
+        self.lanes: Lanes[Delivery] = Lanes(Memory(settings.outcome_memory_bytes))
+        self.pause = Pause(ct.name, metrics, echo=client.probe, on_pause=self._on_pause,
+                           on_resume=self._on_resume)
+        self.parking = Parking(ct, names, history, open_channel=open_channel,
+                               on_job=self._from_parking, prefetch=parked_prefetch,
+                               anchor_refresh_s=settings.hold_refresh_seconds)
+        self._owner: object | None = None  # the underlying channel we own the type on
+        self._ready = asyncio.Event()  # ownership taken over: jobs may be placed
+        self._waiting: list[AbstractIncomingMessage] = []  # arrived during the take-over
+        self._kick = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._runners: list[asyncio.Task[None]] = []
+        self._chains: dict[str, asyncio.Future[None]] = {}  # parking, in order per SIM
+        self._signalled: set[tuple[str, str, str]] = set()  # parked here with a signal
+        self._stopping = False
 
-    # -- consuming -------------------------------------------------------------------------
+    # -- consuming and ownership -----------------------------------------------------------
 
     async def start(self) -> None:
-        self.consumer_tag = await self.queue.consume(self._callback)
+        self.queue.channel.close_callbacks.add(self._lost)
+        self.consumer_tag = await self.queue.consume(self._on_message)
 
-    async def stop_consuming(self) -> None:
-        if self.consumer_tag is not None:
-            tag, self.consumer_tag = self.consumer_tag, None
-            with contextlib.suppress(Exception):
-                await self.queue.cancel(tag)
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping:
+            return  # not acked: returned in order when the channel closes
+        if message.channel is not self._owner:
+            self._take(message.channel)
+        if not self._ready.is_set():
+            self._waiting.append(message)
+            return
+        await self._arrived(message)
 
-    async def begin_shutdown(self) -> None:
-        """Stop consuming; jobs not yet sent to Control Center are handed back at once."""
-        await self.stop_consuming()
-        self._client.limiter.abort_waiting(
-            JasperError("SHUTTING_DOWN", "the service is stopping"))
-        await self._notify(handing_back=True)
+    def _take(self, channel: object) -> None:
+        """A delivery on a channel we did not own: this process now owns the type."""
+        self._reset()
+        self._owner = channel
+        self._client.limiter.reopen()
+        self._client.limiter.hold_off(self._client.limiter.interval_s
+                                      + self.ct.request_timeout_seconds)
+        self._spawn(self._take_over(channel))
 
-    async def close(self) -> None:
-        """Stop probing (after begin_shutdown and the drain)."""
-        for task in (self._probe_task, self._refresh_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    async def _take_over(self, channel: object) -> None:
+        count = await self.parking.take_over()
+        if channel is not self._owner:
+            return
+        log.info("took over %s (%d jobs parked)", self.ct.name, count,
+                 extra={"fields": {"communicator_type": self.ct.name, "parked": count}})
+        self._runners = [asyncio.create_task(self._run(), name=f"apply {self.ct.name}")
+                         for _ in range(self.ct.max_concurrency)]
+        await self.parking.start_draining()
+        self._ready.set()
+        waiting, self._waiting = self._waiting, []
+        for message in waiting:
+            await self._arrived(message)
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
+    def _lost(self, *_: object) -> None:
+        """The work queue's channel closed: the type may have another owner now."""
+        if self._owner is not None:
+            log.warning("lost the work queue of %s; stopping its calls", self.ct.name,
+                        extra={"fields": {"communicator_type": self.ct.name}})
+        self._reset()
+
+    def _reset(self) -> None:
+        self._owner = None
+        self._ready.clear()
+        self._waiting.clear()
+        for task in [*self._runners, *self._tasks]:
+            task.cancel()
+        self._runners.clear()
+        self._tasks.clear()
+        self._chains.clear()
+        self._signalled.clear()
+        self.lanes.clear()
+        self._client.limiter.abort_waiting(TypePaused("ownership lost"))
+        self._spawn(self.pause.stop(), tracked=False)
+        self._spawn(self.parking.give_up(), tracked=False)
+
+    def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
+        task = asyncio.ensure_future(coro)
+        if tracked:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    @property
+    def parking_jobs(self) -> bool:
+        """Jobs go to the parked queue: the type is paused, or others wait there."""
+        return self.pause.error is not None or self.parking.count > 0
+
+    async def _arrived(self, message: AbstractIncomingMessage) -> None:
+        if (message.headers or {}).get(TOKEN_HEADER) is not None:
+            await self.parking.token(message)
+            return
         started = time.perf_counter()
         try:
             job = Job.model_validate_json(message.body)
         except ValidationError as exc:
             reason = (f"work item is not a job: {exc.error_count()} problem(s), first: "
                       f"{exc.errors()[0]['msg']}")
-            await settle(message, lambda m: self._dead_letter(m, reason), self._metrics, "apply")
+            await self._history.dead_letter(message.body, reason, message_id=message.message_id)
+            self._dead.inc()
+            log.error(reason, extra={"fields": {"message_id": message.message_id}})
+            await _ack(message)
             return
+        delivery = Delivery(message, parked=False, started=started)
+        if self._to_parking(job):
+            self._spawn(self._chain(job.iccid, self._park(job, delivery, 0)))
+            return
+        self._place(job, delivery)
 
-        # Until the first await this runs in delivery order: join or extend the chain here.
-        self._unsettled += 1
-        tail = self._tails.get(job.iccid)
+    def _to_parking(self, job: Job) -> bool:
+        """A job from the work queue goes to the parked queue while the type parks jobs,
+        unless its SIM has work here from before the pause (it joins that, in order), or
+        it needs no call (a remembered duplicate, a superseded job)."""
+        if not self.parking_jobs:
+            return False
+        lane = self.lanes.lane(job.iccid)
+        if lane and not any(m.payload.parked for e in lane for m in e.members):
+            return False
+        return self.lanes.known(job) is None
+
+    def _from_parking(self, job: Job, message: AbstractIncomingMessage) -> None:
+        self._signalled.add(identity(job))
+        self._place(job, Delivery(message, parked=True, started=time.perf_counter()))
+
+    def _place(self, job: Job, delivery: Delivery) -> None:
+        placed = self.lanes.deliver(job, delivery)
+        if isinstance(placed, Immediate):
+            self._spawn(self._settle(job, delivery, placed.outcome, 0))
+            return
+        if placed.joined:
+            self._coalesced.inc()
+        self._kick.set()
+
+    # -- applying --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            entry = None if self.pause.error is not None else self.lanes.next_ready()
+            if entry is None:
+                self._kick.clear()
+                await self._kick.wait()
+                continue
+            self.lanes.start(entry)
+            await self._apply(entry)
+
+    async def _apply(self, entry: Entry[Delivery]) -> None:
+        job = entry.leader
         try:
-            if tail is not None and tail.command is job.command and not tail.result.done():
-                tail.members += 1
-                self._metrics.coalesced.labels(self.ct.name).inc()
-                try:
-                    await settle(message, lambda m: self._follow(job, tail, started),
-                                 self._metrics, "apply")
-                finally:
-                    tail.member_done()
-                return
-            call = _Call(job.iccid, job.command, self._tails,
-                         asyncio.get_running_loop().create_future())
-            self._tails[job.iccid] = call
+            outcome = await change_status(self._client, job.iccid, job.command,
+                                          self._settings.retry, self.pause,
+                                          on_retry=self._on_retry)
+        except TypePaused as exc:
+            entry.attempts += exc.attempts
+            self.lanes.unstart(entry)  # it waits again; while paused its lane is parked
+            if self.pause.error is not None:
+                self._spawn(self._chain(entry.iccid, self._park_lane(entry.iccid)))
+            return
+        self.lanes.finish(entry, outcome)
+        await asyncio.gather(*(
+            self._settle(m.job, m.payload, outcome, outcome.attempts if i == 0 else 0, entry, m)
+            for i, m in enumerate(entry.members)))
+
+    def _on_retry(self, err: Any, tries: int, wait: float) -> None:
+        self._retries[retry_reason(err)].inc()
+        log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
+            "communicator_type": self.ct.name, "code": err.code,
+            "http_status": err.http_status, "attempt": tries, "wait_s": round(wait, 3)}})
+
+    async def _settle(self, job: Job, delivery: Delivery, outcome: Outcome, attempts: int,
+                      entry: Entry[Delivery] | None = None,
+                      member: Member[Delivery] | None = None) -> None:
+        """Publish the job's final signal (and its dead-letter copy when retries ran out)
+        until the broker confirms, then ack its message; then the next job of its SIM."""
+        await self._until_confirmed(lambda: self._final(job, delivery, outcome, attempts))
+        if delivery.parked:
+            await self.parking.acked(delivery.message)
+        elif await _ack(delivery.message):
+            self._processing.observe(time.perf_counter() - delivery.started)
+        if entry is not None and member is not None and self.lanes.settled(entry, member):
+            self._kick.set()
+            if self.pause.error is not None:
+                self._spawn(self._chain(entry.iccid, self._park_lane(entry.iccid)))
+
+    async def _final(self, job: Job, delivery: Delivery, outcome: Outcome, attempts: int) -> None:
+        if outcome.exhausted:  # the copy first: a confirmed signal must not outlive a lost copy
+            await self._history.dead_letter(
+                json.dumps(job.to_event()).encode(), outcome.error.code,  # type: ignore[union-attr]
+                message_id=job.event_id, content_type="application/json")
+            self._dead_exhausted.inc()
+        await self._history.final(job, outcome, started=delivery.started,
+                                  type_label=self.ct.name, attempts=attempts)
+
+    async def _until_confirmed(self, publish: Callable[[], Awaitable[None]]) -> None:
+        wait = 1.0
+        while True:
             try:
-                await settle(message, lambda m: self._lead(job, call, tail, started),
-                             self._metrics, "apply")
-            finally:
-                if not call.result.done():
-                    call.result.set_result(HandBack("the call was interrupted"))
-                call.member_done()
-        finally:
-            self._unsettled -= 1
-            await self._notify()
+                await publish()
+                return
+            except PublishFailed as exc:
+                log.warning("%s; publishing again in %.0f s", exc, wait,
+                            extra={"fields": {"communicator_type": self.ct.name}})
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, REPUBLISH_MAX_S)
 
-    # -- one job ---------------------------------------------------------------------------
+    # -- pausing and parking ---------------------------------------------------------------
 
-    async def _lead(self, job: Job, call: _Call, previous: _Call | None, started: float) -> None:
+    async def _on_pause(self, error: ErrorInfo) -> None:
+        await self.parking.stop_draining()  # parked jobs taken, not started, go back
+        self.lanes.drop(lambda delivery: not delivery.parked)
+        for iccid in self.lanes.iccids():
+            self._spawn(self._chain(iccid, self._park_lane(iccid)))
+
+    async def _on_resume(self) -> None:
+        await self.parking.start_draining()
+        self._kick.set()
+
+    async def _chain(self, iccid: str, step: Awaitable[None]) -> None:
+        """Run ``step`` after every parking step already chained for the SIM."""
+        previous = self._chains.get(iccid)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._chains[iccid] = mine
         try:
             if previous is not None:
-                await self._wait_signalling_delay(job, previous.settled.wait())
-            known = None if job.replayed else self._recent.outcome(job)
-            newer = self._recent.newer_than(job)
-            if known is not None:  # a redelivered duplicate: same outcome, no call
-                outcome, attempts = known, 0
-            elif newer is not None:
-                outcome, attempts = JasperRejected(
-                    errors.SUPERSEDED,
-                    f"not applied: a newer event for this SIM ({newer}) was applied already",
-                ), 0
-            else:
-                outcome = await self._apply(job)
-                attempts = outcome.attempts
-        except HandBack as exc:
-            call.result.set_result(exc)
-            raise
-        self._recent.record(job, outcome)
-        call.result.set_result(outcome)
-        await self._finish(job, outcome, started, attempts=attempts)
-
-    async def _follow(self, job: Job, call: _Call, started: float) -> None:
-        outcome = await self._wait_signalling_delay(job, asyncio.shield(call.result))
-        if isinstance(outcome, HandBack):
-            raise HandBack(str(outcome))
-        await self._finish(job, outcome, started, attempts=0)
-
-    async def _wait_signalling_delay(self, job: Job, waitable: Awaitable[T]) -> T:
-        """Wait for ``waitable`` (the job's turn, or a shared call); if the type is paused
-        meanwhile, the job gets its one delayed signal while it waits."""
-        target = asyncio.ensure_future(waitable)
-        try:
-            while not target.done():
-                if self._pause is not None and job.event_id not in self._delayed_sent:
-                    await self._send_delayed(job, self._pause, 0)
-                    continue
-                watch: set[asyncio.Future[Any]] = {target}
-                if self._pause is None:
-                    watch.add(asyncio.ensure_future(self._paused.wait()))
-                await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
-                for other in watch - {target}:
-                    other.cancel()
+                await asyncio.shield(previous)
+            await step
         finally:
-            if not target.done():
-                target.cancel()
-        return target.result()
+            mine.set_result(None)
+            if self._chains.get(iccid) is mine:
+                del self._chains[iccid]
 
-    async def _apply(self, job: Job) -> CallResult | JasperError:
-        """Call Control Center until the job succeeds or fails for good; wait out pauses."""
-        attempts = 0
-        while True:
-            if self._handing_back:
-                raise HandBack("handing held jobs back to the queue")
-            if self._pause is not None:
-                if job.event_id not in self._delayed_sent:
-                    await self._send_delayed(job, self._pause, attempts)
-                await self._wait_while_paused()
-                continue
-            try:
-                result = await self._client.change_status(job.iccid, job.command)
-            except JasperError as exc:
-                attempts += exc.attempts
-                if self._handing_back:
-                    raise HandBack("handing held jobs back to the queue") from None
-                if exc.pauses_type:
-                    self._enter_pause(exc)
-                    continue
-                exc.attempts = attempts
-                return exc
-            self._succeeded_since_resume = True
-            self._probe_floor_s = PROBE_MIN_INTERVAL_S
-            return CallResult(result.sim_status, attempts + result.attempts)
-
-    async def _finish(
-        self, job: Job, outcome: CallResult | JasperError, started: float, *, attempts: int
-    ) -> None:
-        duration_ms = (time.perf_counter() - started) * 1000
-        signal: Signal
-        if isinstance(outcome, CallResult):
-            signal = signals.succeeded(job, outcome.sim_status, attempts, duration_ms)
-        else:
-            signal = signals.failed(job, SignalError(**outcome.as_dict()), attempts, duration_ms)
-        await self._publisher.signal(signal)
-        if isinstance(outcome, RetriesExhausted) and attempts > 0:
-            await self._publisher.dead_letter(
-                json.dumps(job.to_event()).encode(), outcome.code, message_id=job.event_id,
-                headers={"x-jasper-last-error": outcome.last.code},
-                content_type="application/json",
-            )
-            self._metrics.dead_lettered.labels("retries_exhausted").inc()
-        self._delayed_sent.pop(job.event_id, None)
-        self._metrics.commands.labels(self.ct.name, job.command.value, signal.outcome).inc()
-        if signal.outcome is signals.Outcome.SUCCEEDED:
-            self._metrics.last_success.labels(self.ct.name).set(time.time())
-        jlog.outcome(
-            event_id=job.event_id, client_id=job.client_id, communicator_type=self.ct.name,
-            command=job.command, outcome=signal.outcome,
-            error_code=signal.error.code if signal.error else None,
-            attempts=attempts, duration_ms=signal.duration_ms,
-        )
-
-    async def _send_delayed(self, job: Job, error: JasperError, attempts: int) -> None:
-        signal = signals.delayed(
-            job,
-            SignalError(code=error.code, http_status=error.http_status, message=error.message,
-                        retryable=True),
-            attempts,
-            duration_ms=0.0,
-        )
-        await self._publisher.signal(signal)
-        self._delayed_sent[job.event_id] = None
-        if len(self._delayed_sent) > DELAYED_MEMORY:
-            del self._delayed_sent[next(iter(self._delayed_sent))]
-        self._metrics.delayed.labels(self.ct.name).inc()
-        jlog.outcome(
-            event_id=job.event_id, client_id=job.client_id, communicator_type=self.ct.name,
-            command=job.command, outcome="delayed", error_code=error.code, attempts=attempts,
-        )
-
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        await self._publisher.dead_letter(message.body, reason, message_id=message.message_id)
-        self._metrics.dead_lettered.labels("invalid_job").inc()
-        log.error(reason, extra={"fields": {"message_id": message.message_id}})
-
-    # -- pause, probe, hand back -----------------------------------------------------------
-
-    async def _notify(self, *, handing_back: bool | None = None) -> None:
-        async with self._state:
-            if handing_back is not None:
-                self._handing_back = handing_back
-            self._state.notify_all()
-
-    async def _wait_while_paused(self) -> None:
-        async with self._state:
-            await self._state.wait_for(lambda: self._pause is None or self._handing_back)
-
-    def _enter_pause(self, error: JasperError) -> None:
-        if self._pause is not None:
+    async def _park_lane(self, iccid: str) -> None:
+        """While paused, move the SIM's lane to the parked queue, whole and in order, once
+        no call of it is under way (else its end chains this again)."""
+        if self.pause.error is None:
             return
-        if not self._succeeded_since_resume:
-            # Echo passed but real calls still fail (e.g. a role without SIM access).
-            self._probe_floor_s = min(self._probe_floor_s * 2, PROBE_REPAUSE_MAX_S)
-        self._pause = error
-        self._paused.set()
-        self._paused_at = time.monotonic()
-        self._client.suspend(error)
-        self._metrics.communicator_up.labels(self.ct.name).set(0)
-        log.error(
-            "communicator type %s paused: %s (%s)", self.ct.name, error.message, error.code,
-            extra={"fields": {"communicator_type": self.ct.name, "error_code": error.code,
-                              "http_status": error.http_status}},
-        )
-        self._probe_task = asyncio.create_task(self._probe_until_up(),
-                                               name=f"probe {self.ct.name}")
-        self._refresh_task = asyncio.create_task(self._refresh_while_paused(),
-                                                 name=f"refresh {self.ct.name}")
+        for entry in self.lanes.take_lane(iccid):
+            for i, member in enumerate(entry.members):
+                await self._park(member.job, member.payload, entry.attempts if i == 0 else 0)
 
-    async def _probe_until_up(self) -> None:
-        # Let queued jobs reach this process while paused, so each gets its delayed signal.
-        with contextlib.suppress(Exception):
-            await self._channel.set_qos(prefetch_count=self._settings.paused_prefetch)
-        interval = self._probe_floor_s
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self._client.reload_credentials()
-                await self._client.echo()
-            except Exception as exc:  # any failure keeps the type paused
-                self._metrics.echo_probes.labels(self.ct.name, "failed").inc()
-                code = getattr(exc, "code", type(exc).__name__)
-                log.info("probe of %s failed: %s", self.ct.name, code,
-                         extra={"fields": {"communicator_type": self.ct.name,
-                                           "error_code": code}})
-                interval = max(self._probe_floor_s, min(interval * 2, PROBE_MAX_INTERVAL_S))
-                continue
-            self._metrics.echo_probes.labels(self.ct.name, "passed").inc()
-            break
-        log.info("communicator type %s resumed after %.1f s", self.ct.name,
-                 time.monotonic() - self._paused_at,
-                 extra={"fields": {"communicator_type": self.ct.name}})
-        if self._refresh_task is not None and not self._refreshing:
-            self._refresh_task.cancel()  # asleep; a hand-back under way finishes by itself
-        with contextlib.suppress(Exception):
-            await self._channel.set_qos(prefetch_count=self._prefetch)
-        self._succeeded_since_resume = False
-        self._metrics.communicator_up.labels(self.ct.name).set(1)
-        self._client.resume()
-        async with self._state:
-            self._pause = None
-            self._paused.clear()
-            self._state.notify_all()
+    async def _park(self, job: Job, delivery: Delivery, attempts: int) -> None:
+        if delivery.parked:
+            return  # a parked job not started: its channel closed and returned it
+        key = identity(job)
+        await self._until_confirmed(lambda: self.parking.park(
+            job, error=self.pause.error or self.pause.last_error, attempts=attempts,
+            started=delivery.started, signalled=key in self._signalled,
+            paused=self.pause.error is not None))
+        self._signalled.add(key)
+        await _ack(delivery.message)
 
-    async def _refresh_while_paused(self) -> None:
-        """Before the broker's consumer timeout, hand held messages back and consume again."""
-        while True:
-            await asyncio.sleep(self._settings.hold_refresh_seconds)
-            if self._pause is None:
-                return
-            log.info("handing %d held messages of %s back to the queue", self._unsettled,
-                     self.ct.name, extra={"fields": {"communicator_type": self.ct.name}})
-            self._refreshing = True
-            try:
-                await self.stop_consuming()
-                await self._notify(handing_back=True)
-                async with self._state:
-                    await self._state.wait_for(lambda: self._unsettled == 0)
-                    self._handing_back = False
-                self.hand_backs += 1
-                await self.start()
-            finally:
-                self._refreshing = False
+    # -- stopping --------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float) -> None:
+        """Start nothing new; let calls under way finish and settle within ``grace_s``;
+        then let go of everything (the broker returns what is not acked, in order)."""
+        self._stopping = True
+        self._kick.set()  # idle runners end; one applying finishes its job first
+        self._client.limiter.abort_waiting(TypePaused("stopping"))
+        pending = [t for t in (*self._tasks, *self._runners) if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        self._reset()
+        await self.pause.stop()
+        await self.parking.give_up()
+
+
+async def _ack(message: AbstractIncomingMessage) -> bool:
+    try:
+        await message.ack()
+    except Exception as exc:  # a lost channel: the broker returns the message by itself
+        log.warning("could not ack on a lost channel; the broker will deliver it again",
+                    extra={"fields": {"message_id": message.message_id, "error": repr(exc)}})
+        return False
+    return True
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker task failed", exc_info=task.exception())
+

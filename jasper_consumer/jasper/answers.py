@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -30,23 +29,10 @@ from ..errors import (
 MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
 _MAX_API_MESSAGE = 200  # characters of an unknown error's errorMessage kept for operators
 _TIMED_OUT = "timed out"
+#: Codes that say the SIM already has the status asked for: success (SPEC §2).
+ALREADY_IN_STATUS_CODES: frozenset[str] = frozenset({"10030000"})
+_ALREADY = re.compile(r"\balready\b", re.IGNORECASE)
 _OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
-
-
-@dataclass(frozen=True)
-class CallResult:
-    """What a successful status change returned."""
-
-    sim_status: str | None  # the SIM's status after the call (the target status on success)
-    attempts: int  # HTTP calls made
-
-
-# --- error mapping -------------------------------------------------------------------------
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    name = name.lower()
-    return next((v for k, v in headers.items() if k.lower() == name), None)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -64,16 +50,16 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when - (time.time() if now is None else now))
 
 
-def _json(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
         return None
 
 
-def _api_error(body: bytes) -> tuple[str | None, str]:
+def api_error(body: bytes) -> tuple[str | None, str]:
     """``(errorCode, errorMessage)`` from a Jasper error body; code None if it has none."""
-    data = _json(body)
+    data = parse_json(body)
     if not isinstance(data, dict):
         return None, ""
     code = data.get("errorCode")
@@ -94,11 +80,11 @@ def _describe(body: bytes, content_type: str) -> str:
 
 
 def classify(
-    http_status: int, body: bytes, content_type: str, headers: Mapping[str, str]
+    http_status: int, body: bytes, content_type: str, retry_after_header: str | None = None
 ) -> JasperError:
     """The error an answer that is not a success stands for (SPEC §2, §5)."""
-    code, api_message = _api_error(body)
-    retry_after = parse_retry_after(_header(headers, "Retry-After"))
+    code, api_message = api_error(body)
+    retry_after = parse_retry_after(retry_after_header)
     if code is not None:
         message = JASPER_ERROR_MEANINGS.get(code) or _truncate(
             api_message or f"Control Center error {code}")
@@ -157,7 +143,7 @@ def retry_reason(err: JasperError) -> str:
     return "unexpected_response"
 
 
-def _code_label(code: str) -> str:
+def code_label(code: str) -> str:
     """Error codes as a metric label: Jasper's 8-digit codes and our own, else ``OTHER``."""
     return code if code in _OWN_CODES or re.fullmatch(r"\d{8}", code) else "OTHER"
 
@@ -182,3 +168,15 @@ def backoff_waits(
     while True:
         retry_after = err.retry_after_s if isinstance(err, JasperRetryable) else None
         err = yield retry_wait(jitter(next(expo)), retry_after, max_value)
+
+
+def already_in_status(code: str, message: str) -> bool:
+    """Whether an error answer means "the SIM already has that status" (success).
+
+    Decided by the code (:data:`ALREADY_IN_STATUS_CODES`). Fallback, for a code this
+    service does not know at all (not in SPEC §5's table): an ``errorMessage`` with the
+    word "already". A documented code is never turned into success by its message.
+    """
+    if code in ALREADY_IN_STATUS_CODES:
+        return True
+    return code not in JASPER_ERROR_MEANINGS and bool(_ALREADY.search(message))

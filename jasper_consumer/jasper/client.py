@@ -1,77 +1,58 @@
-"""The Control Center client: Basic auth, requests, error mapping, backoff (SPEC §2, §5).
+"""The Control Center client: Basic auth, one request per call, within the account's limits.
 
-One :class:`JasperClient` per communicator type, with its own HTTP session,
-credentials and :class:`Limiter`. Every answer that is not a success becomes a
-:class:`~jasper_consumer.errors.JasperError` in :func:`classify`; no aiohttp
-exception ever leaves this module, and no message carries the API key.
+One :class:`JasperClient` per communicator type, with its own HTTP session, credentials
+and :class:`~.limiter.Limiter`. Each method makes exactly one request; retrying is
+:func:`~.retry.change_status`'s business. Every answer that is not a success becomes a
+:class:`~jasper_consumer.errors.JasperError` in :mod:`.answers`; no aiohttp exception
+leaves this module, and no message carries the API key. Requests say who sends them
+(``User-Agent: jasper-consumer/<version> (<host> pid <pid>)``), so Control Center's logs
+and the simulator can tell the service's processes apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import logging
+import os
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace, TracebackType
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
-import backoff
-from backoff.types import Details
 from pydantic import SecretStr
 from yarl import URL
 
-from ..config import Command, CommunicatorType, RetrySettings
-from ..errors import (
-    CommunicatorDown,
-    ConfigError,
-    JasperError,
-    JasperRejected,
-    JasperRetryable,
-    RetriesExhausted,
-)
+from .. import __version__
+from ..config import Command, CommunicatorType
+from ..errors import ConfigError, JasperError
 from ..metrics import Metrics
 from .answers import (
     MAX_BODY_BYTES,
-    CallResult,
-    _api_error,
-    _code_label,
-    _json,
-    backoff_waits,
+    already_in_status,
+    api_error,
     classify,
-    retry_reason,
+    code_label,
+    parse_json,
     transport_failure,
 )
 from .limiter import Limiter
 
 _MIN_SCRUBBED_KEY = 4  # shorter keys are not scrubbed from bodies (it would mangle the text)
-OUTAGE_STREAK = 3  # transient failures in a row (any events) before Echo is asked
-
-log = logging.getLogger(__name__)
-
-# --- the client -----------------------------------------------------------------------------
+USER_AGENT = f"jasper-consumer/{__version__} ({socket.gethostname()} pid {os.getpid()})"
 
 
-@dataclass
-class _Attempts:
-    """What one ``change_status`` call has done so far (shared by its retries)."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP answer, read up to :data:`MAX_BODY_BYTES`, the API key scrubbed from it."""
 
-    iccid: str
-    command: Command
-    started: float
-    count: int = 0
-    last: JasperError | None = None
-
-
-@dataclass(frozen=True)
-class _Answer:
     status: int
     body: bytes
     content_type: str
-    headers: Mapping[str, str]
+    retry_after: str | None
 
 
 class JasperClient:
@@ -80,14 +61,12 @@ class JasperClient:
     def __init__(
         self,
         ct: CommunicatorType,
-        retry: RetrySettings,
         metrics: Metrics,
         *,
         session: aiohttp.ClientSession | None = None,
         limiter: Limiter | None = None,
     ) -> None:
         self.ct = ct
-        self.retry = retry
         # With our own session a trace hook tells the limiter when a request is written.
         self.limiter = limiter or Limiter(ct.max_concurrency, ct.requests_per_second,
                                           count_from_send=session is None)
@@ -98,56 +77,9 @@ class JasperClient:
         self._authorization = SecretStr("")
         self._timeout = aiohttp.ClientTimeout(total=ct.request_timeout_seconds)
         self._host = URL(ct.server_address).host or ct.server_address
-        self.outage_streak = OUTAGE_STREAK
-        self._transient_streak = 0  # transient failures in a row, across events
-        self._echo_lock = asyncio.Lock()
-        self._suspended_by: JasperError | None = None
-        # Built once, not per call: every change_status retries through this wrapper.
-        self._retrying = backoff.on_exception(
-            backoff_waits, JasperRetryable,
-            factor=retry.initial_delay_seconds, max_value=retry.max_delay_seconds,
-            jitter=None,  # applied in backoff_waits: full jitter, floored by Retry-After
-            max_tries=retry.max_attempts, max_time=retry.max_elapsed_seconds,
-            on_backoff=self._on_backoff, logger=None,
-        )(self._attempt)
-
-    # --- suspension (the worker pauses the type) ---
-
-    def suspend(self, error: JasperError) -> None:
-        """Stop calling: every attempt from now raises CommunicatorDown(error) at once."""
-        self._suspended_by = error
-
-    def resume(self) -> None:
-        self._suspended_by = None
-        self._transient_streak = 0
-
-    @property
-    def suspended(self) -> bool:
-        return self._suspended_by is not None
-
-    async def _check_outage(self, err: JasperError) -> None:
-        """After a streak of transient failures, ask Echo whether the account is down.
-
-        Echo failing too means the type is down: raise CommunicatorDown so the worker
-        pauses it instead of spending every event's retry budget (SPEC §6). Echo
-        passing means the problem is this event's: its own retries go on.
-        """
-        self._transient_streak += 1
-        if self._transient_streak < self.outage_streak:
-            return
-        async with self._echo_lock:
-            if self._suspended_by is not None:
-                raise CommunicatorDown(self._suspended_by)
-            if self._transient_streak < self.outage_streak:
-                return  # another event's Echo just passed
-            try:
-                await self.echo()
-            except JasperError as echo_err:
-                if echo_err.pauses_type:
-                    raise echo_err from None
-                if echo_err.retryable:
-                    raise CommunicatorDown(err) from None
-            self._transient_streak = 0
+        self._inflight = metrics.inflight.labels(ct.name)
+        self._durations = {label: metrics.api_request_duration.labels(ct.name, label)
+                           for label in ("activate", "deactivate", "get", "echo", "search")}
 
     def __repr__(self) -> str:
         return f"JasperClient({self.ct.name!r}, {self.ct.server_address!r})"
@@ -176,8 +108,9 @@ class JasperClient:
             traces.on_request_chunk_sent.append(self._on_request_sent)
             self._session = aiohttp.ClientSession(
                 trace_configs=[traces],
-                connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency),
+                connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency + 1),
                 timeout=self._timeout,
+                headers={"User-Agent": USER_AGENT},
             )
 
     async def _on_headers_sent(
@@ -208,101 +141,66 @@ class JasperClient:
         self._api_key = SecretStr(key)
         self._authorization = SecretStr(f"Basic {token}")
 
-    # --- public calls ---
+    # --- calls: one request each ----------------------------------------------------------
 
-    async def change_status(self, iccid: str, command: Command) -> CallResult:
-        """Set the SIM to ``command.target_status``, retrying transient failures (SPEC §5)."""
-        state = _Attempts(iccid, command, started=time.monotonic())
-        try:
-            result: CallResult = await self._retrying(state)
-        except JasperRetryable as exc:
-            exc.attempts = state.count
-            raise RetriesExhausted(exc, state.count, time.monotonic() - state.started) from None
-        except JasperError as exc:
-            exc.attempts = state.count
-            raise
-        return CallResult(result.sim_status, state.count)
+    async def put_status(
+        self, iccid: str, command: Command, *, admit: Callable[[], None] | None = None
+    ) -> str:
+        """Edit Device Details: set the SIM to ``command.target_status``; return that status.
 
-    async def _attempt(self, state: _Attempts) -> CallResult:
-        """One try of ``change_status``, wrapped with back-off once in ``__init__``."""
-        if self._suspended_by is not None:
-            raise CommunicatorDown(self._suspended_by)
-        state.count += 1
-        try:
-            result = await self._put_status(state.iccid, state.command)
-        except JasperRetryable as exc:
-            state.last = exc
-            await self._check_outage(exc)
-            raise
-        except JasperError as exc:
-            if not exc.pauses_type:
-                self._transient_streak = 0
-            raise
-        self._transient_streak = 0
-        return result
-
-    def _on_backoff(self, details: Details) -> None:
-        state: _Attempts = details["args"][0]
-        err = state.last
-        assert err is not None
-        self._metrics.retries.labels(self.ct.name, retry_reason(err)).inc()
-        log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
-            "communicator_type": self.ct.name, "iccid": state.iccid, "code": err.code,
-            "http_status": err.http_status, "attempt": details["tries"],
-            "wait_s": round(details.get("wait", 0.0), 3)}})
+        ``admit`` runs once the limiter grants the start, right before the request: it may
+        raise (the type paused meanwhile) and the request is not sent.
+        """
+        answer = await self._call("PUT", f"/devices/{quote(iccid, safe='')}", command.value,
+                                  {"status": command.target_status}, admit=admit)
+        data = parse_json(answer.body)
+        if answer.status in (200, 202) and isinstance(data, dict) and "iccid" in data:
+            return command.target_status
+        code, message = api_error(answer.body)
+        if code is not None and already_in_status(code, message):
+            return command.target_status  # already in that status: success (SPEC §2)
+        raise self._error(answer)
 
     async def get_device(self, iccid: str) -> dict[str, Any]:
-        """Get Device Details: one attempt."""
-        answer = await self._single("GET", f"/devices/{quote(iccid, safe='')}", "get")
-        data = _json(answer.body)
+        """Get Device Details."""
+        answer = await self._call("GET", f"/devices/{quote(iccid, safe='')}", "get")
+        data = parse_json(answer.body)
         if answer.status == 200 and isinstance(data, dict) and "iccid" in data:
             return data
-        err = self._answer_error(answer)
-        err.attempts = 1
-        raise err
+        raise self._error(answer)
 
     async def echo(self, word: str = "jasper-consumer") -> None:
-        """Echo: checks the credentials without touching a SIM; one attempt."""
-        answer = await self._single("GET", f"/echo/{quote(word, safe='')}", "echo")
-        data = _json(answer.body)
+        """Echo: checks the credentials without touching a SIM."""
+        answer = await self._call("GET", f"/echo/{quote(word, safe='')}", "echo")
+        data = parse_json(answer.body)
         if answer.status == 200 and isinstance(data, dict) and data.get("context") == word:
             return
-        err = self._answer_error(answer)
-        err.attempts = 1
-        raise err
+        raise self._error(answer)
 
-    # --- internals ---
-
-    async def _put_status(self, iccid: str, command: Command) -> CallResult:
-        answer = await self._call(
-            "PUT", f"/devices/{quote(iccid, safe='')}", command.value,
-            {"status": command.target_status})
-        data = _json(answer.body)
-        if answer.status in (200, 202) and isinstance(data, dict) and "iccid" in data:
-            return CallResult(command.target_status, 1)
-        err = classify(answer.status, answer.body, answer.content_type, answer.headers)
-        if isinstance(err, JasperRejected) and "already" in _api_error(answer.body)[1].lower():
-            return CallResult(command.target_status, 1)  # already in that status: success
-        raise self._count(err)
-
-    async def _single(self, method: str, path: str, label: str) -> _Answer:
+    async def probe(self) -> None:
+        """Echo with freshly read credentials (a rotated ``api_key_file`` applies)."""
         try:
-            return await self._call(method, path, label)
-        except JasperError as exc:
-            exc.attempts = 1
-            raise
+            self.reload_credentials()
+        except ConfigError as exc:
+            from ..errors import JasperRejected
 
-    def _answer_error(self, answer: _Answer) -> JasperError:
-        return self._count(classify(answer.status, answer.body, answer.content_type,
-                                    answer.headers))
+            raise JasperRejected("CONFIG", "; ".join(exc.problems)) from None
+        await self.echo()
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _error(self, answer: Answer) -> JasperError:
+        err = classify(answer.status, answer.body, answer.content_type, answer.retry_after)
+        return self._count(err)
 
     def _count(self, err: JasperError) -> JasperError:
-        self._metrics.api_errors.labels(self.ct.name, _code_label(err.code)).inc()
+        self._metrics.api_errors.labels(self.ct.name, code_label(err.code)).inc()
         return err
 
     async def _call(
-        self, method: str, path: str, label: str, payload: dict[str, str] | None = None
-    ) -> _Answer:
+        self, method: str, path: str, label: str, payload: dict[str, str] | None = None,
+        *, query: dict[str, str] | None = None, admit: Callable[[], None] | None = None,
+    ) -> Answer:
         """One HTTP call through the limiter; network failures become JasperUnreachable."""
         if self._api_key is None or self._session is None:
             await self.start()
@@ -313,29 +211,31 @@ class JasperClient:
                    "Authorization": self._authorization.get_secret_value()}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        url = f"{self.ct.server_address}{path}"
+        if query:
+            url = f"{url}?{urlencode(query)}"
         async with self.limiter:
-            inflight = self._metrics.inflight.labels(self.ct.name)
-            inflight.inc()
+            if admit is not None:
+                admit()
+            self._inflight.inc()
             started = time.perf_counter()
             try:
                 async with self._session.request(
-                    method, f"{self.ct.server_address}{path}", json=payload, headers=headers,
-                    timeout=self._timeout, allow_redirects=False,
-                    trace_request_ctx=asyncio.current_task(),
+                    method, url, json=payload, headers=headers, timeout=self._timeout,
+                    allow_redirects=False, trace_request_ctx=asyncio.current_task(),
                 ) as resp:
                     body = await _read_capped(resp.content, MAX_BODY_BYTES)
                     if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it
                         body = body.replace(key.encode(), b"***")
-                    answer = _Answer(resp.status, body,
-                                     resp.headers.get("Content-Type", "").split(";")[0].strip(),
-                                     resp.headers)
+                    answer = Answer(resp.status, body,
+                                    resp.headers.get("Content-Type", "").split(";")[0].strip(),
+                                    resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 err = transport_failure(exc, self._host, self.ct.request_timeout_seconds)
                 raise self._count(err) from None
             finally:
-                self._metrics.api_request_duration.labels(self.ct.name, label).observe(
-                    time.perf_counter() - started)
-                inflight.dec()
+                self._durations[label].observe(time.perf_counter() - started)
+                self._inflight.dec()
         return answer
 
 

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from ..errors import JasperError
-
 
 class Limiter:
     """At most ``max_concurrency`` calls in flight, and call starts at least
@@ -42,14 +40,23 @@ class Limiter:
         self._last_start = float("-inf")
         self._in_flight = 0
         self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
-        self._abort: JasperError | None = None
+        self._abort: Exception | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    def abort_waiting(self, error: JasperError) -> None:
+    def hold_off(self, seconds: float) -> None:
+        """No call starts before ``seconds`` from now (a new owner of the account waits for
+        the previous owner's last request to end, SPEC §6)."""
+        self._last_start = max(self._last_start, self._clock() + seconds - self.interval_s)
+
+    def reopen(self) -> None:
+        """Undo :meth:`abort_waiting`: calls may wait for their turn again."""
+        self._abort = None
+
+    def abort_waiting(self, error: Exception) -> None:
         """Make every caller still waiting for a slot (now or later) raise ``error``."""
         self._abort = error
         for task in self._waiting:

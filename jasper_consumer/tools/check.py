@@ -105,7 +105,7 @@ def explain(err: JasperError) -> str:
 
 
 def _client(ct: CommunicatorType, settings: Settings) -> JasperClient:
-    return JasperClient(ct, settings.retry, Metrics(CollectorRegistry()))
+    return JasperClient(ct, Metrics(CollectorRegistry()))
 
 
 # --- check-config --ping ------------------------------------------------------------------

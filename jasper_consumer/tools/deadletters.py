@@ -203,17 +203,17 @@ def read_message(position: int, message: AbstractIncomingMessage, settings: Sett
 
 async def connect(settings: Settings) -> AbstractConnection:
     """A plain connection for a tool; a clear :class:`ToolError` if the broker does not answer."""
-    url = settings.amqp_url.get_secret_value()
-    try:
-        return await aio_pika.connect(
-            url, timeout=10, client_properties={"connection_name": "jasper-consumer tools"})
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-        password = urlsplit(url).password
-        if password:
-            detail = detail.replace(password, "***")
-        raise ToolError(
-            f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}") from None
+    detail = ""
+    for url in settings.amqp_urls:  # the first node of a cluster that answers
+        try:
+            return await aio_pika.connect(
+                url, timeout=10, client_properties={"connection_name": "jasper-consumer tools"})
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+            password = urlsplit(url).password
+            if password:
+                detail = detail.replace(password, "***")
+    raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
 
 
 class Snapshot:

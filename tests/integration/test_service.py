@@ -256,8 +256,11 @@ async def test_wrong_key_pauses_the_type_until_fixed(run_service: RunService, si
     assert service.metrics.communicator_up.labels("M2MOne NZ")._value.get() == 1
 
 
-async def test_held_messages_are_handed_back_in_order(run_service: RunService, sim: Simulator):
-    """In a long pause held messages go back to the queue and return in order, delayed once."""
+async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
+    run_service: RunService, sim: Simulator, connection: AbstractRobustConnection
+):
+    """A paused type's jobs wait in its parked queue (delayed once each, nothing held by the
+    consumer, the anchor renewed) and are applied in order once the key is fixed."""
     sim.add_account("nz", "right-key", max_in_flight=1, requests_per_second=100)
     service, broker = await run_service(
         types=[{"name": "M2MOne NZ", "username": "nz", "api_key": "wrong-key",
@@ -271,13 +274,20 @@ async def test_held_messages_are_handed_back_in_order(run_service: RunService, s
         await broker.publish(event)
     ids = [e["event_id"] for e in events]
     worker = service.workers["M2MOne NZ"]
+    ct = service.settings.communicator_types[0]
 
     await broker.wait_for(
         lambda: all(any(s["event_id"] == e and s["outcome"] == "delayed" for s in broker.signals)
                     for e in ids), "a delayed signal for every event")
-    async with asyncio.timeout(10):  # hand-backs publish nothing: poll the counter
-        while worker.hand_backs < 2:  # noqa: ASYNC110
+    async with asyncio.timeout(10):  # renewing the anchor publishes no signal: poll it
+        while worker.parking.renewals < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+    channel = await connection.channel()
+    parked = await channel.declare_queue(broker.names.parked_queue(ct), passive=True)
+    work = await channel.declare_queue(broker.names.work_queue(ct), passive=True)
+    await channel.close()
+    assert parked.declaration_result.message_count == len(ids)
+    assert work.declaration_result.message_count == 0  # only the anchor, held unacked
     sim.accounts["nz"].api_key = "wrong-key"
     signals = await broker.final_signals(ids)
 
@@ -353,14 +363,14 @@ async def test_older_job_behind_a_newer_one_is_superseded(
     older = make_event(iccid(14))
     newer = make_event(iccid(14), code=65517)
     jobs = [  # as a crash would leave them: the newer one first, the older one behind it
-        {**newer, "command": "deactivate", "routed_ns": 2000},
-        {**older, "command": "activate", "routed_ns": 1000},
-        {**newer, "command": "deactivate", "routed_ns": 2000},  # and a duplicate
+        {**newer, "command": "deactivate", "stamp": 2000},
+        {**older, "command": "activate", "stamp": 1000},
+        {**newer, "command": "deactivate", "stamp": 2000},  # and a duplicate
     ]
     channel = await connection.channel()
     for job in jobs:
         body = {k: job[k] for k in ("event_id", "event_code", "client_id", "command",
-                                    "routed_ns")}
+                                    "stamp")}
         body.update(iccid=iccid(14), communicator_type="M2MOne NZ")
         await channel.default_exchange.publish(
             aio_pika.Message(json.dumps(body).encode()),

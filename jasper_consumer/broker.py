@@ -1,0 +1,180 @@
+"""The connection to RabbitMQ: one node or a cluster's nodes, reconnecting with back-off.
+
+``amqp_url`` may list a cluster's nodes (SPEC §7, §9). :func:`connect` tries them in
+order until one answers, backing off (1 s doubling to 30 s) after a round in which none
+did. The connection is aio-pika's robust one — after a loss it reconnects and restores
+channels and consumers by itself — with one change: each reconnection attempt goes to
+the *next* node, so when the node we were on stops, we move to one that is up instead
+of waiting for it. Quorum queues keep their messages on the remaining nodes.
+
+:class:`Watchdog` checks every few seconds that each consumer is still registered on the
+broker (aio-pika can lose one silently across reconnects) and registers a lost one again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from aio_pika.robust_connection import RobustConnection
+from yarl import URL
+
+from .config import redact_url
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+
+
+class ClusterConnection(RobustConnection):
+    """A robust connection that moves to the next node on every reconnection attempt.
+
+    aio-pika reads ``url`` once per connection attempt; here that read hands out the
+    nodes in turn, starting with the one the first connection succeeded on.
+    """
+
+    def __init__(self, url: URL, *args: Any, nodes: Sequence[str] = (), **kwargs: Any):
+        self._nodes = [URL(n) for n in nodes] or [URL(url)]
+        self._next = 0
+        self._current = self._nodes[0]
+        super().__init__(url, *args, **kwargs)
+
+    @property
+    def url(self) -> URL:
+        self._current = self._nodes[self._next % len(self._nodes)]
+        self._next += 1
+        return self._current
+
+    @url.setter
+    def url(self, value: URL) -> None:  # aio-pika sets it in __init__ and update_secret
+        self._nodes = [n if n != self._current else URL(value) for n in self._nodes]
+
+    def start_at(self, index: int) -> None:
+        self._next = index
+
+    def __str__(self) -> str:
+        return redact_url(str(self._current))
+
+    @property
+    def node(self) -> str:
+        """The node of the current (or last) connection, without its password."""
+        return redact_url(str(self._current))
+
+
+async def connect(urls: Sequence[str], name: str,
+                  stopping: Callable[[], bool] = lambda: False) -> AbstractRobustConnection:
+    """Connect to the first node that answers, retrying rounds with back-off until one does."""
+    delay = RECONNECT_MIN_S
+    while True:
+        for index, url in enumerate(urls):
+            try:
+                connection = ClusterConnection(
+                    URL(url), nodes=urls, reconnect_interval=RECONNECT_MIN_S,
+                    client_properties={"connection_name": name})
+                connection.start_at(index)
+                await connection.connect()
+                log.info("connected to RabbitMQ at %s", connection.node)
+                return connection
+            except (OSError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+                log.warning("RabbitMQ at %s does not answer (%s)", redact_url(url),
+                            type(exc).__name__)
+            if stopping():
+                raise asyncio.CancelledError
+        log.warning("no RabbitMQ node answers; trying again in %.0f s", delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX_S)
+
+
+async def connect_once(urls: Sequence[str]) -> aio_pika.abc.AbstractConnection:
+    """A plain connection (operator tools) to the first node that answers; raises the last
+    node's error when none does."""
+    error: BaseException | None = None
+    for url in urls:
+        try:
+            return await aio_pika.connect(url)
+        except (OSError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+async def back_off_reconnects(connection: AbstractRobustConnection,
+                              up: Callable[[], bool], stopping: Callable[[], bool]) -> None:
+    """aio-pika retries at a fixed interval: double it while the broker stays away."""
+    interval = RECONNECT_MIN_S
+    while not up() and not stopping():
+        connection.reconnect_interval = interval  # type: ignore[attr-defined]
+        await asyncio.sleep(interval)
+        interval = min(interval * 2, RECONNECT_MAX_S)
+    connection.reconnect_interval = RECONNECT_MIN_S  # type: ignore[attr-defined]
+
+
+class Consumer(Protocol):
+    queue: AbstractQueue
+    consumer_tag: str | None
+
+    async def start(self) -> None: ...
+
+
+async def registered(consumer: Consumer) -> bool:
+    """Whether the consumer's tag is live on its channel as the client library sees it.
+
+    On a single-active-consumer queue another replica's consumer keeps the broker's
+    count above 0, so the count alone cannot tell that this one vanished.
+    """
+    try:
+        underlay = await asyncio.wait_for(consumer.queue.channel.get_underlay_channel(), 1)
+    except Exception:  # channel closed or being restored
+        return False
+    return consumer.consumer_tag in getattr(underlay, "consumers", {})
+
+
+class Watchdog:
+    """Re-registers consumers that vanished; ``problem`` feeds ``/readyz``."""
+
+    def __init__(self, connection: AbstractRobustConnection,
+                 consumers: Callable[[], Sequence[tuple[str, Consumer]]]) -> None:
+        self._connection = connection
+        self._consumers = consumers
+        self._missing: set[str] = set()  # seen missing once (a quorum queue's count can lag)
+
+    async def check(self) -> str | None:
+        """Ask the broker whether each queue we consume still has a consumer; repair."""
+        if self._connection.is_closed:
+            return "not connected to RabbitMQ"
+        channel = await self._connection.channel()
+        try:
+            for name, consumer in self._consumers():
+                if consumer.consumer_tag is None:
+                    continue
+                ok = await channel.declare_queue(consumer.queue.name, passive=True)
+                if ok.declaration_result.consumer_count and await registered(consumer):
+                    self._missing.discard(name)
+                elif name not in self._missing:
+                    self._missing.add(name)
+                else:
+                    log.error("consumer on %s vanished; registering it again", name,
+                              extra={"fields": {"queue": consumer.queue.name}})
+                    self._missing.discard(name)
+                    await _restart(consumer)
+        finally:
+            await channel.close()
+        return None
+
+
+async def _restart(consumer: Consumer) -> None:
+    tag, consumer.consumer_tag = consumer.consumer_tag, None
+    if tag is not None:
+        try:
+            await consumer.queue.cancel(tag)
+        except Exception as exc:  # the channel may be gone with it
+            log.debug("cancel of a vanished consumer failed: %r", exc)
+    await consumer.start()
+
+
+Starter = Callable[[], Awaitable[None]]

@@ -1,0 +1,83 @@
+"""Apply one status change, retrying transient failures (SPEC §5), under the type's pause.
+
+Retries use exponential back-off with full jitter (``backoff.expo`` +
+``backoff.full_jitter``, raised to a ``Retry-After``), bounded by attempts and by total
+time. Every answer is shown to the :class:`Gate` (the type's
+:class:`~jasper_consumer.pause.Pause`) first: it may pause the type, and then this job
+stops here with :class:`~jasper_consumer.errors.TypePaused` (carrying the calls made so
+far) to be parked; a back-off wait ends early when the type pauses meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import backoff
+
+from .. import errors
+from ..config import Command, RetrySettings
+from ..errors import JasperError, JasperRetryable, TypePaused
+from ..outcomes import ErrorInfo, Outcome
+from .answers import backoff_waits
+from .client import JasperClient
+
+
+class Gate(Protocol):
+    def check(self) -> None: ...  # raise TypePaused while paused
+
+    async def observe(self, err: JasperError | None) -> None: ...  # may raise TypePaused
+
+    async def sleep(self, seconds: float) -> None: ...  # ends early (TypePaused) on a pause
+
+
+async def change_status(
+    client: JasperClient,
+    iccid: str,
+    command: Command,
+    policy: RetrySettings,
+    gate: Gate,
+    *,
+    on_retry: Callable[[JasperError, int, float], None] = lambda err, tries, wait: None,
+    jitter: Callable[[float], float] = backoff.full_jitter,
+    clock: Callable[[], float] = time.monotonic,
+) -> Outcome:
+    """Set the SIM's status; the :class:`Outcome` says what came of it. Raises only
+    :class:`TypePaused` (with ``attempts`` set)."""
+    attempts = 0
+    started = clock()
+    waits = backoff_waits(policy.initial_delay_seconds, policy.max_delay_seconds, jitter)
+    next(waits)
+    try:
+        while True:
+            gate.check()
+            err: JasperError | None = None
+            try:
+                attempts += 1
+                status = await client.put_status(iccid, command, admit=gate.check)
+            except JasperError as exc:
+                err = exc
+            except TypePaused:
+                attempts -= 1  # refused before sending: no call was made
+                raise
+            await gate.observe(err)
+            if err is None:
+                return Outcome.succeeded(status, attempts)
+            if not isinstance(err, JasperRetryable):
+                return Outcome.failed(ErrorInfo.of(err), attempts)
+            elapsed = clock() - started
+            wait = waits.send(err)
+            if attempts >= policy.max_attempts or elapsed + wait > policy.max_elapsed_seconds:
+                return Outcome.failed(ErrorInfo(
+                    errors.RETRIES_EXHAUSTED,
+                    err.http_status,
+                    f"gave up after {attempts} attempts in {elapsed:.1f} s; last error: "
+                    f"{err.message} ({err.code})",
+                    True), attempts)
+            on_retry(err, attempts, wait)
+            del err  # nothing of the failed answer outlives this iteration
+            await gate.sleep(wait)
+    except TypePaused as exc:
+        exc.attempts = attempts
+        raise
