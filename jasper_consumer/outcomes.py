@@ -32,6 +32,7 @@ class ErrorInfo:
     http_status: int | None
     message: str
     retryable: bool
+    cause: str | None = None  # RETRIES_EXHAUSTED: the last error's code (not in the signal)
 
     @classmethod
     def of(cls, err: JasperError, *, retryable: bool | None = None) -> ErrorInfo:

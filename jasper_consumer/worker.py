@@ -261,10 +261,13 @@ class Worker:
                 self._spawn(self._chain(entry.iccid, self._park_lane(entry.iccid)))
 
     async def _final(self, job: Job, delivery: Delivery, outcome: Outcome, attempts: int) -> None:
-        if outcome.exhausted:  # the copy first: a confirmed signal must not outlive a lost copy
+        error = outcome.error
+        if error is not None and outcome.exhausted:
+            # The copy first: a confirmed signal must not outlive a lost copy.
             await self._history.dead_letter(
-                json.dumps(job.to_event()).encode(), outcome.error.code,  # type: ignore[union-attr]
-                message_id=job.event_id, content_type="application/json")
+                json.dumps(job.to_event()).encode(), error.code, message_id=job.event_id,
+                headers={"x-jasper-last-error": error.cause or ""},
+                content_type="application/json")
             self._dead_exhausted.inc()
         await self._history.final(job, outcome, started=delivery.started,
                                   type_label=self.ct.name, attempts=attempts)

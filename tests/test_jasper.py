@@ -30,20 +30,21 @@ from jasper_consumer.errors import (
     ConfigError,
     JasperRejected,
     JasperRetryable,
-    JasperUnreachable,
-    RetriesExhausted,
+    TypePaused,
 )
-from jasper_consumer.jasper import (
-    CallResult,
-    JasperClient,
-    Limiter,
+from jasper_consumer.jasper.answers import (
+    already_in_status,
     backoff_waits,
     classify,
     parse_retry_after,
     retry_wait,
 )
-from jasper_consumer.jasper import client as jasper_module
+from jasper_consumer.jasper.client import USER_AGENT, JasperClient
+from jasper_consumer.jasper.limiter import Limiter
+from jasper_consumer.jasper.retry import change_status
 from jasper_consumer.metrics import Metrics
+from jasper_consumer.outcomes import ErrorInfo, Outcome
+from jasper_consumer.pause import Pause, PauseRules
 
 BASE = "https://restapi1.jasper.com/rws/api/v1"
 ICCID = "89610185002345678901"
@@ -108,10 +109,25 @@ def metrics() -> Metrics:
     return Metrics(CollectorRegistry())
 
 
-@pytest.fixture(autouse=True)
-def _no_outage_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Per-event retry tests run without the type-wide outage check (tested on its own)."""
-    monkeypatch.setattr(jasper_module, "OUTAGE_STREAK", 10**6)
+async def _nothing(*_: object) -> None:
+    return None
+
+
+def gate(client: JasperClient, metrics: Metrics, outage_streak: int = 10**6) -> Pause:
+    """The type's pause; per-event retry tests run without the outage check by default."""
+    return Pause("M2MOne NZ", metrics, echo=client.echo, on_pause=_nothing,
+                 on_resume=_nothing, rules=PauseRules(outage_streak))
+
+
+async def apply(client: JasperClient, *, retry: RetrySettings = RETRY,
+                pause: Pause | None = None) -> Outcome:
+    """Activate ICCID through the retry loop; the outcome (TypePaused propagates)."""
+    metrics = client._metrics
+    pause = pause or gate(client, metrics)
+    try:
+        return await change_status(client, ICCID, Command.ACTIVATE, retry, pause)
+    finally:
+        await pause.stop()
 
 
 class _Response(aiohttp.ClientResponse):
@@ -139,7 +155,7 @@ def http() -> Iterator[aioresponses]:
 
 @pytest.fixture
 async def client(metrics: Metrics) -> AsyncIterator[JasperClient]:
-    async with JasperClient(make_ct(), RETRY, metrics) as jasper:
+    async with JasperClient(make_ct(), metrics) as jasper:
         yield jasper
 
 
@@ -153,7 +169,7 @@ def test_classify_maps_each_code_to_its_meaning_and_fate(code: str) -> None:
     """Each documented code gets its documented meaning and its retry decision."""
     status, fate = SPEC_TABLE[code]
     err = classify(status, b'{"errorMessage": "x", "errorCode": "%s"}' % code.encode(),
-                   "application/json", {})
+                   "application/json")
     assert type(err) is FATE_CLASS[fate]
     assert (err.code, err.http_status, err.message) == (code, status, JASPER_ERROR_MEANINGS[code])
     assert err.pauses_type == (fate == "pause")
@@ -167,31 +183,36 @@ async def test_change_status_applies_each_codes_fate(
     status, fate = SPEC_TABLE[code]
     http.put(DEVICE_URL, status=status, payload=jasper_error(code), repeat=True)
 
-    with pytest.raises(errors.JasperError) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
-
-    err = caught.value
-    if fate == "retryable":
-        assert isinstance(err, RetriesExhausted)
-        assert (err.attempts, err.last.code) == (RETRY.max_attempts, code)
-        assert code in err.message
+    if fate == "pause":
+        with pytest.raises(TypePaused) as caught:
+            await apply(client)
+        assert (caught.value.error.code, caught.value.attempts) == (code, 1)
+        attempts = 1
     else:
-        assert type(err) is FATE_CLASS[fate]
-        assert (err.attempts, err.message) == (1, JASPER_ERROR_MEANINGS[code])
-    assert len(http.requests[("PUT", URL(DEVICE_URL))]) == err.attempts
+        outcome = await apply(client)
+        assert outcome.error is not None
+        attempts = outcome.attempts
+        if fate == "retryable":
+            assert (outcome.error.code, attempts) == (errors.RETRIES_EXHAUSTED,
+                                                      RETRY.max_attempts)
+            assert f"({code})" in outcome.error.message
+        else:
+            assert (outcome.error.code, attempts, outcome.error.message) == (
+                code, 1, JASPER_ERROR_MEANINGS[code])
+    assert len(http.requests[("PUT", URL(DEVICE_URL))]) == attempts
 
 
 def test_rate_limit_code_with_http_400_is_retryable() -> None:
     """40000029 is retried whether it comes with HTTP 400 or 429."""
     err = classify(400, b'{"errorMessage": "slow down", "errorCode": "40000029"}',
-                   "application/json", {})
+                   "application/json")
     assert isinstance(err, JasperRetryable)
 
 
 def test_unknown_code_keeps_the_api_message_truncated() -> None:
     """An undocumented code is rejected with the API's own words, cut to a readable length."""
     err = classify(400, b'{"errorMessage": "%s", "errorCode": "19999999"}' % (b"x" * 500),
-                   "application/json", {})
+                   "application/json")
     assert isinstance(err, JasperRejected)
     assert err.code == "19999999"
     assert 0 < len(err.message) <= 200
@@ -201,9 +222,9 @@ async def test_succeeds_first_time(client: JasperClient, http: aioresponses) -> 
     """A 200 with the ICCID in its body is one successful attempt with the right request."""
     http.put(DEVICE_URL, status=200, payload={"iccid": ICCID})
 
-    result = await client.change_status(ICCID, Command.DEACTIVATE)
+    status = await client.put_status(ICCID, Command.DEACTIVATE)
 
-    assert result == CallResult("DEACTIVATED", 1)
+    assert status == "DEACTIVATED"
     call = http.requests[("PUT", URL(DEVICE_URL))][0]
     assert call.kwargs["json"] == {"status": "DEACTIVATED"}
     assert call.kwargs["headers"]["Authorization"] == basic("u", KEY)
@@ -215,7 +236,7 @@ async def test_accepted_202_is_success(client: JasperClient, http: aioresponses)
     """A 202 (accepted for later) with the ICCID counts as success."""
     http.put(DEVICE_URL, status=202, payload={"iccid": ICCID})
 
-    assert await client.change_status(ICCID, Command.ACTIVATE) == CallResult("ACTIVATED", 1)
+    assert await apply(client) == Outcome.succeeded("ACTIVATED", 1)
 
 
 async def test_already_in_status_is_success(client: JasperClient, http: aioresponses) -> None:
@@ -223,7 +244,24 @@ async def test_already_in_status_is_success(client: JasperClient, http: aiorespo
     http.put(DEVICE_URL, status=400, payload=jasper_error(
         "10030000", "Cannot activate a SIM which is already activated"))
 
-    assert await client.change_status(ICCID, Command.ACTIVATE) == CallResult("ACTIVATED", 1)
+    assert await apply(client) == Outcome.succeeded("ACTIVATED", 1)
+
+
+async def test_already_is_matched_by_code_not_by_any_message(
+    client: JasperClient, http: aioresponses
+) -> None:
+    """A documented code whose message happens to say "already" stays a failure; the
+    message match is only a fallback for codes this service does not know."""
+    http.put(DEVICE_URL, status=400, payload=jasper_error("10000005", "SIM is already moving"))
+
+    outcome = await apply(client)
+
+    assert outcome.error is not None
+    assert (outcome.result, outcome.error.code) == ("failed", "10000005")
+    assert already_in_status("10030000", "")
+    assert already_in_status("19999999", "Device is already in that state")
+    assert not already_in_status("10000005", "already")
+    assert not already_in_status("19999999", "alreadyish")
 
 
 async def test_retries_then_succeeds(
@@ -234,12 +272,11 @@ async def test_retries_then_succeeds(
     http.put(DEVICE_URL, status=503, body="<html>busy</html>", content_type="text/html")
     http.put(DEVICE_URL, status=200, payload={"iccid": ICCID})
 
-    result = await client.change_status(ICCID, Command.ACTIVATE)
+    result = await apply(client)
 
-    assert result == CallResult("ACTIVATED", 3)
+    assert result == Outcome.succeeded("ACTIVATED", 3)
     ct = "M2MOne NZ"
     labels = {"communicator_type": ct}
-    assert sample(metrics, "jasper_retries_total", **labels, reason="server_error") == 2
     assert sample(metrics, "jasper_api_errors_total", **labels, code="30000001") == 1
     assert sample(metrics, "jasper_api_errors_total", **labels,
                   code=errors.UNEXPECTED_RESPONSE) == 1
@@ -255,11 +292,11 @@ async def test_retryable_then_rejected_counts_all_attempts(
     http.put(DEVICE_URL, status=502, body="", content_type="text/html")
     http.put(DEVICE_URL, status=404, payload=jasper_error("20000001"))
 
-    with pytest.raises(JasperRejected) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    outcome = await apply(client)
 
-    assert caught.value.attempts == 2
-    assert caught.value.message == "Resource not found - invalid ICCID"
+    assert outcome.error is not None
+    assert outcome.attempts == 2
+    assert outcome.error.message == "Resource not found - invalid ICCID"
 
 
 async def test_retries_exhausted_carries_last_error(
@@ -268,14 +305,14 @@ async def test_retries_exhausted_carries_last_error(
     """When every attempt is rate limited the event fails with RETRIES_EXHAUSTED and the cause."""
     http.put(DEVICE_URL, status=429, payload=jasper_error("40000029"), repeat=True)
 
-    with pytest.raises(RetriesExhausted) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    outcome = await apply(client)
 
-    err = caught.value
-    assert (err.code, err.attempts, err.http_status) == (errors.RETRIES_EXHAUSTED, 3, 429)
+    err = outcome.error
+    assert err is not None
+    assert (err.code, outcome.attempts, err.http_status, err.retryable) == (
+        errors.RETRIES_EXHAUSTED, 3, 429, True)
     assert "Rate limit exceeded (40000029)" in err.message
-    assert sample(metrics, "jasper_retries_total", communicator_type="M2MOne NZ",
-                  reason="rate_limited") == 2
+    assert outcome.exhausted
 
 
 async def test_retries_stop_at_max_elapsed(metrics: Metrics, http: aioresponses) -> None:
@@ -284,11 +321,11 @@ async def test_retries_stop_at_max_elapsed(metrics: Metrics, http: aioresponses)
                           max_elapsed_seconds=0.1)
     http.put(DEVICE_URL, status=500, payload=jasper_error("30000001"), repeat=True)
 
-    async with JasperClient(make_ct(), retry, metrics) as jasper:
-        with pytest.raises(RetriesExhausted) as caught:
-            await jasper.change_status(ICCID, Command.ACTIVATE)
+    async with JasperClient(make_ct(), metrics) as jasper:
+        outcome = await apply(jasper, retry=retry)
 
-    assert 1 < caught.value.attempts < 100
+    assert outcome.exhausted
+    assert 1 < outcome.attempts < 100
 
 
 async def test_timeouts_are_unreachable_then_exhausted(
@@ -297,16 +334,13 @@ async def test_timeouts_are_unreachable_then_exhausted(
     """A request that times out is retried as unreachable, then exhausted."""
     http.put(DEVICE_URL, exception=TimeoutError(), repeat=True)
 
-    with pytest.raises(RetriesExhausted) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    outcome = await apply(client)
 
-    last = caught.value.last
-    assert isinstance(last, JasperUnreachable)
-    assert last.http_status is None
-    assert last.message == "timed out after 10.0 s waiting for restapi1.jasper.com"
-    assert caught.value.attempts == 3
-    assert sample(metrics, "jasper_retries_total", communicator_type="M2MOne NZ",
-                  reason="timeout") == 2
+    assert outcome.error is not None
+    assert outcome.error.http_status is None
+    assert "timed out after 10.0 s waiting for restapi1.jasper.com (JASPER_UNREACHABLE)" \
+        in outcome.error.message
+    assert outcome.attempts == 3
 
 
 async def test_connection_refused_is_unreachable(metrics: Metrics) -> None:
@@ -316,13 +350,11 @@ async def test_connection_refused_is_unreachable(metrics: Metrics) -> None:
         port = sock.getsockname()[1]
     ct = make_ct(server_address=f"http://127.0.0.1:{port}/rws/api/v1")
 
-    async with JasperClient(ct, RETRY, metrics) as jasper:
-        with pytest.raises(RetriesExhausted) as caught:
-            await jasper.change_status(ICCID, Command.ACTIVATE)
+    async with JasperClient(ct, metrics) as jasper:
+        outcome = await apply(jasper)
 
-    assert caught.value.last.message == f"connection refused by 127.0.0.1:{port}"
-    assert sample(metrics, "jasper_retries_total", communicator_type="M2MOne NZ",
-                  reason="unreachable") == 2
+    assert outcome.error is not None
+    assert f"connection refused by 127.0.0.1:{port}" in outcome.error.message
 
 
 async def test_html_502_is_retryable_unexpected_response(
@@ -332,23 +364,22 @@ async def test_html_502_is_retryable_unexpected_response(
     page = "<html><body>Bad gateway</body></html>"
     http.put(DEVICE_URL, status=502, body=page, content_type="text/html", repeat=True)
 
-    with pytest.raises(RetriesExhausted) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    outcome = await apply(client)
 
-    last = caught.value.last
-    assert isinstance(last, JasperRetryable)
-    assert (last.code, last.http_status) == (errors.UNEXPECTED_RESPONSE, 502)
-    assert last.message == f"unexpected HTTP 502 answer (text/html, {len(page)} bytes)"
+    assert outcome.error is not None
+    assert outcome.error.http_status == 502
+    assert outcome.error.message.endswith(
+        f"unexpected HTTP 502 answer (text/html, {len(page)} bytes) (UNEXPECTED_RESPONSE)")
 
 
 async def test_html_404_is_rejected(client: JasperClient, http: aioresponses) -> None:
     """An HTML 404 (wrong host or path) fails at once as UNEXPECTED_RESPONSE."""
     http.put(DEVICE_URL, status=404, body="<html>Not Found</html>", content_type="text/html")
 
-    with pytest.raises(JasperRejected) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    outcome = await apply(client)
 
-    assert (caught.value.code, caught.value.http_status, caught.value.attempts) == (
+    assert outcome.error is not None
+    assert (outcome.error.code, outcome.error.http_status, outcome.attempts) == (
         errors.UNEXPECTED_RESPONSE, 404, 1)
 
 
@@ -357,7 +388,7 @@ async def test_html_404_is_rejected(client: JasperClient, http: aioresponses) ->
 ])
 def test_empty_body_is_unexpected_response(status: int, expected: type) -> None:
     """An empty body is UNEXPECTED_RESPONSE, retried only for transient statuses."""
-    err = classify(status, b"", "", {})
+    err = classify(status, b"", "")
     assert type(err) is expected
     assert err.message == f"unexpected HTTP {status} answer (empty body)"
 
@@ -367,31 +398,32 @@ async def test_ok_without_iccid_is_retried(client: JasperClient, http: aiorespon
     http.put(DEVICE_URL, status=200, body="OK", content_type="text/plain")
     http.put(DEVICE_URL, status=200, payload={"iccid": ICCID})
 
-    assert await client.change_status(ICCID, Command.ACTIVATE) == CallResult("ACTIVATED", 2)
+    assert await apply(client) == Outcome.succeeded("ACTIVATED", 2)
 
 
 async def test_401_without_code_pauses(client: JasperClient, http: aioresponses) -> None:
     """A 401 with only errorMessage pauses the type with UNAUTHORIZED and no retry."""
     http.put(DEVICE_URL, status=401, payload={"errorMessage": "Bad credentials"}, repeat=True)
 
-    with pytest.raises(CommunicatorMisconfigured) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    with pytest.raises(TypePaused) as caught:
+        await apply(client)
 
-    err = caught.value
-    assert (err.code, err.http_status, err.attempts) == (errors.UNAUTHORIZED, 401, 1)
+    err = caught.value.error
+    assert (err.code, err.http_status, caught.value.attempts) == (errors.UNAUTHORIZED, 401, 1)
     assert err.message == "Control Center refused the credentials (HTTP 401): Bad credentials"
+    assert len(http.requests[("PUT", URL(DEVICE_URL))]) == 1
 
 
 def test_html_401_pauses() -> None:
     """A 401 page from a proxy also says the credentials are wrong."""
-    err = classify(401, b"<html>denied</html>", "text/html", {})
+    err = classify(401, b"<html>denied</html>", "text/html")
     assert isinstance(err, CommunicatorMisconfigured)
     assert err.code == errors.UNAUTHORIZED
 
 
 def test_retry_after_is_read_from_headers() -> None:
     """Retry-After in seconds or as an HTTP date becomes the error's retry_after_s."""
-    err = classify(503, b"", "", {"retry-after": "7"})
+    err = classify(503, b"", "", "7")
     assert isinstance(err, JasperRetryable)
     assert err.retry_after_s == 7.0
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
@@ -425,9 +457,9 @@ async def test_retry_after_delays_the_next_attempt(
     http.put(DEVICE_URL, status=503, payload={}, headers={"Retry-After": "0.2"})
     http.put(DEVICE_URL, status=200, payload={"iccid": ICCID})
 
-    async with JasperClient(make_ct(), retry, Metrics(CollectorRegistry())) as jasper:
+    async with JasperClient(make_ct(), Metrics(CollectorRegistry())) as jasper:
         started = time.monotonic()
-        result = await jasper.change_status(ICCID, Command.ACTIVATE)
+        result = await apply(jasper, retry=retry)
 
     assert result.attempts == 2
     assert time.monotonic() - started >= 0.2
@@ -446,15 +478,17 @@ async def test_api_key_never_appears_in_errors(
     """No raised error, nor the client's repr, ever shows the API key."""
     http.put(DEVICE_URL, repeat=True, **answer)
 
-    async with JasperClient(make_ct(), RETRY, metrics) as jasper:
+    async with JasperClient(make_ct(), metrics) as jasper:
+        try:
+            result: Outcome | TypePaused = await apply(jasper)
+        except TypePaused as paused:
+            result = paused
         with pytest.raises(errors.JasperError) as caught:
-            await jasper.change_status(ICCID, Command.ACTIVATE)
+            await jasper.put_status(ICCID, Command.ACTIVATE)
         shown = [repr(jasper), str(jasper.__dict__)]
 
     err = caught.value
-    shown += [str(err), repr(err), err.message, str(err.as_dict())]
-    if isinstance(err, RetriesExhausted):
-        shown += [str(err.last), repr(err.last), err.last.message]
+    shown += [str(err), repr(err), err.message, str(err.as_dict()), repr(result), str(result)]
     assert all(KEY not in text for text in shown)
     assert err.__cause__ is None
 
@@ -508,7 +542,7 @@ async def test_reload_credentials_reads_a_rotated_key_file(
     http.get(f"{BASE}/echo/jasper-consumer", status=200, payload={"context": "jasper-consumer"},
              repeat=True)
 
-    async with JasperClient(ct, RETRY, metrics) as jasper:
+    async with JasperClient(ct, metrics) as jasper:
         await jasper.echo()
         key_file.write_text("  new-key  ")
         jasper.reload_credentials()
@@ -525,7 +559,7 @@ async def test_reload_credentials_reads_a_rotated_key_file(
 async def test_injected_session_is_left_open(metrics: Metrics) -> None:
     """A session passed in belongs to the caller and is not closed by the client."""
     async with aiohttp.ClientSession() as session:
-        async with JasperClient(make_ct(), RETRY, metrics, session=session):
+        async with JasperClient(make_ct(), metrics, session=session):
             pass
         assert not session.closed
 
@@ -583,59 +617,72 @@ async def test_large_error_body_is_read_only_up_to_the_cap(metrics: Metrics) -> 
     port = runner.addresses[0][1]
     try:
         ct = make_ct(server_address=f"http://127.0.0.1:{port}/rws/api/v1")
-        async with JasperClient(ct, RETRY, metrics) as jasper:
-            with pytest.raises(RetriesExhausted) as caught:
-                await jasper.change_status(ICCID, Command.ACTIVATE)
+        async with JasperClient(ct, metrics) as jasper:
+            with pytest.raises(JasperRetryable) as caught:
+                await jasper.put_status(ICCID, Command.ACTIVATE)
     finally:
         await runner.cleanup()
 
-    assert caught.value.last.message == "unexpected HTTP 502 answer (text/html, 65536 bytes)"
+    assert caught.value.message == "unexpected HTTP 502 answer (text/html, 65536 bytes)"
 
 
-async def test_outage_with_echo_failing_raises_communicator_down(
-    client: JasperClient, http: aioresponses
+async def test_outage_with_echo_failing_pauses_the_type(
+    client: JasperClient, http: aioresponses, metrics: Metrics
 ) -> None:
-    """Transient failures in a row with Echo failing too say the type is down."""
-    client.outage_streak = 2
+    """Transient failures in a row with Echo failing too pause the type (no failure)."""
     http.put(DEVICE_URL, status=503, body="<html>down</html>", content_type="text/html",
              repeat=True)
     http.get(f"{BASE}/echo/jasper-consumer", status=503, body="<html>down</html>",
              content_type="text/html", repeat=True)
 
-    with pytest.raises(errors.CommunicatorDown) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    with pytest.raises(TypePaused) as caught:
+        await apply(client, pause=gate(client, metrics, outage_streak=2))
 
-    assert (caught.value.code, caught.value.http_status, caught.value.attempts) == \
-        ("UNEXPECTED_RESPONSE", 503, 2)
+    err = caught.value.error
+    assert (err.code, err.http_status, err.retryable, caught.value.attempts) == \
+        ("UNEXPECTED_RESPONSE", 503, True, 2)
 
 
 async def test_outage_check_passing_leaves_the_event_its_own_retries(
-    client: JasperClient, http: aioresponses
+    client: JasperClient, http: aioresponses, metrics: Metrics
 ) -> None:
     """When Echo answers, a SIM that keeps failing exhausts its own retries."""
-    client.outage_streak = 2
     http.put(DEVICE_URL, status=500, payload=jasper_error("30000001"), repeat=True)
     http.get(f"{BASE}/echo/jasper-consumer", payload={"context": "jasper-consumer"},
              repeat=True)
 
-    with pytest.raises(RetriesExhausted) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    outcome = await apply(client, pause=gate(client, metrics, outage_streak=2))
 
-    assert caught.value.attempts == RETRY.max_attempts
+    assert (outcome.exhausted, outcome.attempts) == (True, RETRY.max_attempts)
 
 
-async def test_suspended_client_makes_no_call(client: JasperClient, http: aioresponses) -> None:
-    """While the worker has the type paused, a change fails fast without any request."""
-    client.suspend(errors.JasperError("10000001", "Invalid credentials", 401))
+async def test_paused_type_makes_no_call(
+    client: JasperClient, http: aioresponses, metrics: Metrics
+) -> None:
+    """While the type is paused a change stops before any request, with 0 attempts."""
+    pause = gate(client, metrics)
+    pause.rules.enter(ErrorInfo("10000001", 401, "Invalid credentials", True))
 
-    with pytest.raises(errors.CommunicatorDown) as caught:
-        await client.change_status(ICCID, Command.ACTIVATE)
+    with pytest.raises(TypePaused) as caught:
+        await change_status(client, ICCID, Command.ACTIVATE, RETRY, pause)
 
-    assert (caught.value.code, caught.value.attempts) == ("10000001", 0)
+    assert (caught.value.error.code, caught.value.attempts) == ("10000001", 0)
     assert not http.requests
-    client.resume()
+    pause.rules.resumed()
     http.put(DEVICE_URL, payload={"iccid": ICCID})
-    assert (await client.change_status(ICCID, Command.ACTIVATE)).attempts == 1
+    assert (await apply(client, pause=pause)).attempts == 1
+
+
+async def test_requests_name_the_sending_process(
+    client: JasperClient, http: aioresponses
+) -> None:
+    """Every request carries a User-Agent naming the version, host and process."""
+    http.get(f"{BASE}/echo/jasper-consumer", payload={"context": "jasper-consumer"})
+
+    await client.echo()
+
+    assert USER_AGENT.startswith("jasper-consumer/")
+    assert " pid " in USER_AGENT
 
 
 async def test_limiter_abort_releases_waiters() -> None:

@@ -20,7 +20,16 @@ ICCID_B = "89610185002345678902"
 
 
 class FakeMessage:
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, body: dict[str, Any] | bytes, channel: object = "channel-1") -> None:
+        self.channel = channel
+        if isinstance(body, bytes):
+            self.body = body
+            self.message_id = None
+            self.headers: dict[str, Any] = {}
+            self.routing_key = "event.65516"
+            self.content_type = "application/json"
+            self.answers: list[str] = []
+            return
         self.body = json.dumps(body).encode()
         self.message_id = body["event_id"]
         self.headers: dict[str, Any] = {}
@@ -35,17 +44,55 @@ class FakeMessage:
         self.answers.append("nack")
 
 
-class FakePublisher:
-    def __init__(self, fail_first: int) -> None:
-        self.fail_first = fail_first
-        self.work_items: list[dict[str, Any]] = []
+class FakeEpochs:
+    """The router-epoch queue: basic.get hands out what was published, until acked."""
 
-    async def work(self, queue: str, body: bytes, message_id: str, headers: Any = None) -> None:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def get(self, *, fail: bool, no_ack: bool) -> Any:
+        if not self.bodies:
+            return None
+        body = self.bodies.pop(0)
+        message = FakeMessage(b"")
+        message.body = body
+        return message
+
+
+class FakeChannel:
+    def __init__(self, epochs: FakeEpochs) -> None:
+        self.epochs = epochs
+
+    async def get_queue(self, name: str, ensure: bool = True) -> FakeEpochs:
+        assert name.endswith(".router-epoch")
+        return self.epochs
+
+
+class FakePublisher:
+    def __init__(self, fail_first: int, epochs: FakeEpochs | None = None) -> None:
+        self.fail_first = fail_first
+        self.epochs = epochs or FakeEpochs()
+        self.work_items: list[dict[str, Any]] = []
+        self.dead: list[str] = []
+
+    async def to_queue(self, queue: str, body: bytes, message_id: str,
+                       headers: Any = None) -> None:
         await asyncio.sleep(0)
+        if queue.endswith(".router-epoch"):
+            self.epochs.bodies.append(body)
+            return
         if self.fail_first:
             self.fail_first -= 1
             raise PublishFailed("not confirmed")
         self.work_items.append(json.loads(body))
+
+    async def dead_letter(self, body: bytes, reason: str, **_: Any) -> None:
+        self.dead.append(reason)
+
+
+def make_router(settings: Settings, publisher: FakePublisher) -> Router:
+    return Router(settings, publisher, Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+                  FakeChannel(publisher.epochs))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -66,7 +113,7 @@ async def test_a_handed_back_event_keeps_its_successors_behind_it(
     """When forwarding fails, later events for that SIM are handed back too, others go on."""
     monkeypatch.setattr(edge, "REDELIVERY_PAUSE_S", 0)
     publisher = FakePublisher(fail_first=1)
-    router = Router(settings, publisher, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    router = make_router(settings, publisher)
     messages = [FakeMessage(event(1, ICCID_A)), FakeMessage(event(2, ICCID_A, 65517)),
                 FakeMessage(event(3, ICCID_B))]
 
@@ -79,11 +126,43 @@ async def test_a_handed_back_event_keeps_its_successors_behind_it(
 async def test_jobs_are_stamped_in_forwarding_order(settings: Settings):
     """Each forwarded job carries a strictly increasing router stamp."""
     publisher = FakePublisher(fail_first=0)
-    router = Router(settings, publisher, Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    router = make_router(settings, publisher)
     messages = [FakeMessage(event(n, ICCID_A, 65516 + n % 2)) for n in range(5)]
 
     await asyncio.gather(*(router.on_message(m) for m in messages))  # type: ignore[arg-type]
 
-    stamps = [w["routed_ns"] for w in publisher.work_items]
+    stamps = [w["stamp"] for w in publisher.work_items]
     assert [w["event_id"] for w in publisher.work_items] == [f"e{n}" for n in range(5)]
     assert stamps == sorted(set(stamps))
+
+
+async def test_a_new_router_stamps_above_the_old_one(settings: Settings):
+    """A router that takes over (another process, any clock) continues above every stamp of
+    the one before, through the epoch kept in the broker; so does a reconnected one."""
+    epochs = FakeEpochs()
+    first, second = FakePublisher(0, epochs), FakePublisher(0, epochs)
+    old, new = make_router(settings, first), make_router(settings, second)
+
+    for n in range(3):
+        await old.on_message(FakeMessage(event(n, ICCID_A), "old"))  # type: ignore[arg-type]
+    await new.on_message(FakeMessage(event(9, ICCID_A), "new"))  # type: ignore[arg-type]
+    await old.on_message(FakeMessage(event(10, ICCID_A), "old-again"))  # type: ignore[arg-type]
+
+    old_stamps = [w["stamp"] for w in first.work_items]
+    assert max(old_stamps[:3]) < second.work_items[0]["stamp"] < old_stamps[3]
+    assert epochs.bodies == [b"3"]
+
+
+@pytest.mark.parametrize("body", [b"[" * 50_000, b'{"client_id": "c", "event_code": '
+                                  + b"9" * 5000 + b"}", b"\xff\xfe", b'"just a string"'])
+async def test_whatever_the_parser_raises_the_message_is_settled(settings: Settings,
+                                                                  body: bytes):
+    """Deep nesting, a 5,000-digit number, bad UTF-8, a non-object: dead-lettered and acked."""
+    publisher = FakePublisher(fail_first=0)
+    router = make_router(settings, publisher)
+    message = FakeMessage(body)
+
+    await router.on_message(message)  # type: ignore[arg-type]
+
+    assert message.answers == ["ack"]
+    assert len(publisher.dead) == 1

@@ -28,7 +28,7 @@ from yarl import URL
 
 from .. import __version__
 from ..config import Command, CommunicatorType
-from ..errors import ConfigError, JasperError
+from ..errors import ConfigError, JasperError, JasperRejected
 from ..metrics import Metrics
 from .answers import (
     MAX_BODY_BYTES,
@@ -181,10 +181,8 @@ class JasperClient:
         """Echo with freshly read credentials (a rotated ``api_key_file`` applies)."""
         try:
             self.reload_credentials()
-        except ConfigError as exc:
-            from ..errors import JasperRejected
-
-            raise JasperRejected("CONFIG", "; ".join(exc.problems)) from None
+        except ConfigError as exc:  # an unreadable key file keeps the type paused, says why
+            raise JasperRejected("UNREADABLE_API_KEY", "; ".join(exc.problems)) from None
         await self.echo()
 
     # --- internals ------------------------------------------------------------------------
@@ -195,6 +193,7 @@ class JasperClient:
 
     def _count(self, err: JasperError) -> JasperError:
         self._metrics.api_errors.labels(self.ct.name, code_label(err.code)).inc()
+        err.attempts = 1  # each method makes one request
         return err
 
     async def _call(

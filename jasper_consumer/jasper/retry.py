@@ -74,7 +74,7 @@ async def change_status(
                     err.http_status,
                     f"gave up after {attempts} attempts in {elapsed:.1f} s; last error: "
                     f"{err.message} ({err.code})",
-                    True), attempts)
+                    True, cause=err.code), attempts)
             on_retry(err, attempts, wait)
             del err  # nothing of the failed answer outlives this iteration
             await gate.sleep(wait)

@@ -250,9 +250,10 @@ async def test_no_secret_reaches_any_output(tmp_path: Path, amqp_user, http,
         "communicator_types": [
             {"name": "M2MOne NZ", "server_address": f"http://127.0.0.1:{sim_port}/rws/api/v1",
              "username": "nz-user", "api_key_file": str(key_file), "max_concurrency": 2,
-             "requests_per_second": 100},
+             "requests_per_second": 100, "request_timeout_seconds": 2},
             {"name": "M2MOne AU", "server_address": f"http://127.0.0.1:{sim_port}/rws/api/v1",
-             "username": "au-user", "api_key": au_wrong_key, "requests_per_second": 100},
+             "username": "au-user", "api_key": au_wrong_key, "requests_per_second": 100,
+             "request_timeout_seconds": 2},
         ],
     }
     config = tmp_path / "config.yaml"
