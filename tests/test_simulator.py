@@ -144,6 +144,24 @@ async def test_fail_times_fails_then_succeeds(sim, http):
     assert sim.status(ICCID) == "ACTIVATED"
 
 
+async def test_fault_message_and_padding_shape_the_error_body(sim, http):
+    """A fault's ``error_message`` replaces the code's meaning; ``body_pad_bytes`` pads it."""
+    sim.set_fault(ICCID, always_fail=True, error_code="10000005", http_status=400,
+                  error_message="SIM is already in transition", body_pad_bytes=60_000)
+
+    status, body = await put_status(http, sim, "ACTIVATED")
+
+    assert (status, body["errorCode"]) == (400, "10000005")
+    assert body["errorMessage"] == "SIM is already in transition" + "x" * 60_000
+
+
+async def test_requests_record_the_user_agent(sim, http):
+    """Each request record keeps the User-Agent header it came with."""
+    await call(http, sim, "GET", "/echo/x", headers={"User-Agent": "jasper-consumer/0 (h pid 1)"})
+
+    assert sim.requests[-1].user_agent == "jasper-consumer/0 (h pid 1)"
+
+
 async def test_html_fault_answers_an_html_page(sim, http):
     """An ``html`` fault answers its HTTP status with a ``text/html`` page."""
     sim.set_fault(ICCID, always_fail=True, http_status=502, html=True)

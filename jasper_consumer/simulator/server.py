@@ -16,9 +16,11 @@ starts, so a client that starts calls ``1 / rate`` apart never trips it.)
 
 A SIM it has not seen is created ``ACTIVATION_READY`` on first use, unless it is in
 ``unknown_iccids`` or starts with ``8999``: those answer ``20000001``. Faults per ICCID
-(latency, N failures, every call failing, HTML error pages) and per account (``down``:
+(latency, N failures, every call failing, HTML error pages, an own ``errorMessage``,
+an ``errorMessage`` padded to a large body) and per account (``down``:
 ``"refuse"`` drops the connection unanswered, ``"html503"`` answers a proxy's 503 page)
-make the failure paths reachable. Every call is kept in ``requests``.
+make the failure paths reachable. Every call is kept in ``requests``, with the
+``User-Agent`` it came with (which process of the service made it).
 
 In-process, drive it through :class:`Simulator`'s methods. In another process
 (``jasper-consumer simulator --port N``), use the admin API — JSON, no auth:
@@ -90,7 +92,11 @@ class Account:
 
 @dataclass
 class RequestRecord:
-    """One request as the simulator saw it; ``http_status`` 0 means dropped unanswered."""
+    """One request as the simulator saw it; ``http_status`` 0 means dropped unanswered.
+
+    ``started`` and ``finished`` are ``time.monotonic()`` (on Linux one clock for every
+    process on the host, so a test can compare them with its own).
+    """
 
     started: float
     finished: float
@@ -101,6 +107,7 @@ class RequestRecord:
     requested_status: str | None
     http_status: int
     error_code: str | None
+    user_agent: str | None = None
 
 
 class _Fault(BaseModel):
@@ -113,6 +120,8 @@ class _Fault(BaseModel):
     error_code: str = "30000001"
     http_status: int = Field(500, ge=100, le=599)
     html: bool = False
+    error_message: str | None = None  # instead of the code's documented meaning
+    body_pad_bytes: int = Field(0, ge=0)  # "x" characters appended to errorMessage
 
 
 class _SimChange(BaseModel):
@@ -209,12 +218,15 @@ class Simulator:
 
     def set_fault(self, iccid: str, *, latency_s: float = 0.0, fail_times: int = 0,
                   always_fail: bool = False, error_code: str = "30000001",
-                  http_status: int = 500, html: bool = False) -> None:
+                  http_status: int = 500, html: bool = False, error_message: str | None = None,
+                  body_pad_bytes: int = 0) -> None:
         """Make calls for ``iccid`` slow (``latency_s``) and/or fail: the next
-        ``fail_times`` calls, or every call with ``always_fail``."""
+        ``fail_times`` calls, or every call with ``always_fail``, answering ``error_code``
+        with ``error_message`` (default: the code's meaning) padded by ``body_pad_bytes``."""
         self._faults[iccid] = _Fault(
             latency_s=latency_s, fail_times=fail_times, always_fail=always_fail,
-            error_code=error_code, http_status=http_status, html=html)
+            error_code=error_code, http_status=http_status, html=html,
+            error_message=error_message, body_pad_bytes=body_pad_bytes)
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -280,7 +292,7 @@ class Simulator:
         record = RequestRecord(
             started=time.monotonic(), finished=0.0, account=None, method=request.method,
             path=request.path, iccid=request.match_info.get("iccid"), requested_status=None,
-            http_status=0, error_code=None)
+            http_status=0, error_code=None, user_agent=request.headers.get("User-Agent"))
         self.requests.append(record)
         response: web.Response | None = None  # stays None when the account refuses
         try:
@@ -349,9 +361,9 @@ class Simulator:
             await asyncio.sleep(latency_s)
         if fault and (fault.always_fail or fault.fail_times > 0):
             fault.fail_times = max(0, fault.fail_times - 1)
+            message = fault.error_message or JASPER_ERROR_MEANINGS.get(fault.error_code, "Error")
             raise _Answer(fault.http_status, None if fault.html else fault.error_code,
-                          html=fault.html,
-                          message=JASPER_ERROR_MEANINGS.get(fault.error_code, "Error"))
+                          html=fault.html, message=message + "x" * fault.body_pad_bytes)
         return await action(request, record)
 
     def _sim(self, iccid: str) -> _Sim:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import aio_pika
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from jasper_consumer.config import slugify
 
@@ -121,12 +123,28 @@ class Simulator:
 
 @dataclass
 class Signals:
-    """Every signal read from the test's history queue, by event id."""
+    """Every signal read from the test's history queue, by event id.
+
+    ``arrived`` holds, in the same order, the ``time.monotonic()`` at which each signal
+    reached the test: on Linux that is CLOCK_MONOTONIC, one clock for every process on the
+    host, so it compares with the simulator's ``RequestRecord.started``.
+    """
 
     by_event: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    arrived: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, signal: dict[str, Any]) -> None:
+    def add(self, signal: dict[str, Any], at: float | None = None) -> None:
         self.by_event.setdefault(signal["event_id"], []).append(signal)
+        self.arrived.setdefault(signal["event_id"], []).append(
+            time.monotonic() if at is None else at)
+
+    def first_at(self, event_id: str, outcome: str) -> float | None:
+        """When the event's first signal with ``outcome`` arrived, or None."""
+        for sig, at in zip(self.by_event.get(event_id, []), self.arrived.get(event_id, []),
+                           strict=True):
+            if sig["outcome"] == outcome:
+                return at
+        return None
 
     def finals(self, event_id: str) -> list[dict[str, Any]]:
         return [s for s in self.by_event.get(event_id, [])
@@ -170,6 +188,95 @@ def iccid(n: int) -> str:
     return f"8961018501{n:010d}"
 
 
+def job_body(event_id: str, sim: str, command: str, stamp: int,
+             communicator_type: str = "Type A") -> dict[str, Any]:
+    """A work-queue job as the router writes it, stamped ``stamp``: under both the
+    current name (``routed_ns``) and the rebuild's (``stamp``); each ignores the other."""
+    return {
+        "event_id": event_id, "event_code": 65516 if command == "activate" else 65517,
+        "client_id": f"c-{sim[-6:]}", "command": command, "iccid": sim,
+        "communicator_type": communicator_type, "occurred_at": "2026-11-25T10:15:00Z",
+        "routed_ns": stamp, "stamp": stamp,
+    }
+
+
+def first_answer(records: list[dict[str, Any]], http_status: int,
+                 after: float = float("-inf")) -> dict[str, Any] | None:
+    """The earliest simulator request record started after ``after`` and answered
+    ``http_status`` (``started`` is the simulator's ``time.monotonic()``)."""
+    hits = [r for r in records if r["http_status"] == http_status and r["started"] > after]
+    return min(hits, key=lambda r: r["started"]) if hits else None
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name{labels}`` in a /metrics page, None if absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def vm_rss_mb(pid: int) -> float:
+    """The process's resident set size (VmRSS) in MB, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert match, f"no VmRSS in /proc/{pid}/status"
+    return int(match.group(1)) / 1024
+
+
+async def rabbitmqctl_table(command: str, *columns: str) -> list[dict[str, str]]:
+    """Rows of ``rabbitmqctl <command> -p / <columns>`` (e.g. list_queues), one dict each.
+
+    Read-only listings only: never stop, restart or reset the shared broker from a test.
+    """
+    assert command.startswith("list_"), command
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", command, "-p", "/", "--no-table-headers", *columns,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (command, err.decode(errors="replace"))
+    return [dict(zip(columns, line.split("\t"), strict=True))
+            for line in out.decode().splitlines() if line.strip()]
+
+
+async def queue_counts(name: str) -> tuple[int, int]:
+    """(ready, unacked) messages of queue ``name``, as RabbitMQ counts them."""
+    rows = [r for r in await rabbitmqctl_table(
+        "list_queues", "name", "messages_ready", "messages_unacknowledged") if r["name"] == name]
+    assert rows, f"no queue {name}"
+    return int(rows[0]["messages_ready"]), int(rows[0]["messages_unacknowledged"])
+
+
+async def consumer_prefetches(queue: str) -> list[int]:
+    """The prefetch count of each consumer registered on ``queue``."""
+    return [int(r["prefetch_count"]) for r in await rabbitmqctl_table(
+        "list_consumers", "queue_name", "prefetch_count") if r["queue_name"] == queue]
+
+
+async def active_consumer_pid(queue: str) -> int | None:
+    """The OS pid of the process whose consumer is the active one on ``queue`` (single
+    active consumer), found through the broker: consumer → channel → connection →
+    the client's port → the process holding that socket (``ss -p``)."""
+    consumers = await rabbitmqctl_table("list_consumers", "queue_name", "channel_pid", "active")
+    channels = [c["channel_pid"] for c in consumers
+                if c["queue_name"] == queue and c["active"] == "true"]
+    if len(channels) != 1:
+        return None
+    connection = {r["pid"]: r["connection"] for r in await rabbitmqctl_table(
+        "list_channels", "pid", "connection")}.get(channels[0])
+    port = {r["pid"]: r["peer_port"] for r in await rabbitmqctl_table(
+        "list_connections", "pid", "peer_port")}.get(connection or "")
+    if port is None:
+        return None
+    ss = await asyncio.create_subprocess_exec(
+        "ss", "-tnpH", "state", "established", f"( sport = :{port} )",
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(ss.communicate(), 10)
+    pids = set(re.findall(r"pid=(\d+)", out.decode()))
+    return int(pids.pop()) if len(pids) == 1 else None
+
+
 class Harness:
     """Starts services and the simulator for one test; publishes; collects signals."""
 
@@ -186,6 +293,7 @@ class Harness:
         self.config: dict[str, Any] = {}
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self.ports: list[int] = []
+        self.dead: dict[str, str | None] = {}
 
     async def start_simulator(self, accounts: list[str]) -> Simulator:
         port = free_port()
@@ -274,7 +382,7 @@ class Harness:
         queue = await channel.get_queue(f"{self.tag}.history")
 
         async def on_signal(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            self.signals.add(json.loads(message.body))
+            self.signals.add(json.loads(message.body), time.monotonic())
             with contextlib.suppress(Exception):  # lost with the connection: redelivered
                 await message.ack()
 
@@ -283,7 +391,10 @@ class Harness:
     async def publish(self, events: Sequence[dict[str, Any] | bytes],
                       headers: list[dict[str, Any]] | None = None,
                       message_ids: list[str] | None = None,
-                      routing_key: str | None = None) -> None:
+                      routing_key: str | None = None) -> list[float]:
+        """Publish to the events exchange, each confirmed before the next; return the
+        ``time.monotonic()`` at which each was confirmed."""
+        confirmed: list[float] = []
         channel = await self.connection.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(
             f"{self.tag}.events", aio_pika.ExchangeType.TOPIC, durable=True)
@@ -300,7 +411,36 @@ class Harness:
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                  headers=headers[i] if headers else None),
                 routing_key=routing_key or f"event.{code if isinstance(code, int) else 65516}")
+            confirmed.append(time.monotonic())
         await channel.close()
+        return confirmed
+
+    def work_queue(self, type_name: str) -> str:
+        """The name of the communicator type's work queue."""
+        return f"{self.tag}.work.{slugify(type_name)}"
+
+    async def publish_jobs(self, queue: str, jobs: Sequence[dict[str, Any]]) -> None:
+        """Publish jobs (see ``job_body``) straight to a work queue, in order, confirmed."""
+        channel = await self.connection.channel(publisher_confirms=True)
+        try:
+            for job in jobs:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(json.dumps(job).encode(), content_type="application/json",
+                                     message_id=job["event_id"],
+                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                    routing_key=queue)
+        finally:
+            await channel.close()
+
+    async def dead_letters(self) -> dict[str, str | None]:
+        """Take every message off ``<prefix>.dead`` into ``self.dead`` (message id → its
+        ``x-jasper-error`` header) and return everything seen so far."""
+        channel = await self.channel()
+        queue = await channel.get_queue(f"{self.tag}.dead")
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            reason = (message.headers or {}).get("x-jasper-error")
+            self.dead[str(message.message_id)] = None if reason is None else str(reason)
+        return self.dead
 
     async def wait_final(self, event_ids: list[str], timeout: float) -> None:
         await wait_until(lambda: all(self.signals.finals(e) for e in event_ids),
