@@ -8,6 +8,9 @@
                                                DLX <p>.dlx, work delivery limit)
     patriot.history (topic) ──jasper.#──▶ <p>.history (quorum)
     <p>.dlx (fanout) ────────────────────▶ <p>.dead (quorum)
+    (default exchange)     ──────────────▶ <p>.calls.<slug> (classic, message TTL 60 s):
+                                               operator tools' Control Center calls, made
+                                               by the process that owns the type (calls.py)
 
 Declaring is idempotent; the same arguments are used every time so a redeclare on
 an existing broker never fails with PRECONDITION_FAILED.
@@ -15,7 +18,7 @@ an existing broker never fails with PRECONDITION_FAILED.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aio_pika
 import aiormq
@@ -29,6 +32,7 @@ DEAD_REASON_HEADER = "x-jasper-error"
 # Set by `dead-letters replay` (value: the dead letter's reason); the router marks the
 # job replayed, so the worker applies it even though it has seen the event before.
 REPLAYED_HEADER = "x-jasper-replayed-from"
+CALLS_TTL_MS = 60_000  # a tool's request waiting longer than this in <p>.calls.<slug> expires
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class Names:
     def work_queue(self, ct: CommunicatorType) -> str:
         return f"{self.prefix}.work.{ct.slug}"
 
+    def calls_queue(self, ct: CommunicatorType) -> str:
+        return f"{self.prefix}.calls.{ct.slug}"
+
     @classmethod
     def from_settings(cls, settings: Settings) -> Names:
         return cls(settings.queue_prefix, settings.events_exchange, settings.history_exchange)
@@ -73,6 +80,7 @@ class Topology:
     dead_exchange: AbstractExchange
     events_queue: AbstractQueue
     work_queues: dict[str, AbstractQueue]  # by communicator type name
+    calls_queues: dict[str, AbstractQueue] = field(default_factory=dict)  # by type name
 
 
 def _quorum(settings: Settings, delivery_limit: int, **extra: bool) -> FieldTable:
@@ -134,7 +142,14 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
             # hand-back counts as a delivery: this limit must outlast long pauses.
             arguments=_quorum(settings, settings.work_delivery_limit,
                               **{"x-single-active-consumer": True}))
-    return Topology(names, events_x, history_x, dead_x, events_q, work)
+    calls: dict[str, AbstractQueue] = {}
+    for ct in settings.communicator_types:
+        # Requests from operator tools (reconcile) that the type's owner makes through its
+        # own limiter; one nobody takes within a minute is dropped (the tool gave up).
+        calls[ct.name] = await channel.declare_queue(
+            names.calls_queue(ct), durable=True,
+            arguments={"x-queue-type": "classic", "x-message-ttl": CALLS_TTL_MS})
+    return Topology(names, events_x, history_x, dead_x, events_q, work, calls)
 
 
 async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
@@ -142,6 +157,7 @@ async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
     names = Names.from_settings(settings)
     queues = [names.events_queue, names.history_queue, names.dead_queue]
     queues += [names.work_queue(ct) for ct in settings.communicator_types]
+    queues += [names.calls_queue(ct) for ct in settings.communicator_types]
     for q in queues:
         await channel.queue_delete(q)
     await channel.exchange_delete(names.dead_exchange)
