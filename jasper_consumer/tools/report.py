@@ -92,9 +92,14 @@ def print_summary(result: Comparison, clients: ClientList, err: TextIO) -> None:
               f"{listing.pages} page(s) in {listing.elapsed_s:.1f} s; {c.rows:,} client "
               f"row(s) with {c.iccids:,} ICCID(s) ({c.shared:,} shared by linked areas)",
               file=err)
+        shown = False
         for kind in Kind:
             n = sum(1 for m in result.found if m.communicator_type == name and m.kind is kind)
-            print(f"  {kind.value:<18} {n:>6,}  {MEANINGS[kind]}", file=err)
+            if n:
+                print(f"  {kind.value:<18} {n:>6,}  {MEANINGS[kind]}", file=err)
+                shown = True
+        if not shown:
+            print("  every SIM agrees with the client list", file=err)
     urgent = sum(1 for m in result.found if m.kind is Kind.MONITORED_NOT_LIVE)
     bad = len(clients.bad_rows)
     if result.found or bad:
