@@ -31,10 +31,10 @@ from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
-from jasper_consumer.tools import reconcile
+from jasper_consumer.tools import demo_reconcile, reconcile
 from jasper_consumer.topology import Names, declare
 
-from .conftest import Broker, make_event, raw_config, remove_topology
+from .conftest import AMQP_URL, Broker, make_event, raw_config, remove_topology
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 TYPES = ((NZ, "nz", 1), (AU, "au", 2))  # name, account, digit in its ICCIDs
@@ -411,3 +411,15 @@ async def test_a_reconcile_and_a_backlog_together_keep_the_accounts_limits(
     assert "the service process that owns it makes the calls" in err
     assert elapsed < 60
     assert sim.violations == 0
+
+
+async def test_demo_reconcile_ends_with_only_what_fix_must_not_touch() -> None:
+    """make demo-reconcile: its report, fix and second report end as its docstring says."""
+    out = io.StringIO()
+
+    problems = await demo_reconcile.run_demo(out, AMQP_URL)
+
+    assert problems == []
+    text = out.getvalue()
+    assert text.count("$ jasper-consumer reconcile") == 3
+    assert "published 2 event(s) with origin 'reconcile'" in text
