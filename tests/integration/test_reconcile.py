@@ -304,8 +304,7 @@ async def drain_events(env: Env, count: int) -> list[dict[str, Any]]:
 
 
 async def test_with_an_owner_the_calls_go_through_it(env: Env) -> None:
-    """With a process owning the type, every call goes through its calls queue and a wake
-    token reaches its work queue."""
+    """With an owning process, every call goes through its calls queue after one wake token."""
     scenario = build()
     load(env, scenario)
     channel = await env.connection.channel()
@@ -375,8 +374,7 @@ async def test_the_cli_runs_reconcile_and_exits_0_when_all_agree(
 async def test_a_reconcile_and_a_backlog_together_keep_the_accounts_limits(
     sim: Simulator, connection: AbstractRobustConnection, tmp_path: Path
 ) -> None:
-    """The service drains a backlog at 5 calls/s while a reconcile of 500 SIMs (10 pages)
-    runs: no rate-limit violation, and the reconcile is done within 60 s."""
+    """A reconcile of 500 SIMs beside a 5/s backlog breaks no limit and ends within 60 s."""
     tag = f"jct-{uuid.uuid4().hex[:10]}"
     sim.add_account("nz", "nz-key", max_in_flight=1, requests_per_second=5)
     sims = {ic(1, n): "ACTIVATED" for n in range(500)}
