@@ -11,10 +11,10 @@ PROMTOOL ?= $(or $(shell command -v promtool 2>/dev/null),$(TOOLS)/promtool)
 export PROMTOOL
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit integration simulator clean demo schemas validate-deploy bench
+.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ unit: $(STAMP) ## only the tests that need no broker
 demo: $(STAMP) ## scripted run against the simulator: commission, decommission, failures, a paused type
 	@scripts/check-rabbitmq || exit 1
 	$(BIN)/python -m jasper_consumer.tools.demo
+
+demo-reconcile: $(STAMP) ## reconcile against the simulator: a report of each kind, --fix, a second report
+	@scripts/check-rabbitmq || exit 1
+	$(BIN)/python -m jasper_consumer.tools.demo_reconcile
 
 schemas: $(STAMP) ## regenerate docs/schemas/ (JSON Schemas of the messages) from the models
 	$(BIN)/python -m jasper_consumer.tools.schemas docs/schemas

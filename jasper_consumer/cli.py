@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import aio_pika
@@ -22,7 +23,7 @@ from . import tools
 from .broker import connect_once
 from .config import Command, Settings, load_settings
 from .errors import ConfigError
-from .tools import ToolError, check, deadletters, replay
+from .tools import ToolError, check, deadletters, reconcile, replay
 from .topology import Names
 
 ENV_CONFIG = "JASPER_CONSUMER_CONFIG"
@@ -89,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--limit", type=_positive_int, metavar="N",
                             help="replay at most N (default: all)")
 
+    rec = sub.add_parser(
+        "reconcile", help="compare every SIM of each account with the clients Patriot monitors",
+        description="Lists every SIM of each communicator type's account (Search Devices) and "
+                    "reports MONITORED_NOT_LIVE, LIVE_NOT_MONITORED, UNKNOWN_SIM and "
+                    "INVALID_ICCID. Exit 0: all agree; 1: something reported or a row could "
+                    "not be read; 2: an error.")
+    _config_arg(rec)
+    rec.add_argument("--clients", required=True, type=Path, metavar="FILE",
+                     help="CSV export of Patriot's client list: client_id (Client No), ref_no "
+                          "(Device Ref No), communicator_type, commissioned")
+    rec.add_argument("--communicator-type", metavar="NAME", help="only this communicator type")
+    rec.add_argument("--format", choices=reconcile.FORMATS, default="table",
+                     help="the report on stdout (default: table)")
+    rec.add_argument("--fix", action="store_true",
+                     help="publish the events that correct MONITORED_NOT_LIVE and "
+                          "LIVE_NOT_MONITORED of SIMs a client has (asks first)")
+    rec.add_argument("--yes", action="store_true", help="with --fix: do not ask")
+
     sim = sub.add_parser("simulator", help="run a local Jasper Control Center stand-in")
     sim.add_argument("--port", type=int, default=8081)
     sim.add_argument("--host", default="127.0.0.1")
@@ -99,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TOOLS = frozenset({"check-config", "sim-status", "dead-letters"})
+_TOOLS = frozenset({"check-config", "sim-status", "dead-letters", "reconcile"})
 
 
 def _positive_int(text: str) -> int:
@@ -110,7 +129,10 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "reconcile" and args.yes and not args.fix:
+        parser.error("--yes goes with --fix")
     jlog.configure(getattr(args, "log_level", "INFO"))
     if args.cmd in _TOOLS:  # they say themselves what went wrong; no client library noise
         for name in ("aio_pika", "aiormq"):
@@ -130,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def run_tool(argv: Sequence[str], out: TextIO) -> int:
-    """``check-config``, ``sim-status`` or ``dead-letters`` in the running event loop, as
-    ``main`` runs them (for tests and embedding); output to ``out``."""
+    """``check-config``, ``sim-status``, ``dead-letters`` or ``reconcile`` in the running
+    event loop, as ``main`` runs them (for tests and embedding); output to ``out``."""
     args = build_parser().parse_args(argv)
     try:
         return await _tool(args, out)
@@ -159,6 +181,10 @@ async def _tool(args: argparse.Namespace, out: TextIO) -> int:
         return await _dead_letters_list(args, out)
     if args.cmd == "dead-letters" and args.dead_cmd == "replay":
         return await _dead_letters_replay(args, out)
+    if args.cmd == "reconcile":
+        options = reconcile.Options(args.clients, args.communicator_type, args.format,
+                                    fix=args.fix, yes=args.yes)
+        return await reconcile.run(_load(args.config), options, out, sys.stderr)
     raise AssertionError(args.cmd)  # pragma: no cover
 
 

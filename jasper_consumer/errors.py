@@ -12,6 +12,8 @@
         ├── JasperRejected               the change was refused; retrying cannot help → fail
         ├── JasperRetryable              transient (5xx, rate limit, network) → back off, retry
         │   └── JasperUnreachable        no HTTP answer at all (refused, reset, DNS, timeout)
+        ├── RetriesExhausted             a tool's retry budget ran out (the service builds an
+        │                                outcome instead) → the tool reports it
         └── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
 
 A ``JasperError`` carries what a failure signal needs: ``code``, ``http_status``,
@@ -160,6 +162,21 @@ class JasperUnreachable(JasperRetryable):
 
     def __init__(self, message: str) -> None:
         super().__init__(JASPER_UNREACHABLE, message, None)
+
+
+class RetriesExhausted(JasperError):
+    """Every retry of a transient failure failed; carries the last error's code and text."""
+
+    retryable = True
+
+    def __init__(self, last: JasperError, attempts: int, elapsed_s: float) -> None:
+        super().__init__(
+            RETRIES_EXHAUSTED,
+            f"gave up after {attempts} attempts in {elapsed_s:.1f} s; last error: "
+            f"{last.message} ({last.code})",
+            last.http_status,
+        )
+        self.attempts = attempts
 
 
 class CommunicatorMisconfigured(JasperError):

@@ -24,6 +24,9 @@ from .errors import EventRejected, UnreadableMessage
 
 _ICCID_JUNK = re.compile(r"[\s\-]+")
 _ICCID = re.compile(r"^[0-9]{18,22}$")
+# Who raised an event that was not an operator's click (SPEC §3), e.g. "reconcile".
+ORIGIN_PATTERN = r"^[a-z0-9_-]{1,32}$"
+_ORIGIN = re.compile(ORIGIN_PATTERN)
 
 
 def normalise_iccid(ref_no: str) -> str:
@@ -58,6 +61,7 @@ class Event(BaseModel):
     occurred_at: datetime | None = None
     device: Device
     command: Command | None = None
+    origin: StrictStr | None = Field(None, pattern=ORIGIN_PATTERN)
 
 
 class Job(BaseModel):
@@ -77,10 +81,11 @@ class Job(BaseModel):
     # recognise an older job that reached it after a newer one for the same SIM. 0: unknown.
     stamp: int = 0
     replayed: bool = False  # re-queued by an operator: apply even if this event was seen
+    origin: str | None = None  # who raised the event, when not an operator (SPEC §3)
 
     def to_event(self) -> dict[str, Any]:
         """The event this job came from, as a producer would publish it (for replay)."""
-        return {
+        event: dict[str, Any] = {
             "event_id": self.event_id,
             "event_code": self.event_code,
             "client_id": self.client_id,
@@ -88,6 +93,9 @@ class Job(BaseModel):
             "device": {"ref_no": self.iccid, "communicator_type": self.communicator_type},
             "command": self.command.value,
         }
+        if self.origin is not None:
+            event["origin"] = self.origin
+        return event
 
 
 class Partial(BaseModel):
@@ -99,6 +107,7 @@ class Partial(BaseModel):
     command: Command | None = None
     iccid: str | None = None
     communicator_type: str | None = None
+    origin: str | None = None
 
 
 def _get(obj: Any, *path: str) -> Any:
@@ -115,6 +124,7 @@ def _partial(data: dict[str, Any], client_id: str, settings: Settings) -> Partia
 
     command = data.get("command")
     event_code = typed(data.get("event_code"), int)
+    origin = typed(data.get("origin"), str)
     return Partial(
         event_id=typed(data.get("event_id"), str),
         event_code=event_code,
@@ -123,6 +133,7 @@ def _partial(data: dict[str, Any], client_id: str, settings: Settings) -> Partia
         else settings.commands.get(event_code),
         iccid=typed(_get(data, "device", "ref_no"), str),
         communicator_type=typed(_get(data, "device", "communicator_type"), str),
+        origin=origin if origin is not None and _ORIGIN.fullmatch(origin) else None,
     )
 
 
@@ -208,4 +219,5 @@ def parse_event(body: bytes, settings: Settings) -> Job:
         iccid=iccid,
         communicator_type=event.device.communicator_type,
         occurred_at=event.occurred_at,
+        origin=event.origin,
     )

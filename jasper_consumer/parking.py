@@ -47,6 +47,7 @@ TOKEN_HEADER = "x-jasper-token"  # a token on a work queue: "anchor" (the owner'
 STAMP_HEADER = "x-jasper-stamp"
 OCCURRED_HEADER = "x-jasper-occurred-at"
 REPLAYED_HEADER = "x-jasper-job-replayed"
+ORIGIN_HEADER = "x-jasper-origin"
 
 
 class NotAJob(JasperConsumerError, ValueError):
@@ -57,7 +58,7 @@ def job_headers(job: Job) -> dict[str, Any]:
     """What a parked job needs beyond its signal's fields to become the same job again."""
     return {STAMP_HEADER: job.stamp,
             OCCURRED_HEADER: job.occurred_at.isoformat() if job.occurred_at else "",
-            REPLAYED_HEADER: job.replayed}
+            REPLAYED_HEADER: job.replayed, ORIGIN_HEADER: job.origin or ""}
 
 
 def read_parked(body: bytes, headers: dict[str, Any]) -> Job:
@@ -72,6 +73,7 @@ def read_parked(body: bytes, headers: dict[str, Any]) -> Job:
             occurred_at=datetime.fromisoformat(str(occurred)) if occurred else None,
             stamp=int(headers.get(STAMP_HEADER) or 0),
             replayed=bool(headers.get(REPLAYED_HEADER)),
+            origin=str(headers.get(ORIGIN_HEADER) or "") or None,
         )
     except Exception as exc:  # any shape problem: the message cannot be a job
         raise NotAJob(f"parked message is not a job: {type(exc).__name__}") from None

@@ -60,6 +60,8 @@ def _subject(command: Command | None, iccid: str | None) -> str:
 def _signal(job: Job | Partial, outcome: Kind, *, text: str, attempts: int,
             duration_ms: float, sim_status: str | None = None,
             error: SignalError | None = None) -> Signal:
+    if job.origin:  # an event not raised by an operator says who raised it (SPEC §3)
+        text = f"{text} ({job.origin})"
     return Signal(
         event_id=job.event_id,
         client_id=job.client_id,

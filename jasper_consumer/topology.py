@@ -11,6 +11,9 @@
     patriot.history ──<p>.parked.<slug> (BCC only)──▶ <p>.parked.<slug> (quorum): jobs that
                                                wait for a paused type, with their delayed signal
     (default exchange)     ──────────────▶ <p>.router-epoch (quorum): the router's epoch
+    (default exchange)     ──────────────▶ <p>.calls.<slug> (classic, message TTL 60 s):
+                                               operator tools' Control Center calls, made
+                                               by the process that owns the type (calls.py)
 
 Declaring is idempotent; the same arguments are used every time so a redeclare on
 an existing broker never fails with PRECONDITION_FAILED.
@@ -18,7 +21,7 @@ an existing broker never fails with PRECONDITION_FAILED.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aio_pika
 import aiormq
@@ -32,6 +35,7 @@ DEAD_REASON_HEADER = "x-jasper-error"
 # Set by `dead-letters replay` (value: the dead letter's reason); the router marks the
 # job replayed, so the worker applies it even though it has seen the event before.
 REPLAYED_HEADER = "x-jasper-replayed-from"
+CALLS_TTL_MS = 60_000  # a tool's request waiting longer than this in <p>.calls.<slug> expires
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Names:
     @property
     def epoch_queue(self) -> str:
         return f"{self.prefix}.router-epoch"
+    def calls_queue(self, ct: CommunicatorType) -> str:
+        return f"{self.prefix}.calls.{ct.slug}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Names:
@@ -84,6 +90,7 @@ class Topology:
     dead_exchange: AbstractExchange
     events_queue: AbstractQueue
     work_queues: dict[str, AbstractQueue]  # by communicator type name
+    calls_queues: dict[str, AbstractQueue] = field(default_factory=dict)  # by type name
 
 
 def _quorum(settings: Settings, delivery_limit: int, **extra: bool) -> FieldTable:
@@ -152,7 +159,14 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
             names.parked_queue(ct), durable=True,
             arguments=_quorum(settings, settings.work_delivery_limit))
         await parked.bind(history_x, routing_key=names.parked_queue(ct))
-    return Topology(names, events_x, history_x, dead_x, events_q, work)
+    calls: dict[str, AbstractQueue] = {}
+    for ct in settings.communicator_types:
+        # Requests from operator tools (reconcile) that the type's owner makes through its
+        # own limiter; one nobody takes within a minute is dropped (the tool gave up).
+        calls[ct.name] = await channel.declare_queue(
+            names.calls_queue(ct), durable=True,
+            arguments={"x-queue-type": "classic", "x-message-ttl": CALLS_TTL_MS})
+    return Topology(names, events_x, history_x, dead_x, events_q, work, calls)
 
 
 async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
@@ -162,6 +176,7 @@ async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
     queues += [names.work_queue(ct) for ct in settings.communicator_types]
     queues += [names.parked_queue(ct) for ct in settings.communicator_types]
     queues.append(names.epoch_queue)
+    queues += [names.calls_queue(ct) for ct in settings.communicator_types]
     for q in queues:
         await channel.queue_delete(q)
     await channel.exchange_delete(names.dead_exchange)

@@ -97,3 +97,23 @@ def test_unreadable_messages(settings: Settings, body: bytes, reason: str):
     """Messages that are not events at all are unreadable, with the reason."""
     with pytest.raises(UnreadableMessage, match=reason):
         parse_event(body, settings)
+
+
+def test_origin_travels_with_the_job(settings: Settings):
+    """An event's origin is kept on its job and in the event rebuilt for replay."""
+    job = parse_event(encode(event(origin="reconcile")), settings)
+
+    assert job.origin == "reconcile"
+    assert job.to_event()["origin"] == "reconcile"
+    assert "origin" not in parse_event(encode(event()), settings).to_event()
+
+
+@pytest.mark.parametrize("origin", ["Reconcile", "", "x" * 33, "re concile", "recon\n", 7])
+def test_a_bad_origin_is_an_invalid_event(settings: Settings, origin: Any):
+    """An origin that is not 1 to 32 of a-z, 0-9, _ and - is INVALID_EVENT naming the field."""
+    with pytest.raises(Rejected) as info:
+        parse_event(encode(event(origin=origin)), settings)
+
+    assert info.value.code == "INVALID_EVENT"
+    assert "'origin'" in info.value.message
+    assert info.value.partial.origin is None

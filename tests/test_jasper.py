@@ -45,6 +45,7 @@ from jasper_consumer.jasper.retry import change_status
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.outcomes import ErrorInfo, Outcome
 from jasper_consumer.pause import Pause, PauseRules
+from jasper_consumer.simulator import Simulator
 
 BASE = "https://restapi1.jasper.com/rws/api/v1"
 ICCID = "89610185002345678901"
@@ -510,6 +511,77 @@ async def test_get_device_unknown_iccid_is_rejected(
         await client.get_device(ICCID)
 
     assert (caught.value.code, caught.value.attempts) == ("20000001", 1)
+
+
+SEARCH_URL = f"{BASE}/devices?modifiedSince=2000-01-01T00%3A00%3A00Z&pageSize=50&pageNumber=2"
+
+
+async def test_search_devices_returns_one_page(client: JasperClient, http: aioresponses) -> None:
+    """Search Devices asks for the page with modifiedSince and pageSize, and returns its JSON."""
+    page = {"pageNumber": 2, "lastPage": True,
+            "devices": [{"iccid": ICCID, "status": "ACTIVATED"}]}
+    http.get(SEARCH_URL, status=200, payload=page)
+
+    assert await client.search_devices(2) == page
+    ((method, url), calls), = http.requests.items()
+    assert (method, url.query["modifiedSince"], url.query["pageSize"]) == (
+        "GET", "2000-01-01T00:00:00Z", "50")
+    assert calls[0].kwargs["headers"]["Accept"] == "application/json"
+
+
+async def test_search_devices_passes_the_status_filter(
+    client: JasperClient, http: aioresponses
+) -> None:
+    """A status filter becomes the status= parameter."""
+    http.get(f"{BASE}/devices?modifiedSince=2026-01-01T00%3A00%3A00Z&pageSize=10&pageNumber=1"
+             "&status=ACTIVATED", status=200,
+             payload={"pageNumber": 1, "lastPage": True, "devices": []})
+
+    page = await client.search_devices(1, page_size=10, modified_since="2026-01-01T00:00:00Z",
+                                       status="ACTIVATED")
+
+    assert page["devices"] == []
+
+
+async def test_search_devices_errors_are_one_attempt(
+    client: JasperClient, http: aioresponses
+) -> None:
+    """A refused search raises its documented error after one call; a rate limit is not retried."""
+    http.get(SEARCH_URL, status=400, payload=jasper_error("10000011"))
+    http.get(SEARCH_URL, status=429, payload=jasper_error("40000029"))
+    http.get(SEARCH_URL, status=200, payload={"pageNumber": 2})
+
+    with pytest.raises(JasperRejected) as missing:
+        await client.search_devices(2)
+    with pytest.raises(JasperRetryable) as limited:
+        await client.search_devices(2)
+    with pytest.raises(JasperRetryable) as no_devices:
+        await client.search_devices(2)
+
+    assert (missing.value.code, missing.value.attempts) == ("10000011", 1)
+    assert (limited.value.code, limited.value.attempts) == ("40000029", 1)
+    assert no_devices.value.code == errors.UNEXPECTED_RESPONSE
+    assert sum(len(calls) for calls in http.requests.values()) == 3
+
+
+async def test_search_devices_goes_through_the_limiter(metrics: Metrics) -> None:
+    """Search pages are started 1 / requests_per_second apart, like every other call."""
+    sim = Simulator()
+    sim.add_account("u", KEY, requests_per_second=20)
+    sim.add_sim_range("89610185000000000000", 120, "ACTIVATED")
+    base = await sim.start()
+    try:
+        ct = make_ct(server_address=base, requests_per_second=20)
+        async with JasperClient(ct, metrics) as jasper:
+            pages = await asyncio.gather(*(jasper.search_devices(n) for n in (1, 2, 3)))
+    finally:
+        await sim.stop()
+
+    assert [len(p["devices"]) for p in pages] == [50, 50, 20]
+    assert [p["lastPage"] for p in pages] == [False, False, True]
+    starts = [r.started for r in sim.requests]
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.045
+    assert sim.violations == 0
 
 
 async def test_echo_checks_the_context(client: JasperClient, http: aioresponses) -> None:

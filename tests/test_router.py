@@ -22,16 +22,8 @@ ICCID_B = "89610185002345678902"
 class FakeMessage:
     def __init__(self, body: dict[str, Any] | bytes, channel: object = "channel-1") -> None:
         self.channel = channel
-        if isinstance(body, bytes):
-            self.body = body
-            self.message_id = None
-            self.headers: dict[str, Any] = {}
-            self.routing_key = "event.65516"
-            self.content_type = "application/json"
-            self.answers: list[str] = []
-            return
-        self.body = json.dumps(body).encode()
-        self.message_id = body["event_id"]
+        self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.message_id = None if isinstance(body, bytes) else body["event_id"]
         self.headers: dict[str, Any] = {}
         self.routing_key = "event.65516"
         self.content_type = "application/json"

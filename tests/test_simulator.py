@@ -265,3 +265,113 @@ def test_accounts_come_from_the_communicator_types():
         "username": "nz", "api_key": "k1", "max_concurrency": 2, "requests_per_second": 3}]})
 
     assert accounts_from_settings(settings) == [Account("nz", "k1", 2, 3.0)]
+
+
+# --- Search Devices ------------------------------------------------------------------------
+
+SEARCH = "/devices?modifiedSince=2000-01-01T00:00:00Z"
+
+
+@pytest.fixture
+def fast(sim: Simulator) -> Simulator:
+    """The test account allows 1,000 calls a second, so searches can follow each other."""
+    sim.accounts["patriot-api"].requests_per_second = 1000
+    return sim
+
+
+async def test_search_pages_hold_50_sims_in_iccid_order(fast, http):
+    """Search Devices answers pages of 50 in ICCID order; the full last page says lastPage."""
+    iccids = fast.add_sim_range("89610000000000001000", 100, "ACTIVATED")
+
+    first = await call(http, fast, "GET", SEARCH + "&pageSize=50&pageNumber=1")
+    second = await call(http, fast, "GET", SEARCH + "&pageSize=50&pageNumber=2")
+    beyond = await call(http, fast, "GET", SEARCH + "&pageNumber=3")
+
+    assert (first[0], first[1]["pageNumber"], first[1]["lastPage"]) == (200, 1, False)
+    assert (second[1]["pageNumber"], second[1]["lastPage"]) == (2, True)
+    listed = [d["iccid"] for d in first[1]["devices"] + second[1]["devices"]]
+    assert listed == iccids
+    assert set(first[1]["devices"][0]) == {"iccid", "status", "ratePlan", "communicationPlan"}
+    assert beyond[1] == {"pageNumber": 3, "lastPage": True, "devices": []}
+
+
+async def test_search_with_a_short_last_page_and_a_smaller_page_size(fast, http):
+    """pageSize sets the page length; a short page is the last one."""
+    fast.add_sim_range("89610000000000002000", 7, "DEACTIVATED")
+
+    status, body = await call(http, fast, "GET", SEARCH + "&pageSize=5&pageNumber=2")
+
+    assert (status, body["lastPage"], len(body["devices"])) == (200, True, 2)
+
+
+@pytest.mark.parametrize(("query", "code"), [
+    ("/devices?pageSize=50&pageNumber=1", "10000011"),
+    ("/devices?modifiedSince=yesterday", "10000012"),
+    (SEARCH + "&pageSize=51", "10000028"),
+    (SEARCH + "&pageNumber=0", "10000028"),
+    (SEARCH + "&sort=iccid", "10000028"),
+    (SEARCH + "&status=LIVE", "10000005"),
+])
+async def test_search_refuses_bad_parameters(fast, http, query, code):
+    """A search without modifiedSince, or with a bad parameter, is a 400 Jasper error."""
+    status, body = await call(http, fast, "GET", query)
+
+    assert (status, body["errorCode"]) == (400, code)
+
+
+async def test_search_filters_by_status_and_modified_since(fast, http):
+    """status= lists only SIMs of that status; modifiedSince in the future lists none."""
+    fast.add_sims({"89610000000000003001": "ACTIVATED", "89610000000000003002": "DEACTIVATED"})
+
+    _, live = await call(http, fast, "GET", SEARCH + "&status=ACTIVATED")
+    _, future = await call(http, fast, "GET", "/devices?modifiedSince=2999-01-01T00:00:00Z")
+
+    assert [d["iccid"] for d in live["devices"]] == ["89610000000000003001"]
+    assert future["devices"] == []
+
+
+async def test_each_search_page_counts_against_the_rate_limit(sim, http):
+    """Search pages are calls like any other: a burst over the account's rate is refused."""
+    results = [await call(http, sim, "GET", SEARCH) for _ in range(6)]
+
+    assert [s for s, _ in results].count(429) == 1
+    assert sim.violations == 1
+    assert {r.path for r in sim.requests} == {"/rws/api/v1/devices"}
+
+
+async def test_a_sim_of_an_account_is_only_that_accounts(fast, http):
+    """A SIM given to an account is listed and reached only by it; a SIM of no account by all."""
+    fast.add_account("other", "other-key", requests_per_second=1000)
+    fast.add_sims({"89610000000000004001": "ACTIVATED"}, account="patriot-api")
+    fast.add_sims({"89610000000000004002": "ACTIVATED"}, account="other")
+    fast.set_status("89610000000000004003", "DEACTIVATED")
+
+    _, mine = await call(http, fast, "GET", SEARCH)
+    other_auth = {"Authorization": aiohttp.encode_basic_auth("other", "other-key")}
+    async with aiohttp.ClientSession(headers=other_auth) as other:
+        _, theirs = await call(other, fast, "GET", SEARCH)
+        not_theirs = await call(other, fast, "GET", "/devices/89610000000000004001")
+
+    assert [d["iccid"] for d in mine["devices"]] == ["89610000000000004001",
+                                                     "89610000000000004003"]
+    assert [d["iccid"] for d in theirs["devices"]] == ["89610000000000004002",
+                                                       "89610000000000004003"]
+    assert (not_theirs[0], not_theirs[1]["errorCode"]) == (404, "20000001")
+
+
+async def test_admin_api_creates_many_sims_at_once(sim, http):
+    """POST /_sim/sims creates SIMs from a map or a run of consecutive ICCIDs, for an account."""
+    admin = sim.base_url.split("/rws/")[0] + "/_sim"
+    async with http.post(f"{admin}/sims", json={
+            "account": "patriot-api", "sims": {"89610000000000005000": "DEACTIVATED"},
+            "first": "89610000000000005001", "count": 1200, "status": "ACTIVATED"}) as response:
+        made = (response.status, await response.json())
+    async with http.post(f"{admin}/sims", json={"first": "8961", "count": 2}) as response:
+        incomplete = response.status
+    async with http.post(f"{admin}/sims", json={"sims": {"8961": "LIVE"}}) as response:
+        unknown_status = response.status
+
+    assert made == (200, {"created": 1201, "last": "89610000000000006200"})
+    assert sim.status("89610000000000006200") == "ACTIVATED"
+    assert sim.status("89610000000000005000") == "DEACTIVATED"
+    assert (incomplete, unknown_status) == (400, 400)

@@ -169,6 +169,27 @@ class JasperClient:
             return data
         raise self._error(answer)
 
+    async def search_devices(
+        self,
+        page_number: int,
+        *,
+        page_size: int = 50,
+        modified_since: str = "2000-01-01T00:00:00Z",
+        status: str | None = None,
+    ) -> dict[str, Any]:
+        """Search Devices: one page of the account's SIMs (``pageNumber``, ``lastPage``,
+        ``devices``); one attempt."""
+        path = (f"/devices?modifiedSince={quote(modified_since, safe='')}"
+                f"&pageSize={int(page_size)}&pageNumber={int(page_number)}")
+        if status is not None:
+            path += f"&status={quote(status, safe='')}"
+        answer = await self._call("GET", path, "search")
+        data = parse_json(answer.body)
+        if (answer.status == 200 and isinstance(data, dict)
+                and isinstance(data.get("devices"), list)):
+            return data
+        raise self._error(answer)
+
     async def echo(self, word: str = "jasper-consumer") -> None:
         """Echo: checks the credentials without touching a SIM."""
         answer = await self._call("GET", f"/echo/{quote(word, safe='')}", "echo")

@@ -4,6 +4,10 @@ It speaks the part of the REST API the service uses (SPEC §2), under ``/rws/api
 
 * ``PUT /devices/{iccid}`` ``{"status": "ACTIVATED"}`` → ``{"iccid": ...}``
 * ``GET /devices/{iccid}`` → the SIM's details (``iccid``, ``status``, ``ratePlan``, …)
+* ``GET /devices?modifiedSince=…&pageSize=…&pageNumber=…[&status=…]`` (Search Devices) →
+  ``{"pageNumber", "lastPage", "devices": [{"iccid", "status", "ratePlan",
+  "communicationPlan"}]}``, pages of at most 50 in ICCID order; ``modifiedSince`` is
+  required (``10000011`` without it, ``10000012`` if it is not an ISO 8601 date-time)
 * ``GET /echo/{word}`` → ``{"context": word}``
 
 and answers like the real one: HTTP Basic auth (``username:api_key``), errors as
@@ -15,9 +19,12 @@ rate the window is ``n / requests_per_second`` seconds holding ``n = max(1, floo
 starts, so a client that starts calls ``1 / rate`` apart never trips it.)
 
 A SIM it has not seen is created ``ACTIVATION_READY`` on first use, unless it is in
-``unknown_iccids`` or starts with ``8999``: those answer ``20000001``. Faults per ICCID
-(latency, N failures, every call failing, HTML error pages, an own ``errorMessage``,
-an ``errorMessage`` padded to a large body) and per account (``down``:
+``unknown_iccids`` or starts with ``8999``: those answer ``20000001``. A SIM may belong
+to an account (``add_sims(..., account=...)``): then only that account reaches it and
+lists it; a SIM of no account (made on first use, or without ``account``) is reached and
+listed by every account. Faults per ICCID (latency, N failures, every call failing, HTML
+error pages, an own ``errorMessage``, an ``errorMessage`` padded to a large body) and per
+account (``down``:
 ``"refuse"`` drops the connection unanswered, ``"html503"`` answers a proxy's 503 page)
 make the failure paths reachable. Every call is kept in ``requests``, with the
 ``User-Agent`` it came with (which process of the service made it).
@@ -29,7 +36,11 @@ In-process, drive it through :class:`Simulator`'s methods. In another process
 ``GET /_sim/requests``                   every request served, as a list of records
 ``GET /_sim/stats``                      ``{"violations", "max_in_flight_seen", "requests"}``
 ``POST /_sim/reset``                     forget SIMs, faults, requests and counters
-``PUT /_sim/sims/{iccid}``               ``{"status": ...}``: create or overwrite a SIM
+``PUT /_sim/sims/{iccid}``               ``{"status": ..., "account"?: ...}``: create or
+                                         overwrite a SIM
+``POST /_sim/sims``                      many at once: ``{"account"?, "sims": {iccid:
+                                         status}}`` or ``{"account"?, "first": iccid,
+                                         "count": n, "status": ...}`` (consecutive ICCIDs)
 ``GET /_sim/sims/{iccid}``               the SIM's details, 404 if unknown
 ``PUT /_sim/faults/{iccid}``             :meth:`Simulator.set_fault` keyword arguments
 ``DELETE /_sim/faults``                  clear every fault
@@ -50,7 +61,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -65,6 +76,8 @@ log = logging.getLogger(__name__)
 
 API_PATH = "/rws/api/v1"
 MAX_BODY_BYTES = 64 * 1024
+MAX_PAGE_SIZE = 50  # Search Devices
+SEARCH_PARAMETERS = frozenset({"modifiedSince", "pageSize", "pageNumber", "status"})
 SIM_STATUSES = frozenset({
     "ACTIVATED", "ACTIVATION_READY", "DEACTIVATED", "INVENTORY",
     "PURGED", "REPLACED", "RETIRED", "TEST_READY",
@@ -74,6 +87,8 @@ FINAL = frozenset({"PURGED", "RETIRED", "REPLACED"})
 # Fields Edit Device Details accepts; anything else is 10000028.
 EDITABLE = frozenset({"status", "ratePlan", "communicationPlan", "customer", "deviceID", "modemID"})
 ALREADY_IN_STATUS = "10030000"
+RATE_PLAN = "M2M One 10MB"
+COMMUNICATION_PLAN = "M2M One Data + SMS"
 
 _Body = TypeVar("_Body", bound=BaseModel)
 Action = Callable[[web.Request, "RequestRecord"], Awaitable[dict[str, Any]]]
@@ -127,6 +142,18 @@ class _Fault(BaseModel):
 class _SimChange(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     status: str
+    account: str | None = None
+
+
+class _SimBatch(BaseModel):
+    """The admin API's body for creating many SIMs: a map, or a run of consecutive ICCIDs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    account: str | None = None
+    sims: dict[str, str] = Field(default_factory=dict)
+    first: str | None = Field(None, pattern=r"^[0-9]{1,22}$")
+    count: int = Field(0, ge=0, le=1_000_000)
+    status: str | None = None
 
 
 class _AccountChange(BaseModel):
@@ -149,6 +176,7 @@ class _Sim:
     date_added: str = field(default_factory=_now)
     date_updated: str = field(default_factory=_now)
     date_activated: str | None = None
+    account: str | None = None  # None: every account reaches and lists it
 
 
 class _Answer(Exception):
@@ -206,11 +234,31 @@ class Simulator:
         self.accounts[username] = account
         return account
 
-    def set_status(self, iccid: str, status: str) -> None:
+    def set_status(self, iccid: str, status: str, *, account: str | None = None) -> None:
+        """Create or change a SIM; ``account`` (when given) makes it that account's own."""
         if status not in SIM_STATUSES:
             raise ValueError(f"unknown SIM status {status!r}")
         sim = self._sims.setdefault(iccid, _Sim(status))
+        if account is not None:
+            sim.account = account
         self._change(sim, status)
+
+    def add_sims(self, sims: Mapping[str, str], *, account: str | None = None) -> None:
+        """Create (or overwrite) many SIMs at once: ICCID -> status, all of ``account``."""
+        unknown = set(sims.values()) - SIM_STATUSES
+        if unknown:
+            raise ValueError(f"unknown SIM status {sorted(unknown)[0]!r}")
+        for iccid, status in sims.items():
+            self.set_status(iccid, status, account=account)
+
+    def add_sim_range(self, first: str, count: int, status: str, *,
+                      account: str | None = None) -> list[str]:
+        """Create ``count`` SIMs with consecutive ICCIDs from ``first`` (same width), all
+        ``status``; return their ICCIDs."""
+        start, width = int(first), len(first)
+        iccids = [str(start + i).zfill(width) for i in range(count)]
+        self.add_sims(dict.fromkeys(iccids, status), account=account)
+        return iccids
 
     def status(self, iccid: str) -> str | None:
         sim = self._sims.get(iccid)
@@ -254,12 +302,14 @@ class Simulator:
         app.add_routes([
             web.put(API_PATH + "/devices/{iccid}", self._api(self._put_device)),
             web.get(API_PATH + "/devices/{iccid}", self._api(self._get_device)),
+            web.get(API_PATH + "/devices", self._api(self._search_devices)),
             web.get(API_PATH + "/echo/{word}", self._api(self._echo)),
             web.route("*", "/rws/api/{version}/{tail:.*}", self._api(self._elsewhere)),
             web.get("/_sim/requests", self._admin_requests),
             web.get("/_sim/stats", self._admin_stats),
             web.post("/_sim/reset", self._admin_reset),
             web.put("/_sim/sims/{iccid}", self._admin_put_sim),
+            web.post("/_sim/sims", self._admin_post_sims),
             web.get("/_sim/sims/{iccid}", self._admin_get_sim),
             web.put("/_sim/faults/{iccid}", self._admin_put_fault),
             web.delete("/_sim/faults", self._admin_clear_faults),
@@ -366,10 +416,15 @@ class Simulator:
                           html=fault.html, message=message + "x" * fault.body_pad_bytes)
         return await action(request, record)
 
-    def _sim(self, iccid: str) -> _Sim:
-        if iccid in self.unknown_iccids or iccid.startswith("8999"):
+    def _unknown(self, iccid: str) -> bool:
+        return iccid in self.unknown_iccids or iccid.startswith("8999")
+
+    def _sim(self, iccid: str, account: str | None) -> _Sim:
+        sim = None if self._unknown(iccid) else self._sims.setdefault(
+            iccid, _Sim("ACTIVATION_READY"))
+        if sim is None or sim.account not in (None, account):
             raise _error("20000001")
-        return self._sims.setdefault(iccid, _Sim("ACTIVATION_READY"))
+        return sim
 
     @staticmethod
     def _log(record: RequestRecord) -> None:
@@ -394,7 +449,7 @@ class Simulator:
 
     async def _put_device(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
         iccid = request.match_info["iccid"]
-        sim = self._sim(iccid)
+        sim = self._sim(iccid, record.account)
         text = await request.text()
         if not text.strip():
             raise _error("10000005")
@@ -426,7 +481,46 @@ class Simulator:
 
     async def _get_device(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
         iccid = request.match_info["iccid"]
-        return _details(iccid, self._sim(iccid))
+        return _details(iccid, self._sim(iccid, record.account))
+
+    async def _search_devices(self, request: web.Request,
+                              record: RequestRecord) -> dict[str, Any]:
+        """Search Devices: one page of the SIMs the account has, in ICCID order."""
+        query = request.query
+        unknown = sorted(set(query) - SEARCH_PARAMETERS)
+        if unknown:
+            raise _error("10000028", f"Unrecognised parameters: {', '.join(unknown)}")
+        since = query.get("modifiedSince", "").strip()
+        if not since:
+            raise _error("10000011", "modifiedSince is required")
+        try:
+            since_dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise _error("10000012", f"modifiedSince {since!r} is not a date-time") from None
+        if since_dt.tzinfo is None:
+            since_dt = since_dt.replace(tzinfo=UTC)
+        since_text = since_dt.astimezone(UTC).isoformat(timespec="milliseconds")
+        page_size = _int_parameter(query, "pageSize", MAX_PAGE_SIZE, MAX_PAGE_SIZE)
+        page_number = _int_parameter(query, "pageNumber", 1, None)
+        status = query.get("status")
+        if status is not None and status not in SIM_STATUSES:
+            raise _error("10000005", f"Invalid status {status!r}")
+        listed = [
+            (iccid, sim) for iccid, sim in sorted(self._sims.items())
+            if sim.account in (None, record.account) and not self._unknown(iccid)
+            # The dates share one format (UTC, milliseconds): text order is time order.
+            and sim.date_updated >= since_text and status in (None, sim.status)
+        ]
+        start = (page_number - 1) * page_size
+        return {
+            "pageNumber": page_number,
+            "lastPage": start + page_size >= len(listed),
+            "devices": [
+                {"iccid": iccid, "status": sim.status, "ratePlan": RATE_PLAN,
+                 "communicationPlan": COMMUNICATION_PLAN}
+                for iccid, sim in listed[start:start + page_size]
+            ],
+        }
 
     async def _echo(self, request: web.Request, record: RequestRecord) -> dict[str, Any]:
         return {"context": request.match_info["word"]}
@@ -455,10 +549,25 @@ class Simulator:
         iccid = request.match_info["iccid"]
         change = await _admin_body(request, _SimChange)
         try:
-            self.set_status(iccid, change.status)
+            self.set_status(iccid, change.status, account=change.account)
         except ValueError as exc:
             raise _bad_request(str(exc)) from None
         return web.json_response(_details(iccid, self._sims[iccid]))
+
+    async def _admin_post_sims(self, request: web.Request) -> web.Response:
+        batch = await _admin_body(request, _SimBatch)
+        ranged = batch.first is not None or batch.count or batch.status is not None
+        if ranged and (batch.first is None or batch.status is None):
+            raise _bad_request("a run of SIMs needs first, count and status")
+        try:
+            self.add_sims(batch.sims, account=batch.account)
+            made = (self.add_sim_range(batch.first, batch.count, batch.status,
+                                       account=batch.account)
+                    if batch.first is not None and batch.status is not None else [])
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from None
+        return web.json_response({"created": len(batch.sims) + len(made),
+                                  "last": made[-1] if made else None})
 
     async def _admin_get_sim(self, request: web.Request) -> web.Response:
         iccid = request.match_info["iccid"]
@@ -495,13 +604,28 @@ def _details(iccid: str, sim: _Sim) -> dict[str, Any]:
     return {
         "iccid": iccid,
         "status": sim.status,
-        "ratePlan": "M2M One 10MB",
-        "communicationPlan": "M2M One Data + SMS",
+        "ratePlan": RATE_PLAN,
+        "communicationPlan": COMMUNICATION_PLAN,
         "customer": "Patriot Monitoring",
         "dateActivated": sim.date_activated,
         "dateAdded": sim.date_added,
         "dateUpdated": sim.date_updated,
     }
+
+
+def _int_parameter(query: Mapping[str, str], name: str, default: int,
+                   maximum: int | None) -> int:
+    text = query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or (maximum is not None and value > maximum):
+        most = f" to {maximum}" if maximum is not None else " or more"
+        raise _error("10000028", f"{name} must be a whole number 1{most} (got {text!r})")
+    return value
 
 
 def _bad_request(message: str) -> web.HTTPBadRequest:

@@ -4,7 +4,10 @@ returns the process exit status; a problem that stops it from doing its job at a
 
 * :mod:`.check` — ``check-config --ping`` and ``sim-status``;
 * :mod:`.deadletters` and :mod:`.replay` — ``dead-letters list`` / ``replay``;
-* :mod:`.tables` — plain-text tables;
+* :mod:`.reconcile` — ``reconcile``: :mod:`.clientlist` (Patriot's CSV export),
+  :mod:`.listing` (every SIM, Search Devices), :mod:`.mismatches` (what disagrees),
+  :mod:`.fixes` (``--fix``: corrective events), :mod:`.report` (what it prints);
+* :mod:`.tables` — plain-text tables; :mod:`.progress` — a bar or periodic lines;
 * :mod:`.demo` — ``make demo``; :mod:`.schemas` — ``make schemas``.
 """
 

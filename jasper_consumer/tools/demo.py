@@ -110,6 +110,16 @@ class SignalLog:
         return signal
 
 
+    async def wait_count(self, count: int) -> None:
+        """Until ``count`` signals have come, whichever they are."""
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT_S), self._changed:
+                await self._changed.wait_for(lambda: len(self.signals) >= count)
+        except TimeoutError:
+            raise DemoFailed(f"{len(self.signals)} of {count} signals within "
+                             f"{STEP_TIMEOUT_S:g} s") from None
+
+
 class DemoFailed(Exception):
     """A scenario did not end as it should."""
 
@@ -187,7 +197,7 @@ def table(signals: Sequence[dict[str, Any]]) -> str:
     return render_table(["EVENT", "CLIENT", "ICCID", "OUTCOME", "CODE", "TEXT"], rows)
 
 
-async def _remove_topology(connection: aio_pika.abc.AbstractConnection,
+async def remove_topology(connection: aio_pika.abc.AbstractConnection,
                            settings: Settings) -> None:
     channel = await connection.channel()
     await delete_all(channel, settings)
@@ -215,7 +225,7 @@ async def run_demo(out: TextIO, amqp_url: str = AMQP_URL) -> tuple[list[str], li
 
         connection = await aio_pika.connect(amqp_url)
         stack.push_async_callback(connection.close)
-        stack.push_async_callback(_remove_topology, connection, settings)
+        stack.push_async_callback(remove_topology, connection, settings)
         service = Service(settings, Metrics(CollectorRegistry()), http_host="127.0.0.1")
         stack.push_async_callback(service.stop)
         print(f"Jasper simulator at {base_url}; service on queues {prefix}.*", file=out)

@@ -43,6 +43,9 @@ _EVENT_FIELDS = {
         "device": "The client's add-on device that holds the SIM.",
         "command": "What to do with the SIM; when present it overrides the command the "
                    "service maps event_code to.",
+        "origin": "Who raised the event when it was not an operator's click, as a short word "
+                  "(1 to 32 of a-z, 0-9, _ and -), e.g. reconcile; the signal's text then ends "
+                  "with it in brackets. Anything else fails the event with INVALID_EVENT.",
     },
     "Device": {
         "ref_no": "The Device Ref No: the SIM's ICCID. Spaces and dashes are removed, then 18 "

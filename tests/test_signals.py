@@ -1,0 +1,60 @@
+"""The result signal's text: the line an operator reads in the client's history (SPEC §3, §4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jasper_consumer import signals
+from jasper_consumer.config import Command
+from jasper_consumer.events import Job, Partial
+from jasper_consumer.signals import Signal, SignalError
+
+ICCID = "89610185002345678901"
+ERROR = SignalError(code="10000001", http_status=401, message="Invalid credentials",
+                    retryable=True)
+
+
+def job(**overrides: object) -> Job:
+    fields: dict[str, object] = {
+        "event_id": "e1", "event_code": 65517, "client_id": "100234",
+        "command": Command.DEACTIVATE, "iccid": ICCID, "communicator_type": "M2MOne NZ"}
+    fields.update(overrides)
+    return Job.model_validate(fields)
+
+
+def test_a_signal_without_origin_reads_as_before():
+    """A signal of an operator's click has no bracketed origin."""
+    signal = signals.succeeded(job(), "DEACTIVATED", 1, 5.0)
+
+    assert signal.text == f"SIM {ICCID} deactivated via M2MOne NZ"
+
+
+@pytest.mark.parametrize("make", [
+    lambda j: signals.succeeded(j, "DEACTIVATED", 1, 5.0),
+    lambda j: signals.failed(j, ERROR, 1, 5.0),
+    lambda j: signals.delayed(j, ERROR, 1, 5.0),
+])
+def test_every_signal_of_an_event_with_origin_ends_with_it(make):
+    """Succeeded, failed and delayed texts end with the origin in brackets."""
+    signal: Signal = make(job(origin="reconcile"))
+
+    assert signal.text.endswith(" (reconcile)")
+    assert signal.text.count("(reconcile)") == 1
+
+
+def test_the_spec_example_text():
+    """A reconcile's deactivation reads as SPEC §3 shows it."""
+    signal = signals.succeeded(job(origin="reconcile"), "DEACTIVATED", 1, 5.0)
+
+    assert signal.text == f"SIM {ICCID} deactivated via M2MOne NZ (reconcile)"
+
+
+def test_a_locally_failed_event_keeps_its_origin():
+    """A failure decided before any call (here: no ICCID) also names the origin."""
+    partial = Partial(client_id="100234", command=Command.ACTIVATE,
+                      communicator_type="M2MOne NZ", origin="reconcile")
+
+    signal = signals.failed(partial, SignalError(code="MISSING_ICCID", message="no ICCID"), 0, 0.1)
+
+    assert signal.text == ("Could not activate SIM via M2MOne NZ: no ICCID (MISSING_ICCID) "
+                           "(reconcile)")
