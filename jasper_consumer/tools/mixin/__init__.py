@@ -87,8 +87,8 @@ def render(config: MixinConfig) -> dict[Path, str]:
         "spec": {"groups": groups},
     }
     return {
-        RULES: HEADER + "# Load it with rule_files; promtool test rules alerts.test.yaml tests it.\n"
-        + _yaml({"groups": groups}),
+        RULES: HEADER + "# Load it with rule_files; alerts.test.yaml (promtool test rules) tests "
+        "it.\n" + _yaml({"groups": groups}),
         PROMETHEUS_RULE: HEADER + _yaml(rule),
         DASHBOARD_IMPORT: _json(dashboard.for_import(config)),
         DASHBOARD_SIDECAR: _json(dashboard.for_sidecar(config)),

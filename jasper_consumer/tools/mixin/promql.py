@@ -103,7 +103,9 @@ class Series:
         """RabbitMQ's per-queue ``rabbitmq_expr`` for the deployment's queues of ``roles``,
         aggregated ``by (namespace, job, *keep)``. RabbitMQ reports a queue once per node
         that hosts it: ``max by (queue)`` takes one value."""
-        joined = f"{self.queues(*roles)}\n* on (queue) group_left ()\nmax by (queue) ({rabbitmq_expr})"
+        joined = (f"{self.queues(*roles)}\n"
+                  f"* on (queue) group_left ()\n"
+                  f"max by (queue) ({rabbitmq_expr})")
         return f"max {by(*keep)} (\n{indent(joined)}\n)"
 
 
