@@ -512,8 +512,7 @@ def _matches(selector: str, labels: dict[str, str]) -> bool:
 
 @pytest.mark.parametrize("name", WITH_MONITORING)
 def test_rules_select_the_series_each_deployment_gets(render, name):
-    """The rules' selector matches the job and namespace a deployment's series get, also
-    under a namePrefix."""
+    """The rules' selector matches the labels a deployment's series get, namePrefix or not."""
     docs = render(name)
     labels = {"job": _prometheus_job(docs),
               "namespace": _one(docs, "Service")["metadata"].get("namespace", "default")}
@@ -649,8 +648,7 @@ def test_dockerfile_is_multi_stage_and_slim():
 
 
 def test_image_installs_the_locked_hashed_dependencies_only():
-    """The build stage installs deploy/requirements.lock with hashes, wheels only, then the
-    service itself with no dependency and no index."""
+    """The image installs the hashed lock (wheels only), then the service offline, no deps."""
     build = _stages()[0]
     copied = [shlex.split(c)[0] for c in _args(build, "COPY")]
     runs = [shlex.split(r) for r in _args(build, "RUN")]

@@ -76,8 +76,7 @@ def names() -> tuple[Names, list[str]]:
 
 
 def test_documented_permissions_cover_what_the_service_does(names):
-    """The guide's configure/write/read patterns allow every declare, publish, bind and
-    consume of the topology (and of dead-letters replay)."""
+    """The guide's permissions allow every declare, publish, bind and consume the service does."""
     n, work = names
     queues = [n.events_queue, *work, n.history_queue, n.dead_queue]
     exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange]

@@ -72,11 +72,9 @@ def test_every_locked_file_is_checked_by_hash():
 
 
 def test_lock_is_closed_under_dependencies():
-    """What each locked package needs on the image's Python (3.11, Linux) is locked, in range.
-
-    The requirements come from the packages installed here, which `make` installs from the
-    lock first; a different installed version means the venv is older than the lock.
-    """
+    """What each locked package needs on the image's Python (3.11, Linux) is locked, in range."""
+    # The requirements come from the packages installed here, which `make` installs from the
+    # lock first; a different installed version means the venv is older than the lock.
     pins = locked()
     environment = {key: str(value) for key, value in default_environment().items()}
     environment |= {"python_version": "3.11", "sys_platform": "linux",

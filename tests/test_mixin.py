@@ -87,8 +87,7 @@ def test_promtool_accepts_the_rules():
 
 
 def test_alert_rules_pass_their_unit_tests():
-    """`promtool test rules` passes: with two deployments side by side, each alert fires for
-    the one it is about and not for the other."""
+    """With two deployments side by side, each alert fires for the one it is about only."""
     result = run(tool("promtool", "PROMTOOL"), "test", "rules", ALERT_TESTS)
 
     assert result.returncode == 0, result.stdout + result.stderr
