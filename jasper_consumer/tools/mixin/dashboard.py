@@ -23,7 +23,8 @@ from .promql import MixinConfig, Series, one_deployment
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 INPUT = "DS_PROMETHEUS"
-GRAFANA_VERSION = "10.0.0"
+#: The oldest Grafana that knows schemaVersion 39.
+GRAFANA_VERSION = "10.4.0"
 PANEL_NAMES = {"stat": "Stat", "timeseries": "Time series"}
 
 
