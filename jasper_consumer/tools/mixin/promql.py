@@ -21,6 +21,11 @@ from dataclasses import dataclass
 
 #: Labels that say which deployment a series belongs to.
 DEPLOYMENT_LABELS = ("namespace", "job")
+#: Roles of the queues each replica reports in ``jasper_queue_info`` (metrics.py), and of
+#: those named from the events queue, ``<prefix>.events`` -> ``<prefix>.<role>``. A queue
+#: the service starts to report needs only its role here.
+CONSUMED_ROLES = ("events", "work")
+DERIVED_ROLES = ("dead", "history")
 EVENTS_ROLE = 'role="events"'
 #: A PromQL string literal: the regex that takes ``<prefix>`` out of ``<prefix>.events``.
 EVENTS_NAME = '"(.+)\\\\.events"'
@@ -81,21 +86,24 @@ class Series:
 
     def queues(self, *roles: str) -> str:
         """One series per (deployment, queue) of these roles, value 1, labelled ``queue``,
-        ``role`` and (for work queues) ``communicator_type``. Roles: ``events``, ``work``
-        (consumed, from ``jasper_queue_info``), ``dead``, ``history`` (derived)."""
-        keep = by("queue", "role", "communicator_type")
+        ``role`` and (for work queues) ``communicator_type``: the roles the service reports
+        in ``jasper_queue_info`` (:data:`CONSUMED_ROLES`) and those derived from the events
+        queue's name (:data:`DERIVED_ROLES`)."""
+        unknown = set(roles) - set(CONSUMED_ROLES) - set(DERIVED_ROLES)
+        if unknown or not roles:
+            raise ValueError(f"unknown queue roles: {sorted(unknown) or roles}")
         parts = []
-        consumed = [r for r in roles if r in ("events", "work")]
+        consumed = [r for r in CONSUMED_ROLES if r in roles]
         if consumed:
-            role = f'role="{consumed[0]}"' if len(consumed) == 1 else ""
+            role = ("" if consumed == list(CONSUMED_ROLES) else
+                    f'role="{consumed[0]}"' if len(consumed) == 1 else
+                    f'role=~"{"|".join(consumed)}"')
+            keep = by("queue", "role", "communicator_type")
             parts.append(f"max {keep} ({self.jasper('jasper_queue_info', role)})")
         events = f"max {by('queue')} ({self.jasper('jasper_queue_info', EVENTS_ROLE)})"
-        for derived in (r for r in roles if r in ("dead", "history")):
+        for derived in (r for r in DERIVED_ROLES if r in roles):
             renamed = f'label_replace({events}, "queue", "$1.{derived}", "queue", {EVENTS_NAME})'
             parts.append(f'label_replace({renamed}, "role", "{derived}", "", "")')
-        unknown = set(roles) - {"events", "work", "dead", "history"}
-        if unknown or not parts:
-            raise ValueError(f"unknown queue roles: {sorted(unknown) or roles}")
         return parts[0] if len(parts) == 1 else "(\n" + indent("\nor\n".join(parts)) + "\n)"
 
     def per_queue(self, rabbitmq_expr: str, *roles: str, keep: tuple[str, ...] = ("queue",)
