@@ -6,19 +6,23 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/local.yaml
 SIM_PORT ?= 8081
 TOOLS  := $(CURDIR)/.tools/bin
+LOCK   := deploy/requirements.lock
 # promtool checks the alert rules: from PATH, else extracted from Debian's prometheus package.
 PROMTOOL ?= $(or $(shell command -v promtool 2>/dev/null),$(TOOLS)/promtool)
 export PROMTOOL
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench
+.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench mixin lock
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+# The runtime dependencies come from the image's lock file first, so the tests run the
+# versions the image ships; then the package and its dev tools.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
@@ -40,8 +44,16 @@ test: $(STAMP) $(PROMTOOL) lint ## lint, then every test (needs RabbitMQ on 127.
 	@scripts/check-rabbitmq || exit 1
 	$(BIN)/pytest -q
 
-validate-deploy: $(STAMP) $(PROMTOOL) ## check deploy/: manifests, alert rules, dashboard, Dockerfile (also in test)
-	$(BIN)/pytest -q tests/test_deploy.py
+validate-deploy: $(STAMP) $(PROMTOOL) ## check deploy/: manifests, alert rules, dashboard, Dockerfile, lock (also in test)
+	$(BIN)/pytest -q tests/test_deploy.py tests/test_mixin.py tests/test_lock.py
+
+mixin: $(STAMP) ## regenerate deploy/'s alert rules and Grafana dashboard from jasper_consumer/tools/mixin
+	$(BIN)/python -m jasper_consumer.tools.mixin
+
+lock: $(STAMP) ## regenerate deploy/requirements.lock (the image's hashed dependencies); UPGRADE=1 takes newer versions
+	$(BIN)/uv pip compile pyproject.toml deploy/build-requirements.in --quiet --generate-hashes \
+	  --universal --python-version 3.11 --custom-compile-command "make lock" \
+	  $(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 $(TOOLS)/promtool:
 	@echo "promtool is not on PATH: extracting it from Debian's prometheus package into $(TOOLS)"

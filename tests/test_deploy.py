@@ -1,126 +1,122 @@
-"""The deployment artefacts are valid, agree with each other and with the service.
+"""The Kubernetes manifests and the image are valid, agree with each other and with the service.
 
-Everything here runs offline: ``kubectl kustomize`` (or a small renderer below when
-kubectl is absent) renders ``deploy/k8s``; ``kubernetes-validate`` holds the Kubernetes
-JSON schemas; the CRDs (ServiceMonitor, PrometheusRule, KEDA) are checked against the
-schemas written below for the fields this project uses; ``promtool`` checks and
-unit-tests the alert rules and parses every dashboard query; ``hadolint`` lints the
-Dockerfile, which cannot be built here (no Docker engine), so its shape is checked too.
+Everything here runs offline. ``kubectl kustomize`` renders every combination of
+``deploy/k8s``: the base alone, the base with the monitoring component, and the two
+example overlays. Core kinds are validated with ``kubernetes-validate --strict``, the
+Prometheus Operator kinds against the real CRD schemas copied into ``tests/crd-schemas``.
+``hadolint`` lints the Dockerfile, which cannot be built here (no Docker engine), so its
+shape is checked too. The alert rules and the dashboard are checked in test_mixin.py, the
+image's lock file in test_lock.py.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
+import tomllib
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
-from prometheus_client import CollectorRegistry
 
 from jasper_consumer import __version__
-from jasper_consumer.config import parse_settings
-from jasper_consumer.metrics import Metrics
+from jasper_consumer.config import Settings, parse_settings
+from jasper_consumer.tools import mixin
 
-REPO = Path(__file__).resolve().parents[1]
+from . import test_mixin
+from .external import REPO, run, tool
+
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
-ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
-ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yaml"
-DASHBOARD = DEPLOY / "grafana" / "jasper-consumer.json"
+BASE = K8S / "base"
+MONITORING = K8S / "components" / "monitoring"
+OVERLAYS = K8S / "overlays"
 DOCKERFILE = DEPLOY / "Dockerfile"
+CRD_SCHEMAS = REPO / "tests" / "crd-schemas"
+SECRET_EXAMPLE = OVERLAYS / "production" / "secrets.example.yaml"
 
-#: The oldest Kubernetes minor this base supports, and the newest the schemas know.
+#: The oldest Kubernetes minor these manifests support, and the newest the schemas know.
+#: 1.28: unhealthyPodEvictionPolicy of the PodDisruptionBudget is on by default (beta, 1.27).
 K8S_VERSIONS = ("1.28", latest_version().rsplit(".", 1)[0])
 PLACEHOLDER = "REPLACE_ME"
 EXAMPLE_AMQP_URL = "amqp://jasper:secret@rabbitmq:5672/"
+CORE_KINDS = {"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget"}
+
+#: Every combination a cluster may apply: name -> (resources, components) of a kustomization.
+#: Overlays are kustomizations of their own; the others are written to a temporary directory.
+COMBINATIONS: dict[str, tuple[list[Path], list[Path]]] = {
+    "base": ([BASE], []),
+    "base+monitoring": ([BASE], [MONITORING]),
+    "overlays/production": ([OVERLAYS / "production"], []),
+    "overlays/staging": ([OVERLAYS / "staging"], []),
+}
+WITH_MONITORING = ("base+monitoring", "overlays/production", "overlays/staging")
 
 
-# -- tools ---------------------------------------------------------------------------------
+# -- rendering ---------------------------------------------------------------------------------
 
 
-def _tool(name: str, env: str) -> str:
-    """A tool from $ENV, PATH, .tools/bin (``make`` puts promtool there) or the venv."""
-    candidates = [os.environ.get(env), shutil.which(name), REPO / ".tools" / "bin" / name,
-                  Path(sys.executable).parent / name]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    pytest.fail(f"{name} not found ({env}, PATH, .tools/bin, venv): `make test` installs it")
-
-
-def _run(*args: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, check=False)
-
-
-# -- rendering the kustomize base ------------------------------------------------------------
-
-
-def render_base(directory: Path) -> list[dict[str, Any]]:
-    """A small kustomize for this base when kubectl is absent: resources, labels,
-    configMapGenerator (files, no hash suffix) and images (newName/newTag)."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    docs: list[dict[str, Any]] = []
-    for resource in kustomization.get("resources", []):
-        docs += [d for d in yaml.safe_load_all((directory / resource).read_text()) if d]
-    for generator in kustomization.get("configMapGenerator", []):
-        data = {Path(f).name: (directory / f).read_text() for f in generator.get("files", [])}
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": generator["name"]}, "data": data})
-    for entry in kustomization.get("labels", []):
-        for doc in docs:
-            doc["metadata"].setdefault("labels", {}).update(entry["pairs"])
-    images = {i["name"]: i for i in kustomization.get("images", [])}
-    for doc in docs:
-        for container in _containers(doc):
-            image = images.get(container["image"].split(":")[0])
-            if image:
-                container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
-    return docs
-
-
-def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc.get("kind") != "Deployment":
-        return []
-    containers: list[dict[str, Any]] = doc["spec"]["template"]["spec"]["containers"]
-    return containers
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl absent: install kubectl >= 1.27 (kustomize v5) to render deploy/k8s")
+    return kubectl
 
 
 @cache
-def _rendered() -> tuple[dict[str, Any], ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        return tuple(render_base(K8S))
-    result = _run(kubectl, "kustomize", K8S)
-    assert result.returncode == 0, result.stderr
+def _render(name: str, workdir: Path) -> tuple[dict[str, Any], ...]:
+    resources, components = COMBINATIONS[name]
+    if not components and len(resources) == 1:
+        directory = resources[0]
+    else:  # kustomize takes only relative paths
+        directory = workdir / name.replace("/", "_").replace("+", "_")
+        directory.mkdir(parents=True, exist_ok=True)
+        rel = [os.path.relpath(p, directory) for p in (*resources, *components)]
+        (directory / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": rel[: len(resources)], "components": rel[len(resources):]}))
+    result = run(_kubectl(), "kustomize", directory)
+    assert result.returncode == 0, f"{name}: {result.stderr}"
     return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
 
 
+@pytest.fixture(scope="session")
+def render(tmp_path_factory: pytest.TempPathFactory):
+    """``render(name)``: a deep copy of the objects that combination renders to."""
+    workdir = tmp_path_factory.mktemp("kustomize")
+    return lambda name: copy.deepcopy(list(_render(name, workdir)))
+
+
 @pytest.fixture
-def rendered() -> list[dict[str, Any]]:
-    return copy.deepcopy(list(_rendered()))
+def rendered(render) -> list[dict[str, Any]]:
+    """The base alone: what `kubectl apply -k deploy/k8s/base` creates."""
+    docs: list[dict[str, Any]] = render("base")
+    return docs
+
+
+def _all(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
 
 
 def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
+    found = _all(docs, kind)
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
 
 def _examples() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text()) if d]
+    return [d for d in yaml.safe_load_all(SECRET_EXAMPLE.read_text()) if d]
 
 
 def _secret_keys() -> dict[str, set[str]]:
@@ -140,220 +136,162 @@ def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return container
 
 
+def _config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap holding the service's config.yaml."""
+    (config_map,) = [d for d in _all(docs, "ConfigMap") if "config.yaml" in d.get("data", {})]
+    return config_map
+
+
 def _config_text(docs: list[dict[str, Any]]) -> str:
-    text: str = _one(docs, "ConfigMap")["data"]["config.yaml"]
+    text: str = _config_map(docs)["data"]["config.yaml"]
     return text
 
 
-def _settings(docs: list[dict[str, Any]]):
+def _settings(docs: list[dict[str, Any]]) -> Settings:
     return parse_settings(yaml.safe_load(_config_text(docs)), {"AMQP_URL": EXAMPLE_AMQP_URL})
 
 
-# -- schemas of the custom resources, for the fields this base uses -------------------------
-
-_STR = {"type": "string"}
-_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_META = {"type": "object", "required": ["name"],
-         "properties": {"name": _STR, "namespace": _STR, "labels": _STR_MAP,
-                        "annotations": _STR_MAP}}
-_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
-    "matchLabels": _STR_MAP,
-    "matchExpressions": {"type": "array", "items": {
-        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
-        "properties": {"key": _STR, "operator": _STR, "values": {"type": "array",
-                                                                   "items": _STR}}}}}}
-_DURATION = {"type": "string",
-             "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
-                        r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
-_RELABEL = {"type": "array", "items": {"type": "object", "additionalProperties": False,
-                                        "properties": {
-    "action": _STR, "regex": _STR, "replacement": _STR, "separator": _STR,
-    "sourceLabels": {"type": "array", "items": _STR}, "targetLabel": _STR,
-    "modulus": {"type": "integer"}}}}
+# -- schemas -----------------------------------------------------------------------------------
 
 
-def _crd(spec: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-            "additionalProperties": False,
-            "properties": {"apiVersion": _STR, "kind": _STR, "metadata": _META, "spec": spec}}
-
-
-CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): _crd({
-        "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
-        "properties": {
-            "selector": _SELECTOR, "jobLabel": _STR,
-            "namespaceSelector": {"type": "object", "additionalProperties": False,
-                                  "properties": {"any": {"type": "boolean"},
-                                                 "matchNames": {"type": "array",
-                                                                "items": _STR}}},
-            "targetLabels": {"type": "array", "items": _STR},
-            "podTargetLabels": {"type": "array", "items": _STR},
-            "sampleLimit": {"type": "integer", "minimum": 0},
-            "endpoints": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "additionalProperties": False, "properties": {
-                    "port": _STR, "targetPort": {"type": ["string", "integer"]},
-                    "path": {"type": "string", "pattern": "^/"},
-                    "scheme": {"enum": ["http", "https"]},
-                    "interval": _DURATION, "scrapeTimeout": _DURATION,
-                    "honorLabels": {"type": "boolean"}, "honorTimestamps": {"type": "boolean"},
-                    "relabelings": _RELABEL, "metricRelabelings": _RELABEL}}}}}),
-    ("monitoring.coreos.com/v1", "PrometheusRule"): _crd({
-        "type": "object", "required": ["groups"], "additionalProperties": False,
-        "properties": {"groups": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["name", "rules"], "additionalProperties": False,
-            "properties": {
-                "name": _STR, "interval": _DURATION,
-                "rules": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["expr"], "additionalProperties": False,
-                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-                    "properties": {"alert": _STR, "record": _STR,
-                                   "expr": {"type": ["string", "integer"]}, "for": _DURATION,
-                                   "keep_firing_for": _DURATION, "labels": _STR_MAP,
-                                   "annotations": _STR_MAP}}}}}}}}),
-    ("keda.sh/v1alpha1", "ScaledObject"): _crd({
-        "type": "object", "required": ["scaleTargetRef", "triggers"],
-        "additionalProperties": False,
-        "properties": {
-            "scaleTargetRef": {"type": "object", "required": ["name"],
-                               "additionalProperties": False,
-                               "properties": {"name": {"type": "string", "minLength": 1},
-                                              "kind": _STR, "apiVersion": _STR,
-                                              "envSourceContainerName": _STR}},
-            "minReplicaCount": {"type": "integer", "minimum": 0},
-            "maxReplicaCount": {"type": "integer", "minimum": 1},
-            "idleReplicaCount": {"type": "integer", "minimum": 0},
-            "pollingInterval": {"type": "integer", "minimum": 1},
-            "cooldownPeriod": {"type": "integer", "minimum": 0},
-            "initialCooldownPeriod": {"type": "integer", "minimum": 0},
-            "fallback": {"type": "object", "required": ["failureThreshold", "replicas"]},
-            "advanced": {"type": "object", "additionalProperties": False, "properties": {
-                "restoreToOriginalReplicaCount": {"type": "boolean"},
-                "horizontalPodAutoscalerConfig": {
-                    "type": "object", "additionalProperties": False,
-                    "properties": {"name": _STR, "behavior": {
-                        "type": "object", "additionalProperties": False, "properties": {
-                            direction: {"type": "object", "additionalProperties": False,
-                                        "properties": {
-                                            "stabilizationWindowSeconds": {
-                                                "type": "integer", "minimum": 0,
-                                                "maximum": 3600},
-                                            "selectPolicy": _STR,
-                                            "policies": {"type": "array"}}}
-                            for direction in ("scaleUp", "scaleDown")}}}}}},
-            "triggers": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["type", "metadata"],
-                "additionalProperties": False,
-                "properties": {
-                    "type": {"type": "string", "minLength": 1}, "name": _STR,
-                    "metadata": _STR_MAP, "metricType": _STR,
-                    "useCachedMetrics": {"type": "boolean"},
-                    "authenticationRef": {
-                        "type": "object", "required": ["name"], "additionalProperties": False,
-                        "properties": {"name": _STR, "kind": {
-                            "enum": ["TriggerAuthentication",
-                                     "ClusterTriggerAuthentication"]}}}}}}}}),
-    ("keda.sh/v1alpha1", "TriggerAuthentication"): _crd({
-        "type": "object", "additionalProperties": False, "minProperties": 1,
-        "properties": {
-            "secretTargetRef": {"type": "array", "items": {
-                "type": "object", "required": ["parameter", "name", "key"],
-                "additionalProperties": False,
-                "properties": {"parameter": _STR, "name": _STR, "key": _STR}}},
-            "env": {"type": "array", "items": {
-                "type": "object", "required": ["parameter", "name"],
-                "additionalProperties": False,
-                "properties": {"parameter": _STR, "name": _STR, "containerName": _STR}}}}}),
-}
+@cache
+def _crd_schema(api_version: str, kind: str) -> dict[str, Any] | None:
+    group, _, version = api_version.rpartition("/")
+    if group != "monitoring.coreos.com":
+        return None
+    schema: dict[str, Any] = json.loads(
+        (CRD_SCHEMAS / f"{kind.lower()}_{version}.json").read_text())
+    return schema
 
 
 def _validate(doc: dict[str, Any], version: str) -> None:
-    schema = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
-    if schema is not None:
-        jsonschema.Draft202012Validator(schema).validate(doc)
-    else:
+    schema = _crd_schema(doc["apiVersion"], doc["kind"])
+    if schema is None:
         kubernetes_validate.validate(doc, version, strict=True)
-
-
-# -- the Kubernetes base ---------------------------------------------------------------------
-
-
-def test_base_renders_every_kind_the_service_needs(rendered):
-    """The base renders the Deployment, config, Service, monitoring, PDB and KEDA objects."""
-    kinds = sorted(d["kind"] for d in rendered)
-
-    assert kinds == sorted(["ServiceAccount", "ConfigMap", "Service", "Deployment",
-                            "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication",
-                            "PrometheusRule", "ServiceMonitor"])
-    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "patriot"
-               for d in rendered)
-
-
-def test_fallback_renderer_agrees_with_kustomize(rendered):
-    """Without kubectl the small renderer yields the same objects (names without hash)."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl absent: the fallback renderer is what the other tests use")
-    ours = render_base(K8S)
-
-    def key(doc: dict[str, Any]) -> tuple[str, str]:
-        return doc["kind"], re.sub(r"-[a-z0-9]{10}$", "", doc["metadata"]["name"])
-
-    assert sorted(map(key, ours)) == sorted(map(key, rendered))
-    assert _container(ours)["image"] == _container(rendered)["image"]
+        return
+    jsonschema.Draft7Validator(schema).validate(doc)
+    # The CRD schemas say only `metadata: object`: check it as the ObjectMeta it is.
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": doc["metadata"]}, version, strict=True)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_manifests_match_their_schemas(rendered, version):
-    """Every rendered object, and the Secret example, is valid for the Kubernetes version."""
-    for doc in [*rendered, *_examples()]:
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_every_combination_matches_its_schemas(render, name, version):
+    """Each combination renders, and every object is valid for the Kubernetes version."""
+    for doc in [*render(name), *_examples()]:
         try:
             _validate(doc, version)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as exc:
             where = "/".join(map(str, exc.absolute_path))
-            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} at {where}: {exc.message}")
+            pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} at {where}: "
+                        f"{exc.message}")
 
 
-def test_crd_schemas_reject_a_misspelt_field(rendered):
-    """The hand-written CRD schemas are strict: an unknown field is an error."""
-    monitor = _one(rendered, "ServiceMonitor")
+def test_crd_schemas_reject_a_misspelt_field(render):
+    """The CRD schemas are strict: an unknown field of a ServiceMonitor is an error."""
+    monitor = _one(render("base+monitoring"), "ServiceMonitor")
     monitor["spec"]["endpoints"][0]["intervall"] = "30s"
 
     with pytest.raises(jsonschema.ValidationError, match="intervall"):
         _validate(monitor, K8S_VERSIONS[0])
 
 
-def test_config_map_holds_a_valid_config(rendered):
-    """The ConfigMap's config.yaml passes the service's own validation."""
-    settings = _settings(rendered)
+def test_crd_schema_metadata_is_checked_as_object_meta(render):
+    """A misspelt metadata field of a custom resource is an error too."""
+    rule = _one(render("base+monitoring"), "PrometheusRule")
+    rule["metadata"]["lables"] = {"a": "b"}
 
-    assert settings.amqp_url.get_secret_value() == EXAMPLE_AMQP_URL
+    with pytest.raises(kubernetes_validate.ValidationError, match="lables"):
+        _validate(rule, K8S_VERSIONS[0])
+
+
+def test_crd_schemas_are_the_documented_copies():
+    """Each schema file is listed, with its sha256, in tests/crd-schemas/README.md."""
+    readme = (CRD_SCHEMAS / "README.md").read_text()
+    files = sorted(CRD_SCHEMAS.glob("*.json"))
+
+    assert files
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f"`{path.name}`" in readme, path.name
+        assert digest in readme, f"{path.name}: {digest}"
+
+
+# -- what each combination holds ---------------------------------------------------------------
+
+
+def test_base_holds_the_core_objects_only(render):
+    """The base applies on any cluster: no custom resource, only core kinds."""
+    docs = render("base")
+
+    assert sorted(d["kind"] for d in docs) == sorted(CORE_KINDS)
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "patriot" for d in docs)
+
+
+def test_monitoring_component_adds_monitor_rules_and_dashboard(render):
+    """The monitoring component adds a ServiceMonitor, a PrometheusRule and a dashboard."""
+    kinds = sorted(d["kind"] for d in render("base+monitoring"))
+
+    assert kinds == sorted([*CORE_KINDS, "ConfigMap", "ServiceMonitor", "PrometheusRule"])
+
+
+def test_no_autoscaler_is_shipped(render):
+    """No KEDA object or HPA: with single active consumers, replicas add no throughput."""
+    kinds = {d["kind"] for name in COMBINATIONS for d in render(name)}
+
+    assert not kinds & {"ScaledObject", "ScaledJob", "TriggerAuthentication",
+                        "HorizontalPodAutoscaler"}
+    assert not (K8S / "components" / "keda").exists()
+
+
+def test_two_replicas_and_a_budget_that_never_blocks_a_drain(rendered):
+    """Two replicas (active and standby); the PDB lets one go and evicts unready pods."""
+    deployment = _one(rendered, "Deployment")
+    budget = _one(rendered, "PodDisruptionBudget")["spec"]
+
+    assert deployment["spec"]["replicas"] == 2
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert budget.get("maxUnavailable", 0) >= 1 or \
+        budget["minAvailable"] < deployment["spec"]["replicas"]
+    assert budget["selector"]["matchLabels"].items() <= _pod(rendered)["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_config_map_holds_a_valid_config(render, name):
+    """The ConfigMap's config.yaml passes the service's own validation, keys from files."""
+    settings = _settings(render(name))
+
+    assert settings.amqp_urls == [EXAMPLE_AMQP_URL]
     assert len(settings.communicator_types) >= 1
     assert all(ct.api_key is None and ct.api_key_file is not None
                for ct in settings.communicator_types), "API keys come from mounted files"
 
 
-def test_config_takes_its_environment_from_the_pod(rendered):
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_config_takes_its_environment_from_the_pod(render, name):
     """Each ${VAR} of the config is set by the container, from the example Secret."""
-    container = _container(rendered)
-    wanted = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", _config_text(rendered)))
+    docs = render(name)
+    container = _container(docs)
+    wanted = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", _config_text(docs)))
     env = {e["name"]: e for e in container.get("env", [])}
 
     assert wanted <= set(env), f"not set by the container: {wanted - set(env)}"
     secrets = _secret_keys()
-    for name in wanted:
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["key"] in secrets.get(ref["name"], set()), (name, ref)
+    for var in wanted:
+        ref = env[var]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in secrets.get(ref["name"], set()), (var, ref)
 
 
-def test_api_key_files_are_keys_of_the_mounted_secret(rendered):
-    """Each api_key_file lies in the mounted Secret and names one of its keys."""
-    settings = _settings(rendered)
-    pod = _pod(rendered)["spec"]
-    mounts = {m["name"]: m for m in _container(rendered)["volumeMounts"]}
-    volumes = {v["name"]: v for v in pod["volumes"]}
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_api_key_files_are_keys_of_the_mounted_secret(render, name):
+    """Each api_key_file lies in the mounted Secret (no subPath) and names one of its keys."""
+    docs = render(name)
+    mounts = {m["name"]: m for m in _container(docs)["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod(docs)["spec"]["volumes"]}
     secrets = _secret_keys()
 
-    for ct in settings.communicator_types:
+    for ct in _settings(docs).communicator_types:
         path = PurePosixPath(str(ct.api_key_file))
         mount = next((m for m in mounts.values() if PurePosixPath(m["mountPath"]) ==
                       path.parent), None)
@@ -361,6 +299,20 @@ def test_api_key_files_are_keys_of_the_mounted_secret(rendered):
         assert "subPath" not in mount, "a subPath mount never sees a rotated secret"
         secret = volumes[mount["name"]]["secret"]["secretName"]
         assert path.name in secrets[secret], f"{ct.name}: {path.name} not a key of {secret}"
+
+
+def test_amqps_ca_file_is_mounted_in_production(render):
+    """The example AMQP URL is amqps:// and its cafile lies in a volume of the pod."""
+    docs = render("overlays/production")
+    url = next(s["stringData"]["amqp-url"] for s in _examples()
+               if s["metadata"]["name"] == "jasper-consumer-amqp")
+    cafile = PurePosixPath(parse_qs(urlsplit(url).query)["cafile"][0])
+    mount = next(m for m in _container(docs)["volumeMounts"]
+                 if PurePosixPath(m["mountPath"]) == cafile.parent)
+    volume = next(v for v in _pod(docs)["spec"]["volumes"] if v["name"] == mount["name"])
+
+    assert url.startswith("amqps://")
+    assert "configMap" in volume or "secret" in volume
 
 
 def test_secret_example_holds_only_placeholders():
@@ -371,12 +323,17 @@ def test_secret_example_holds_only_placeholders():
             assert PLACEHOLDER in value, f"{secret['metadata']['name']}.{key}"
 
 
-def test_kustomize_base_does_not_ship_the_secret_example():
-    """Applying the base never overwrites real Secrets with placeholders."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def test_no_kustomization_ships_secrets():
+    """Applying any kustomization never overwrites real Secrets with placeholders."""
+    for path in K8S.rglob("kustomization.yaml"):
+        kustomization = yaml.safe_load(path.read_text())
+        listed = [*kustomization.get("resources", []),
+                  *(p.get("path", "") for p in kustomization.get("patches", []))]
+        assert not any("secret" in entry for entry in listed), path
+        assert "secretGenerator" not in kustomization, path
 
-    assert "secret.example.yaml" not in kustomization.get("resources", [])
-    assert "secretGenerator" not in kustomization
+
+# -- the pod -----------------------------------------------------------------------------------
 
 
 def test_deployment_probes_use_healthz_and_readyz(rendered):
@@ -397,15 +354,15 @@ def test_deployment_probes_use_healthz_and_readyz(rendered):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 30
 
 
-def test_termination_grace_outlasts_prestop_and_drain(rendered):
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_termination_grace_outlasts_prestop_and_drain(render, name):
     """terminationGracePeriodSeconds > preStop sleep + shutdown_grace_seconds + a margin."""
-    pod = _pod(rendered)["spec"]
-    command = _container(rendered)["lifecycle"]["preStop"]["exec"]["command"]
+    docs = render(name)
+    command = _container(docs)["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    prestop_s = float(command[1])
-    drain_s = _settings(rendered).shutdown_grace_seconds
 
-    assert pod["terminationGracePeriodSeconds"] >= prestop_s + drain_s + 10
+    assert _pod(docs)["spec"]["terminationGracePeriodSeconds"] >= \
+        float(command[1]) + _settings(docs).shutdown_grace_seconds + 10
 
 
 def _restricted_violations(pod: dict[str, Any]) -> list[str]:
@@ -444,9 +401,10 @@ def _restricted_violations(pod: dict[str, Any]) -> list[str]:
     return problems
 
 
-def test_pod_meets_the_restricted_security_profile(rendered):
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_pod_meets_the_restricted_security_profile(render, name):
     """The pod passes the "restricted" Pod Security Standard with a read-only root."""
-    assert _restricted_violations(_pod(rendered)) == []
+    assert _restricted_violations(_pod(render(name))) == []
 
 
 def test_restricted_check_catches_a_privileged_container(rendered):
@@ -484,29 +442,33 @@ def test_resources_have_requests_within_limits(rendered):
         assert _quantity(resources["requests"][kind]) <= _quantity(resources["limits"][kind])
 
 
-def test_command_reads_the_mounted_config(rendered):
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_command_reads_the_mounted_config(render, name):
     """The container runs `jasper-consumer run --config` on the file the ConfigMap mounts."""
-    container = _container(rendered)
+    docs = render(name)
+    container = _container(docs)
     command = container["command"]
     config = PurePosixPath(command[command.index("--config") + 1])
-    mounts = {m["name"]: m for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in _pod(rendered)["spec"]["volumes"]}
-    config_map = _one(rendered, "ConfigMap")["metadata"]["name"]
+    volumes = {v["name"]: v for v in _pod(docs)["spec"]["volumes"]}
+    config_map = _config_map(docs)
 
     assert command[:2] == ["jasper-consumer", "run"]
-    mount = next(m for m in mounts.values() if PurePosixPath(m["mountPath"]) == config.parent)
-    assert volumes[mount["name"]]["configMap"]["name"] == config_map
-    assert config.name in _one(rendered, "ConfigMap")["data"]
+    mount = next(m for m in container["volumeMounts"]
+                 if PurePosixPath(m["mountPath"]) == config.parent)
+    assert volumes[mount["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert config.name in config_map["data"]
 
 
-def test_service_monitor_and_budget_select_the_pods(rendered):
-    """Service → pods, ServiceMonitor → Service port, PDB → pods, all by labels."""
-    pod_labels = _pod(rendered)["metadata"]["labels"]
-    container_ports = {p["name"] for p in _container(rendered)["ports"]}
-    service = _one(rendered, "Service")
-    monitor = _one(rendered, "ServiceMonitor")
-    budget = _one(rendered, "PodDisruptionBudget")
-    deployment = _one(rendered, "Deployment")
+@pytest.mark.parametrize("name", WITH_MONITORING)
+def test_service_monitor_and_budget_select_the_pods(render, name):
+    """Service -> pods, ServiceMonitor -> Service port, PDB -> pods, all by labels."""
+    docs = render(name)
+    pod_labels = _pod(docs)["metadata"]["labels"]
+    container_ports = {p["name"] for p in _container(docs)["ports"]}
+    service = _one(docs, "Service")
+    monitor = _one(docs, "ServiceMonitor")
+    budget = _one(docs, "PodDisruptionBudget")
+    deployment = _one(docs, "Deployment")
 
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
@@ -517,42 +479,131 @@ def test_service_monitor_and_budget_select_the_pods(rendered):
     assert {e["path"] for e in monitor["spec"]["endpoints"]} == {"/metrics"}
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert _pod(rendered)["spec"]["serviceAccountName"] == \
-        _one(rendered, "ServiceAccount")["metadata"]["name"]
+    assert _pod(docs)["spec"]["serviceAccountName"] == \
+        _one(docs, "ServiceAccount")["metadata"]["name"]
 
 
-def test_keda_scales_the_deployment_on_the_events_queue(rendered):
-    """The ScaledObject targets the Deployment and watches <queue_prefix>.events."""
-    scaled = _one(rendered, "ScaledObject")
-    auth = _one(rendered, "TriggerAuthentication")
-    deployment = _one(rendered, "Deployment")
-    budget = _one(rendered, "PodDisruptionBudget")
-    (trigger,) = scaled["spec"]["triggers"]
-
-    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["queueName"] == f"{_settings(rendered).queue_prefix}.events"
-    assert trigger["metadata"]["mode"] in ("QueueLength", "MessageRate")
-    assert float(trigger["metadata"]["value"]) > 0
-    assert "host" not in trigger["metadata"], "the broker URL holds a password: use the Secret"
-    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-    secrets = _secret_keys()
-    for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["key"] in secrets[ref["name"]]
-    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
-    assert scaled["spec"]["minReplicaCount"] >= 2, "a second replica takes over the work queues"
-    assert budget["spec"]["minAvailable"] < scaled["spec"]["minReplicaCount"]
+# -- monitoring --------------------------------------------------------------------------------
 
 
-def test_prometheus_rule_carries_the_alerts(rendered):
-    """deploy/k8s/prometheusrule.yaml holds exactly the groups of alerts.yaml."""
-    rule = _one(rendered, "PrometheusRule")
+def _prometheus_job(docs: list[dict[str, Any]]) -> str:
+    """The job label Prometheus Operator gives the pods' series: the value of the Service's
+    label named by ``jobLabel``, else the Service's name."""
+    monitor = _one(docs, "ServiceMonitor")
+    service = _one(docs, "Service")
+    labels = service["metadata"]["labels"]
+    job_label = monitor["spec"].get("jobLabel")
+    job: str = labels[job_label] if job_label in labels else service["metadata"]["name"]
+    return job
 
-    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], \
-        "copy the groups of deploy/prometheus/alerts.yaml into deploy/k8s/prometheusrule.yaml"
+
+def _matches(selector: str, labels: dict[str, str]) -> bool:
+    """Whether PromQL matchers (``a="x", b=~"y"``) select a series with ``labels``."""
+    for name, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', selector):
+        actual = labels.get(name, "")
+        value = value.encode().decode("unicode_escape")
+        ok = {"=": actual == value, "!=": actual != value,
+              "=~": re.fullmatch(value, actual) is not None,
+              "!~": re.fullmatch(value, actual) is None}[op]
+        if not ok:
+            return False
+    return True
 
 
-# -- the image -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", WITH_MONITORING)
+def test_rules_select_the_series_each_deployment_gets(render, name):
+    """The rules' selector matches the labels a deployment's series get, namePrefix or not."""
+    docs = render(name)
+    labels = {"job": _prometheus_job(docs),
+              "namespace": _one(docs, "Service")["metadata"].get("namespace", "default")}
+
+    assert _matches(mixin.default_config().selector, labels), labels
+
+
+def test_two_deployments_stay_apart(render):
+    """Production and staging differ in (namespace, job), queue prefix and exchanges."""
+    production, staging = render("overlays/production"), render("overlays/staging")
+
+    def identity(docs: list[dict[str, Any]]) -> tuple[str, str]:
+        return _one(docs, "Service")["metadata"]["namespace"], _prometheus_job(docs)
+
+    assert identity(production) != identity(staging)
+    assert identity(staging)[1] == "staging-jasper-consumer"
+    prod, stage = _settings(production), _settings(staging)
+    assert prod.queue_prefix != stage.queue_prefix
+    assert (prod.events_exchange, prod.history_exchange) != \
+        (stage.events_exchange, stage.history_exchange)
+
+
+def test_one_copy_of_rules_and_dashboard_across_the_overlays(render):
+    """The rules and the dashboard cover every deployment: the overlays ship them once."""
+    docs = [d for name in ("overlays/production", "overlays/staging") for d in render(name)]
+
+    assert len(_all(docs, "PrometheusRule")) == 1
+    assert len([d for d in _all(docs, "ConfigMap")
+                if "grafana_dashboard" in d["metadata"].get("labels", {})]) == 1
+    assert len(_all(docs, "ServiceMonitor")) == 2
+
+
+def _overlay_release(name: str) -> str:
+    kustomization = yaml.safe_load((OVERLAYS / name / "kustomization.yaml").read_text())
+    (release,) = [op["value"] for p in kustomization.get("patches", []) if "patch" in p
+                  for op in (yaml.safe_load(p["patch"]) or [])
+                  if isinstance(op, dict) and op.get("path") == "/metadata/labels/release"]
+    value: str = release
+    return value
+
+
+def test_release_label_is_set_by_the_overlay(render):
+    """ServiceMonitor and PrometheusRule carry the release label, and an overlay sets it."""
+    default = mixin.RELEASE_LABEL["release"]
+    release = _overlay_release("production")
+    docs = render("overlays/production")
+
+    assert release != default
+    for doc in [*_all(render("base+monitoring"), "ServiceMonitor"),
+                *_all(render("base+monitoring"), "PrometheusRule")]:
+        assert doc["metadata"]["labels"]["release"] == default
+    for doc in [*_all(docs, "ServiceMonitor"), *_all(docs, "PrometheusRule")]:
+        assert doc["metadata"]["labels"]["release"] == release, doc["kind"]
+
+
+def test_dashboard_config_map_is_the_sidecar_dashboard(render):
+    """The dashboard ConfigMap has the sidecar's label and the sidecar form of the dashboard."""
+    (config_map,) = [d for d in _all(render("base+monitoring"), "ConfigMap")
+                     if "jasper-consumer.json" in d.get("data", {})]
+    dashboard = json.loads(config_map["data"]["jasper-consumer.json"])
+
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard == json.loads((REPO / mixin.DASHBOARD_SIDECAR).read_text())
+    assert "__inputs" not in dashboard
+
+
+def test_prometheus_rule_carries_the_rule_file(render):
+    """The PrometheusRule holds exactly the groups of deploy/prometheus/alerts.yaml."""
+    rule = _one(render("base+monitoring"), "PrometheusRule")
+
+    assert rule["spec"]["groups"] == test_mixin.rule_groups()
+
+
+def test_production_overlay_sets_namespace_image_and_config(render):
+    """Every object of the production overlay is in its namespace, with its image and config."""
+    docs = render("overlays/production")
+    kustomization = yaml.safe_load((OVERLAYS / "production" / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+
+    assert {d["metadata"]["namespace"] for d in docs} == {kustomization["namespace"]}
+    assert _container(docs)["image"] == f"{image['newName']}:{image['newTag']}"
+    assert _config_text(docs) == (OVERLAYS / "production" / "config.yaml").read_text()
+
+
+def artefact_metric_names() -> set[str]:
+    """Every service metric (``jasper_…``) the alert rules and the dashboard name
+    (tests/integration/test_operations.py checks that a running service exports them)."""
+    return test_mixin.artefact_metric_names()
+
+
+# -- the image ---------------------------------------------------------------------------------
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:
@@ -594,6 +645,37 @@ def test_dockerfile_is_multi_stage_and_slim():
     copies = _args(final, "COPY")
     assert copies, "the final stage copies the build stage's output"
     assert all(c.startswith("--from=") for c in copies), copies
+
+
+def test_image_installs_the_locked_hashed_dependencies_only():
+    """The image installs the hashed lock (wheels only), then the service offline, no deps."""
+    build = _stages()[0]
+    copied = [shlex.split(c)[0] for c in _args(build, "COPY")]
+    runs = [shlex.split(r) for r in _args(build, "RUN")]
+    pip_installs = [r for r in runs if r[1:3] == ["install", "--no-cache-dir"] or
+                    ("pip" in r[0] and "install" in r)]
+
+    assert "deploy/requirements.lock" in copied
+    locked, own = pip_installs[0], pip_installs[1]
+    assert {"--require-hashes", "--only-binary=:all:", "-r"} <= set(locked)
+    assert locked[locked.index("-r") + 1] == "requirements.lock"
+    assert {"--no-deps", "--no-build-isolation", "--no-index"} <= set(own)
+    assert own[own.index("--no-index") + 1] == "."
+
+
+def test_image_labels_name_version_and_source():
+    """OCI labels carry pyproject's version and [project.urls] Source, and the revision."""
+    runtime = _stages()[-1]
+    args = dict(a.split("=", 1) for a in _args(runtime, "ARG"))
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.\w+)="([^"]*)"',
+                             " ".join(_args(runtime, "LABEL"))))
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert labels["org.opencontainers.image.source"] == "${SOURCE_URL}"
+    assert labels["org.opencontainers.image.revision"] == "${REVISION}"
+    assert args["VERSION"] == project["version"] == __version__
+    assert args["SOURCE_URL"] == project["urls"]["Source"]
 
 
 def test_final_image_has_no_compiler_and_no_package_install():
@@ -639,8 +721,8 @@ def test_image_and_deployment_agree_on_the_user(rendered):
 
 def test_dockerfile_passes_hadolint():
     """hadolint finds nothing at warning level or above."""
-    hadolint = _tool("hadolint", "HADOLINT")
-    result = _run(hadolint, "--no-color", "--failure-threshold", "warning", DOCKERFILE)
+    result = run(tool("hadolint", "HADOLINT"), "--no-color", "--failure-threshold", "warning",
+                 DOCKERFILE)
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -697,235 +779,11 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest():
     files = [str(p.relative_to(REPO)) for s in sources for p in
              ([REPO / s] if (REPO / s).is_file() else (REPO / s).rglob("*.py"))]
 
-    assert files
+    assert "deploy/requirements.lock" in files
     assert not [f for f in files if _ignored(f, patterns)]
     for unwanted in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py",
                      "jasper_consumer/__pycache__/app.cpython-311.pyc", "deploy/Dockerfile",
-                     ".tools/bin/promtool", "config/local.yaml", "jasper_consumer/app.pyc"):
+                     ".tools/bin/promtool", "config/local.yaml", "jasper_consumer/app.pyc",
+                     "deploy/k8s/overlays/production/secrets.example.yaml"):
         assert _ignored(unwanted, patterns), unwanted
-
-
-# -- alerts ----------------------------------------------------------------------------------
-
-REQUIRED_ALERTS = {
-    "JasperBacklogGrowing", "JasperQueueWithoutConsumer", "JasperFailureRatioHigh",
-    "JasperCommunicatorTypeDown", "JasperDeadLettersPresent", "JasperRateLimited",
-    "JasperNoSuccessWhileEventsWait",
-}
-
-
-def _alerts() -> list[dict[str, Any]]:
-    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
-
-
-def test_promtool_accepts_the_rules():
-    """`promtool check rules` accepts alerts.yaml."""
-    result = _run(_tool("promtool", "PROMTOOL"), "check", "rules", ALERTS)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_alert_rules_pass_their_unit_tests():
-    """`promtool test rules` passes: each alert fires where it should and not elsewhere."""
-    result = _run(_tool("promtool", "PROMTOOL"), "test", "rules", ALERT_TESTS)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_every_alert_is_unit_tested_firing():
-    """Each alert has a promtool case in which it fires."""
-    tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
-    fired = {case["alertname"] for t in tests for case in t.get("alert_rule_test", [])
-             if case.get("exp_alerts")}
-
-    assert {a["alert"] for a in _alerts()} <= fired
-
-
-def test_alerts_cover_the_issue_and_tell_what_to_do():
-    """The required alerts exist, each with a severity, a summary and a description."""
-    alerts = _alerts()
-    names = [a["alert"] for a in alerts]
-
-    assert set(names) >= REQUIRED_ALERTS
-    assert len(names) == len(set(names))
-    for alert in alerts:
-        assert alert["labels"]["severity"] in ("critical", "warning", "info"), alert["alert"]
-        assert alert["annotations"]["summary"]
-        assert alert["annotations"]["description"]
-
-
-def test_alert_queue_names_follow_the_config(rendered):
-    """The queue regexes in the alerts use the config's queue_prefix."""
-    prefix = _settings(rendered).queue_prefix + "."
-    queues = [q.replace("\\\\.", ".")
-              for q in re.findall(r'queue=~?"([^"]+)"', ALERTS.read_text())]
-
-    assert queues
-    assert all(q.startswith(prefix) for q in queues), queues
-
-
-# -- dashboard -------------------------------------------------------------------------------
-
-REQUIRED_DASHBOARD_METRICS = {
-    "jasper_commands_total", "jasper_api_errors_total",
-    "jasper_api_request_duration_seconds_bucket", "rabbitmq_queue_messages_ready",
-    "jasper_inflight_commands", "jasper_retries_total", "jasper_delayed_total",
-    "jasper_dead_lettered_total", "jasper_communicator_up",
-}
-_GRAFANA_VARS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
-
-
-def _dashboard() -> dict[str, Any]:
-    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return dashboard
-
-
-def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    panels = []
-    for panel in dashboard["panels"]:
-        panels.append(panel)
-        panels += panel.get("panels", [])
-    return panels
-
-
-def _dashboard_exprs() -> list[str]:
-    return [t["expr"] for p in _panels(_dashboard()) for t in p.get("targets", [])]
-
-
-def _substitute(expr: str, variables: dict[str, str]) -> str:
-    def value(match: re.Match[str]) -> str:
-        return variables[match.group(1) or match.group(2)]
-
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
-
-
-def _dashboard_variables() -> dict[str, str]:
-    variables = dict(_GRAFANA_VARS)
-    for var in _dashboard()["templating"]["list"]:
-        if var["type"] == "textbox":
-            variables[var["name"]] = var["query"]
-        elif var["type"] == "query":
-            variables[var["name"]] = var.get("allValue", ".*")
-        else:
-            variables[var["name"]] = var["name"]
-    return variables
-
-
-def test_dashboard_is_well_formed():
-    """Unique uid and panel ids, panels on the 24-column grid without overlap, datasource."""
-    dashboard = _dashboard()
-    panels = _panels(dashboard)
-    ids = [p["id"] for p in panels]
-    cells: set[tuple[int, int]] = set()
-
-    assert dashboard["uid"]
-    assert dashboard["title"]
-    assert dashboard["schemaVersion"] >= 36
-    assert len(ids) == len(set(ids))
-    for panel in panels:
-        grid = panel["gridPos"]
-        assert 0 <= grid["x"] < grid["x"] + grid["w"] <= 24, panel["title"]
-        mine = {(grid["x"] + dx, grid["y"] + dy)
-                for dx in range(grid["w"]) for dy in range(grid["h"])}
-        assert not mine & cells, f"{panel['title']} overlaps another panel"
-        cells |= mine
-        if panel["type"] == "row":
-            continue
-        assert panel["targets"], panel["title"]
-        assert panel["datasource"]["uid"] == "${datasource}"
-        refs = [t["refId"] for t in panel["targets"]]
-        assert len(refs) == len(set(refs)), panel["title"]
-        assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
-
-
-def test_dashboard_uses_only_defined_variables():
-    """Every $variable in a query is a dashboard variable or a Grafana built-in."""
-    variables = _dashboard_variables()
-
-    for expr in _dashboard_exprs():
-        _substitute(expr, variables)  # KeyError names an undefined variable
-
-
-def test_dashboard_queries_parse_as_promql(tmp_path):
-    """promtool parses every dashboard query (as recording rules, variables filled in)."""
-    variables = _dashboard_variables()
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": _substitute(expr, variables)}
-        for i, expr in enumerate(_dashboard_exprs())]}]}
-    path = tmp_path / "dashboard-queries.yaml"
-    path.write_text(yaml.safe_dump(rules))
-
-    result = _run(_tool("promtool", "PROMTOOL"), "check", "rules", path)
-
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_dashboard_shows_what_operators_watch():
-    """Rate, errors, duration per type; backlog, in-flight; retries, delays, dead letters; up."""
-    assert metric_names("\n".join(_dashboard_exprs())) >= REQUIRED_DASHBOARD_METRICS
-
-
-# -- metric names shared by the artefacts and the service ------------------------------------
-
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "unless",
-                 "and", "or", "bool", "offset"}
-
-
-def metric_names(text: str, prefixes: tuple[str, ...] = ("jasper_", "rabbitmq_")) -> set[str]:
-    """The metric names (sample names) that PromQL ``text`` refers to."""
-    words = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b", text)) - _PROMQL_WORDS
-    return {w for w in words if w.startswith(prefixes)}
-
-
-def artefact_metric_names() -> set[str]:
-    """Every service metric (``jasper_…``) named by the dashboard or the alert rules."""
-    text = "\n".join(_dashboard_exprs()) + "\n" + "\n".join(a["expr"] for a in _alerts())
-    return metric_names(text, ("jasper_",))
-
-
-def defined_sample_names(registry: CollectorRegistry) -> set[str]:
-    """The sample names a registry's metrics can export, labelled children or not."""
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",),
-                "histogram": ("_bucket", "_count", "_sum", "_created"),
-                "summary": ("_count", "_sum", "_created", ""), "info": ("_info",)}
-    return {family.name + s for family in registry.collect()
-            for s in suffixes.get(family.type, ("",))}
-
-
-ALLOWED_LABELS = {"event_code", "communicator_type", "command", "outcome", "code", "reason",
-                  "stage", "result", "queue", "role", "version", "le"}
-
-
-def test_artefacts_name_only_metrics_the_service_defines():
-    """Each jasper_ metric in the dashboard and the alerts is defined in metrics.py."""
-    defined = defined_sample_names(Metrics(CollectorRegistry()).registry)
-
-    assert artefact_metric_names() - defined == set()
-
-
-def test_metric_labels_come_from_closed_sets():
-    """No metric has a label that could carry an ICCID, a client id or a secret."""
-    metrics = Metrics(CollectorRegistry())
-    labels = {name for metric in vars(metrics).values()
-              for name in getattr(metric, "_labelnames", ())}
-
-    assert labels <= ALLOWED_LABELS
-
-
-def test_prepare_creates_every_series_of_the_configuration(rendered):
-    """After prepare(), the per-type series exist at 0, so rate() sees the first event."""
-    metrics = Metrics(CollectorRegistry())
-    settings = _settings(rendered)
-    metrics.prepare(settings)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in metrics.registry.collect() for s in family.samples}
-    first = settings.communicator_types[0].name
-
-    key = ("jasper_commands_total", (("command", "activate"), ("communicator_type", first),
-                                     ("outcome", "failed")))
-    assert samples[key] == 0
-    assert samples[("jasper_queue_info", (("communicator_type", first), ("queue",
-                    f"{settings.queue_prefix}.work.{settings.communicator_types[0].slug}"),
-                    ("role", "work")))] == 1
-    assert samples[("jasper_build_info", (("version", __version__),))] == 1
 
