@@ -29,6 +29,8 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             data["exception"] = f"{type(exc).__name__}: {exc}"
+            # Code lines and exception texts, never local values: no secret gets here.
+            data["traceback"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str, ensure_ascii=False)
 
 

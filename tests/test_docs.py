@@ -103,7 +103,7 @@ def test_documented_permissions_keep_other_deployments_out():
 
 def test_guide_shows_how_to_run_the_tools_in_the_cluster():
     """The Kubernetes section runs dead-letters in a pod and rotates a key through the Secret."""
-    kubernetes = _section(GUIDE, "8. Running on Kubernetes")
+    kubernetes = _section(GUIDE, "9. Running on Kubernetes")
 
     assert "kubectl -n patriot exec deploy/jasper-consumer -- jasper-consumer dead-letters list" \
         in kubernetes
