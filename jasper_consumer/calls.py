@@ -31,9 +31,11 @@ calls through its own limiter, which gives them a share of the start slots::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
 import aio_pika
@@ -152,6 +154,45 @@ def reply_message(body: bytes, correlation_id: str | None) -> aio_pika.Message:
     """The reply to publish (default exchange, routing key = the request's ``reply_to``)."""
     return aio_pika.Message(body, content_type="application/json",
                             correlation_id=correlation_id)
+
+
+class OwnerCalls:
+    """The owner's consumer of ``<prefix>.calls.<slug>``: one request at a time, each made
+    through the type's limiter, where it waits behind at most one call of the service's
+    per concurrency slot — with ``max_concurrency`` 1, a tool gets every other start, half
+    the account's rate, however long the service's backlog."""
+
+    def __init__(self, client: JasperClient, queue_name: str,
+                 open_channel: Callable[[], Awaitable[AbstractChannel]]) -> None:
+        self._client = client
+        self._queue_name = queue_name
+        self._open_channel = open_channel
+        self._channel: AbstractChannel | None = None
+
+    async def start(self) -> None:
+        if self._channel is not None:
+            return
+        self._channel = channel = await self._open_channel()
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(self._queue_name, ensure=False)
+        await queue.consume(self._serve)
+
+    async def _serve(self, message: AbstractIncomingMessage) -> None:
+        reply = await serve_call(self._client, message.body)
+        channel = self._channel
+        try:
+            if message.reply_to and channel is not None:
+                await channel.default_exchange.publish(
+                    reply_message(reply, message.correlation_id), message.reply_to)
+        finally:
+            with contextlib.suppress(Exception):
+                await message.ack()  # a lost reply: the tool asks again after its timeout
+
+    async def stop(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
 
 # --- the tool's side -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
+from .calls import OwnerCalls
 from .config import CommunicatorType, Settings
 from .errors import TypePaused
 from .events import Job
@@ -82,6 +83,7 @@ class Worker:
         self.parking = Parking(ct, names, history, open_channel=open_channel,
                                on_job=self._from_parking, prefetch=parked_prefetch,
                                anchor_refresh_s=settings.hold_refresh_seconds)
+        self.calls = OwnerCalls(client, names.calls_queue(ct), open_channel)
         self._owner: object | None = None  # the underlying channel we own the type on
         self._ready = asyncio.Event()  # ownership taken over: jobs may be placed
         self._waiting: list[AbstractIncomingMessage] = []  # arrived during the take-over
@@ -126,6 +128,7 @@ class Worker:
         self._runners = [asyncio.create_task(self._run(), name=f"apply {self.ct.name}")
                          for _ in range(self.ct.max_concurrency)]
         await self.parking.start_draining()
+        await self.calls.start()
         self._ready.set()
         waiting, self._waiting = self._waiting, []
         for message in waiting:
@@ -152,6 +155,7 @@ class Worker:
         self._client.limiter.abort_waiting(TypePaused("ownership lost"))
         self._spawn(self.pause.stop(), tracked=False)
         self._spawn(self.parking.give_up(), tracked=False)
+        self._spawn(self.calls.stop(), tracked=False)
 
     def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
         task = asyncio.ensure_future(coro)
@@ -344,6 +348,7 @@ class Worker:
         self._reset()
         await self.pause.stop()
         await self.parking.give_up()
+        await self.calls.stop()
 
 
 async def _ack(message: AbstractIncomingMessage) -> bool:

@@ -370,7 +370,6 @@ async def test_the_cli_runs_reconcile_and_exits_0_when_all_agree(
     assert "nz-key" not in err + out.getvalue()
 
 
-@pytest.mark.skip(reason="needs the worker's calls consumer (lead)")
 async def test_a_reconcile_and_a_backlog_together_keep_the_accounts_limits(
     sim: Simulator, connection: AbstractRobustConnection, tmp_path: Path
 ) -> None:

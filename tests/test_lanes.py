@@ -1,0 +1,377 @@
+"""Order per SIM, coalescing and outcome memory (lanes.py), without I/O.
+
+The stateful test drives :class:`Lanes` the way the worker does, against a model of a
+RabbitMQ quorum queue (deliveries, acks, a crash returning what is unacked to the head of
+the queue in order, out-of-order redeliveries, duplicates) and a model Control Center.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from jasper_consumer.config import Command
+from jasper_consumer.events import Job
+from jasper_consumer.lanes import Entry, Immediate, Lanes, Memory, Placed, State, identity
+from jasper_consumer.outcomes import ErrorInfo, Outcome, Result
+
+A, B = "89610185000000000001", "89610185000000000002"
+ACT, DEACT = Command.ACTIVATE, Command.DEACTIVATE
+
+
+def job(event_id: str, iccid: str = A, command: Command = ACT, stamp: int = 0,
+        replayed: bool = False) -> Job:
+    return Job(event_id=event_id, event_code=65516 if command is ACT else 65517,
+               client_id="c", command=command, iccid=iccid, communicator_type="T",
+               stamp=stamp, replayed=replayed)
+
+
+def placed(lanes: Lanes[str], j: Job) -> Entry[str]:
+    result = lanes.deliver(j, j.event_id)
+    assert isinstance(result, Placed), result
+    return result.entry
+
+
+def run(lanes: Lanes[str], outcome: Outcome | None = None) -> Entry[str]:
+    """Start the next ready entry, finish it, settle every member."""
+    entry = lanes.next_ready()
+    assert entry is not None
+    lanes.start(entry)
+    lanes.finish(entry, outcome or Outcome.succeeded(entry.command.target_status, 1))
+    for member in entry.members:
+        lanes.settled(entry, member)
+    return entry
+
+
+def test_jobs_for_one_sim_start_one_after_another():
+    """The second job for a SIM is not ready until the first is settled; another SIM's is."""
+    lanes: Lanes[str] = Lanes()
+    first = placed(lanes, job("e1", A, ACT, 1))
+    placed(lanes, job("e2", A, DEACT, 2))
+    other = placed(lanes, job("e3", B, ACT, 3))
+
+    assert lanes.next_ready() is first
+    lanes.start(first)
+    assert lanes.next_ready() is other
+    lanes.finish(first, Outcome.succeeded("ACTIVATED", 1))
+    assert lanes.next_ready() is None
+    lanes.settled(first, first.members[0])
+    second = lanes.next_ready()
+    assert second is not None
+    assert second.leader.event_id == "e2"
+
+
+def test_identical_command_joins_a_queued_or_running_call():
+    """A second activate for a SIM joins the queued or running activate; it shares its call."""
+    lanes: Lanes[str] = Lanes()
+    entry = placed(lanes, job("e1", A, ACT, 1))
+    assert lanes.deliver(job("e2", A, ACT, 2), "e2") == Placed(entry, joined=True)
+    lanes.start(lanes.next_ready())  # type: ignore[arg-type]
+    assert lanes.deliver(job("e3", A, ACT, 3), "e3") == Placed(entry, joined=True)
+    assert [m.job.event_id for m in entry.members] == ["e1", "e2", "e3"]
+
+
+def test_no_join_across_another_command():
+    """activate, deactivate, activate for a SIM are three calls, in that order."""
+    lanes: Lanes[str] = Lanes()
+    for n, command in enumerate((ACT, DEACT, ACT), 1):
+        result = lanes.deliver(job(f"e{n}", A, command, n), f"e{n}")
+        assert isinstance(result, Placed)
+        assert not result.joined
+    assert [run(lanes).command for _ in range(3)] == [ACT, DEACT, ACT]
+
+
+def test_a_finished_call_takes_no_followers():
+    """A job arriving after its SIM's call finished makes its own call."""
+    lanes: Lanes[str] = Lanes()
+    entry = placed(lanes, job("e1", A, ACT, 1))
+    lanes.start(lanes.next_ready())  # type: ignore[arg-type]
+    lanes.finish(entry, Outcome.succeeded("ACTIVATED", 1))
+
+    later = lanes.deliver(job("e2", A, ACT, 2), "e2")
+
+    assert isinstance(later, Placed)
+    assert later.entry is not entry
+    assert not later.joined
+
+
+def test_same_event_id_on_two_sims_is_two_jobs():
+    """One event id for two devices: each SIM gets its own call and outcome (hole 3)."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("e1", A, ACT, 1))
+    run(lanes)
+
+    second = lanes.deliver(job("e1", B, ACT, 2), "e1b")
+
+    assert isinstance(second, Placed)
+    assert not second.joined
+
+
+def test_a_duplicate_repeats_the_remembered_outcome_without_a_call():
+    """A redelivered job (same identity) gets its remembered outcome with 0 attempts."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("e1", A, ACT, 1))
+    run(lanes, Outcome.succeeded("ACTIVATED", 2))
+
+    assert lanes.deliver(job("e1", A, ACT, 1), "again") == \
+        Immediate(Outcome.succeeded("ACTIVATED", 0))
+    assert isinstance(lanes.deliver(job("e1", A, ACT, 1, replayed=True), "replay"), Placed)
+
+
+def test_a_follower_never_takes_a_remembered_outcome():
+    """A new job right behind a redelivered duplicate makes its own call (hole 4a)."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("e1", A, ACT, 10))
+    run(lanes)
+    placed(lanes, job("e3", A, DEACT, 20))
+    run(lanes)
+
+    assert isinstance(lanes.deliver(job("e1", A, ACT, 10), "dup"), Immediate)
+    follower = lanes.deliver(job("e2", A, ACT, 30), "e2")
+
+    assert isinstance(follower, Placed)
+    assert not follower.joined
+    assert run(lanes).command is ACT
+
+
+def test_an_older_job_is_superseded_and_takes_no_followers():
+    """An older job behind a newer one is SUPERSEDED; a newer job behind it calls (hole 4b)."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("new", A, DEACT, 50))
+    run(lanes)
+
+    stale = lanes.deliver(job("old", A, ACT, 40), "old")
+    follower = lanes.deliver(job("later", A, ACT, 60), "later")
+
+    assert isinstance(stale, Immediate)
+    assert stale.outcome.error is not None
+    assert (stale.outcome.error.code, stale.outcome.attempts) == ("SUPERSEDED", 0)
+    assert "new" in stale.outcome.error.message
+    assert isinstance(follower, Placed)
+    assert not follower.joined
+
+
+def test_a_job_older_than_one_queued_is_superseded():
+    """Newer wins also against a job that is only queued."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("new", A, DEACT, 50))
+
+    assert isinstance(lanes.deliver(job("old", A, ACT, 40), "old"), Immediate)
+
+
+def test_unknown_stamps_are_never_compared():
+    """Stamp 0 (an old message, a hand-made job) neither supersedes nor is superseded."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("new", A, DEACT, 50))
+    run(lanes)
+
+    assert isinstance(lanes.deliver(job("nostamp", A, ACT, 0), "x"), Placed)
+
+
+def test_a_paused_call_waits_again_at_the_head_of_its_lane():
+    """unstart puts an entry back; take_lane moves a lane out whole, only when idle."""
+    lanes: Lanes[str] = Lanes()
+    first = placed(lanes, job("e1", A, ACT, 1))
+    placed(lanes, job("e2", A, DEACT, 2))
+    lanes.start(lanes.next_ready())  # type: ignore[arg-type]
+
+    assert lanes.take_lane(A) == []
+    lanes.unstart(first)
+    taken = lanes.take_lane(A)
+
+    assert [e.leader.event_id for e in taken] == ["e1", "e2"]
+    assert lanes.next_ready() is None
+    assert len(lanes) == 0
+
+
+def test_memory_is_bounded_in_bytes_and_forgets_the_oldest():
+    """10,000 remembered failures with long messages stay within the byte budget."""
+    memory = Memory(max_bytes=256 * 1024)
+    error = ErrorInfo("19999999", 400, "x" * 200, False)
+    for n in range(10_000):
+        memory.record(job(f"event-{n:05d}", A, ACT, n + 1), Outcome.failed(error, 1))
+
+    assert memory.bytes <= memory.max_bytes
+    assert memory.outcome(identity(job("event-09999", A, ACT))) is not None
+    assert memory.outcome(identity(job("event-00000", A, ACT))) is None
+    assert memory.newest(A) == (10_000, "event-09999")
+
+
+def test_remembered_successes_share_one_value():
+    """Identical successes are one shared object, not one per event."""
+    lanes: Lanes[str] = Lanes()
+    for n in range(3):
+        placed(lanes, job(f"e{n}", f"8961018500000000010{n}", ACT, n + 1))
+        run(lanes)
+    kept = {id(lanes.memory.outcome(identity(job(f"e{n}", f"8961018500000000010{n}", ACT))))
+            for n in range(3)}
+    assert len(kept) == 1
+    assert sys.getsizeof(ErrorInfo("c", None, "m", False)) < 200
+
+
+# -- the stateful model -------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    job: Job
+    tag: int = 0
+
+
+@dataclass
+class Process:
+    """One service process: its lanes (memory included) and its unacked deliveries."""
+
+    lanes: Lanes[Message] = field(default_factory=Lanes)
+    unacked: list[Message] = field(default_factory=list)
+
+
+class LanesAgainstABroker(RuleBasedStateMachine):
+    """Random deliveries, calls, settles, crashes (with and without losing memory),
+    out-of-order redeliveries and duplicates; every SIM must end in the status of its
+    newest event, except in the one window the operator guide names."""
+
+    @initialize()
+    def start(self) -> None:
+        self.queue: list[Message] = []  # the work queue, head first
+        self.process = Process()
+        self.sims: dict[str, Command | None] = {A: None, B: None}
+        self.published: list[Job] = []
+        self.stamp = 0
+        self.tag = 0
+        self.covered: set[tuple[str, str, Command]] = set()  # identities a call served
+        self.reported: list[tuple[Job, Outcome]] = []
+        self.applied_stamp: dict[str, int] = {}  # newest stamp applied per SIM (by anyone)
+        self.window: set[str] = set()  # SIMs where the documented window was hit
+
+    # producers
+
+    @rule(iccid=st.sampled_from([A, B]), command=st.sampled_from([ACT, DEACT]))
+    def publish(self, iccid: str, command: Command) -> None:
+        """A new event for one SIM."""
+        self._publish(f"e{self.stamp + 1}", iccid, command)
+
+    @rule(command=st.sampled_from([ACT, DEACT]))
+    def publish_for_two_devices(self, command: Command) -> None:
+        """One event of a client with two devices: one message per SIM, one event id."""
+        event_id = f"e{self.stamp + 1}"
+        for iccid in (A, B):
+            self._publish(event_id, iccid, command)
+
+    def _publish(self, event_id: str, iccid: str, command: Command) -> None:
+        self.stamp += 1
+        new = job(event_id, iccid, command, self.stamp)
+        self.published.append(new)
+        self.queue.append(Message(new))
+
+    @precondition(lambda self: self.published)
+    @rule(data=st.data())
+    def duplicate_of_an_old_job(self, data: st.DataObject) -> None:
+        """An older job comes again at the back: a nack, a replay, a second publish."""
+        self.queue.append(Message(data.draw(st.sampled_from(self.published))))
+
+    def _remembers_newer(self, iccid: str) -> bool:
+        newest = self.process.lanes.memory.newest(iccid)
+        return newest is not None and newest[0] >= self.applied_stamp.get(iccid, 0)
+
+    # the worker
+
+    @precondition(lambda self: self.queue)
+    @rule()
+    def deliver(self) -> None:
+        message = self.queue.pop(0)
+        if (self.applied_stamp.get(message.job.iccid, 0) > message.job.stamp
+                and not self._remembers_newer(message.job.iccid)):
+            # The window (operator guide, "Order and crashes"): an older job reaches a
+            # process that never saw the newer one applied for its SIM.
+            self.window.add(message.job.iccid)
+        self.tag += 1
+        message = Message(message.job, self.tag)
+        self.process.unacked.append(message)
+        result = self.process.lanes.deliver(message.job, message)
+        if isinstance(result, Immediate):
+            self._report(message.job, result.outcome)
+            self.process.unacked.remove(message)
+
+    @rule()
+    def call(self) -> None:
+        lanes = self.process.lanes
+        entry = lanes.next_ready()
+        if entry is None:
+            return
+        lanes.start(entry)
+        self.sims[entry.iccid] = entry.command
+        self.applied_stamp[entry.iccid] = max(
+            [self.applied_stamp.get(entry.iccid, 0)] + [m.job.stamp for m in entry.members])
+        self.covered.update(entry.identities())
+        lanes.finish(entry, Outcome.succeeded(entry.command.target_status, 1))
+
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        done = [(e, m) for e in self.process.lanes.entries() if e.state is State.DONE
+                for m in e.members if not m.settled]
+        if not done:
+            return
+        entry, member = data.draw(st.sampled_from(done))
+        assert entry.outcome is not None
+        self._report(member.job, entry.outcome)
+        self.process.unacked.remove(member.payload)
+        self.process.lanes.settled(entry, member)
+
+    @rule(memory_lost=st.booleans())
+    def crash(self, memory_lost: bool) -> None:
+        """The channel closes: unacked messages return to the head, in delivery order."""
+        returned = sorted(self.process.unacked, key=lambda m: m.tag)
+        self.queue[:0] = [Message(m.job) for m in returned]
+        memory = None if memory_lost else self.process.lanes.memory
+        self.process = Process(Lanes(memory))
+
+    def _report(self, reported: Job, outcome: Outcome) -> None:
+        self.reported.append((reported, outcome))
+
+    # what must always hold
+
+    @invariant()
+    def no_sim_reported_changed_without_a_call_for_it(self) -> None:
+        for reported, outcome in self.reported:
+            if outcome.result is Result.SUCCEEDED:
+                assert identity(reported) in self.covered, reported
+
+    @invariant()
+    def a_lane_has_at_most_one_call_under_way(self) -> None:
+        for iccid in (A, B):
+            lane = self.process.lanes.lane(iccid)
+            assert sum(e.state is not State.QUEUED for e in lane) <= 1
+            assert all(e.state is State.QUEUED for e in lane[1:])
+
+    def teardown(self) -> None:
+        """Drain everything; each SIM ends in its newest event's status, but in the window."""
+        if not hasattr(self, "queue"):
+            return
+        for _ in range(10_000):
+            if not self.queue and not len(self.process.lanes):
+                break
+            if self.queue:
+                self.deliver()
+            self.call()
+            for entry in list(self.process.lanes.entries()):
+                for member in list(entry.members):
+                    if entry.state is State.DONE and not member.settled:
+                        assert entry.outcome is not None
+                        self._report(member.job, entry.outcome)
+                        self.process.unacked.remove(member.payload)
+                        self.process.lanes.settled(entry, member)
+        for iccid in (A, B):
+            events = [j for j in self.published if j.iccid == iccid]
+            if events and iccid not in self.window:
+                assert self.sims[iccid] is max(events, key=lambda j: j.stamp).command, iccid
+
+
+LanesAgainstABroker.TestCase.settings = settings(
+    max_examples=600, stateful_step_count=50, deadline=None, derandomize=True,
+    suppress_health_check=list(HealthCheck))
+test_lanes_against_a_broker = LanesAgainstABroker.TestCase
