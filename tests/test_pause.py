@@ -1,0 +1,218 @@
+"""The pause (pause.py): when a type pauses, how it probes, when it resumes; no broker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from prometheus_client import CollectorRegistry
+
+from jasper_consumer.errors import (
+    CommunicatorMisconfigured,
+    JasperError,
+    JasperRejected,
+    JasperRetryable,
+    TypePaused,
+)
+from jasper_consumer.metrics import Metrics
+from jasper_consumer.outcomes import ErrorInfo
+from jasper_consumer.pause import (
+    PROBE_CAP_S,
+    PROBE_MIN_S,
+    PROBE_REPAUSE_CAP_S,
+    Pause,
+    PauseRules,
+    Verdict,
+)
+
+WRONG_KEY = CommunicatorMisconfigured("10000001", "Invalid credentials", 401)
+BUSY = JasperRetryable("30000001", "Unknown server error", 500)
+NOT_FOUND = JasperRejected("20000001", "Resource not found", 404)
+
+
+def test_a_pause_code_pauses_at_once():
+    """10000001 pauses the type; its error (retryable, with the HTTP status) is kept."""
+    rules = PauseRules()
+
+    assert rules.answered(WRONG_KEY) is Verdict.PAUSE
+    assert rules.error == ErrorInfo("10000001", 401, "Invalid credentials", True)
+
+
+def test_transient_failures_in_a_row_ask_echo():
+    """Three transient failures in a row (across events) ask Echo; anything else resets."""
+    rules = PauseRules(outage_streak=3)
+
+    assert [rules.answered(BUSY) for _ in range(2)] == [Verdict.GO, Verdict.GO]
+    assert rules.answered(NOT_FOUND) is Verdict.GO  # an answer: the account is up
+    assert [rules.answered(BUSY) for _ in range(3)] == [Verdict.GO, Verdict.GO,
+                                                         Verdict.ASK_ECHO]
+
+
+def test_echo_failing_too_pauses_with_the_last_error():
+    """Echo failing after a streak pauses with the streak's last error; passing goes on."""
+    rules = PauseRules(outage_streak=1)
+    assert rules.answered(BUSY) is Verdict.ASK_ECHO
+
+    assert rules.echo_answered(None, BUSY) is Verdict.GO
+    assert rules.error is None
+    rules.answered(BUSY)
+    assert rules.echo_answered(JasperRetryable("UNEXPECTED_RESPONSE", "x", 503), BUSY) \
+        is Verdict.PAUSE
+    assert rules.error is not None
+    assert (rules.error.code, rules.error.retryable) == ("30000001", True)
+
+
+def test_probes_double_from_one_second_to_thirty():
+    """Echo probes: at most one a second, doubling, at least every 30 s."""
+    waits = list(itertools.islice(PauseRules().probe_waits(), 8))
+    assert waits == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_a_repause_right_after_a_resume_probes_less_often():
+    """A role that may Echo but not change a SIM: each re-pause doubles the floor to 5 min;
+    a real success resets it."""
+    rules = PauseRules()
+    floors = []
+    for _ in range(10):
+        rules.answered(WRONG_KEY)
+        floors.append(next(rules.probe_waits()))
+        rules.resumed()
+    assert floors == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]
+    assert max(itertools.islice(rules.probe_waits(), 20)) == PROBE_REPAUSE_CAP_S
+    rules.answered(None)
+    rules.answered(WRONG_KEY)
+    assert next(rules.probe_waits()) == PROBE_MIN_S
+
+
+class PauseModel(RuleBasedStateMachine):
+    """Any sequence of answers, Echo results and resumes keeps the probe schedule within
+    SPEC §5: at most one probe a second, at least one every 30 s (5 min after re-pauses)."""
+
+    @initialize()
+    def start(self) -> None:
+        self.rules = PauseRules(outage_streak=3)
+
+    @rule(err=st.sampled_from([None, WRONG_KEY, BUSY, NOT_FOUND]))
+    def answer(self, err: JasperError | None) -> None:
+        if self.rules.paused:
+            return  # no real call is made while paused
+        if self.rules.answered(err) is Verdict.ASK_ECHO:
+            assert err is not None
+            self.rules.echo_answered(BUSY if err is BUSY else None, err)
+
+    @rule()
+    def probe_passes(self) -> None:
+        if self.rules.paused:
+            self.rules.resumed()
+
+    @invariant()
+    def probes_within_the_spec(self) -> None:
+        waits = list(itertools.islice(self.rules.probe_waits(), 12))
+        assert all(w >= PROBE_MIN_S for w in waits)
+        assert all(w <= max(PROBE_CAP_S, PROBE_REPAUSE_CAP_S) for w in waits)
+        assert waits[-1] <= max(PROBE_CAP_S, self.rules.floor_s)
+        assert (self.rules.error is None) or self.rules.error.retryable
+
+
+PauseModel.TestCase.settings = settings(max_examples=200, deadline=None, derandomize=True,
+                                        suppress_health_check=list(HealthCheck))
+test_pause_model = PauseModel.TestCase
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+class Account:
+    """Echo's answers, in order; records the calls."""
+
+    def __init__(self, *answers: JasperError | None) -> None:
+        self.answers = list(answers)
+        self.echoes = 0
+
+    async def echo(self) -> None:
+        self.echoes += 1
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is not None:
+            raise answer
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+async def test_pausing_calls_the_hook_probes_and_resumes(metrics: Metrics,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """A pause calls on_pause once, probes Echo until it passes, then calls on_resume;
+    jasper_communicator_up follows."""
+    monkeypatch.setattr("jasper_consumer.pause.PROBE_MIN_S", 0.01)
+    account = Account(WRONG_KEY, None)
+    events: list[str] = []
+    resumed = asyncio.Event()
+
+    async def on_pause(error: ErrorInfo) -> None:
+        events.append(f"pause {error.code}")
+
+    async def on_resume() -> None:
+        events.append("resume")
+        resumed.set()
+
+    pause = Pause("T", metrics, echo=account.echo, on_pause=on_pause, on_resume=on_resume,
+                  rules=PauseRules())
+    pause.rules.floor_s = 0.01
+    up = metrics.communicator_up.labels("T")
+
+    with pytest.raises(TypePaused):
+        await pause.observe(WRONG_KEY)
+    assert up._value.get() == 0
+    with pytest.raises(TypePaused):
+        pause.check()
+    async with asyncio.timeout(5):
+        await resumed.wait()
+
+    assert events == ["pause 10000001", "resume"]
+    assert account.echoes == 2
+    assert up._value.get() == 1
+    pause.check()
+    await pause.stop()
+
+
+async def test_a_back_off_wait_ends_when_the_type_pauses(metrics: Metrics):
+    """A job sleeping between retries is woken by a pause (to be parked) at once."""
+    async def nothing(*_: object) -> None:
+        return None
+
+    pause = Pause("T", metrics, echo=Account(WRONG_KEY).echo, on_pause=nothing,
+                  on_resume=nothing)
+    sleeper = asyncio.create_task(pause.sleep(30))
+    await asyncio.sleep(0)
+
+    with pytest.raises(TypePaused):
+        await pause.observe(WRONG_KEY)
+    async with asyncio.timeout(1):
+        with pytest.raises(TypePaused):
+            await sleeper
+    await pause.stop()
+
+
+async def test_stop_ends_probing_and_forgets_the_pause(metrics: Metrics):
+    """Ownership lost: no more Echo from this process, and up again as far as it knows."""
+    async def nothing(*_: object) -> None:
+        return None
+
+    account = Account(*[WRONG_KEY] * 100)
+    pause = Pause("T", metrics, echo=account.echo, on_pause=nothing, on_resume=nothing)
+    with pytest.raises(TypePaused):
+        await pause.observe(WRONG_KEY)
+
+    await pause.stop()
+    echoes = account.echoes
+    await asyncio.sleep(0.05)
+
+    assert account.echoes == echoes
+    assert pause.error is None
+    assert metrics.communicator_up.labels("T")._value.get() == 1
