@@ -94,28 +94,28 @@ class PauseModel(RuleBasedStateMachine):
 
     @initialize()
     def start(self) -> None:
-        self.rules = PauseRules(outage_streak=3)
+        self.machine = PauseRules(outage_streak=3)
 
     @rule(err=st.sampled_from([None, WRONG_KEY, BUSY, NOT_FOUND]))
     def answer(self, err: JasperError | None) -> None:
-        if self.rules.paused:
+        if self.machine.paused:
             return  # no real call is made while paused
-        if self.rules.answered(err) is Verdict.ASK_ECHO:
+        if self.machine.answered(err) is Verdict.ASK_ECHO:
             assert err is not None
-            self.rules.echo_answered(BUSY if err is BUSY else None, err)
+            self.machine.echo_answered(BUSY if err is BUSY else None, err)
 
     @rule()
     def probe_passes(self) -> None:
-        if self.rules.paused:
-            self.rules.resumed()
+        if self.machine.paused:
+            self.machine.resumed()
 
     @invariant()
     def probes_within_the_spec(self) -> None:
-        waits = list(itertools.islice(self.rules.probe_waits(), 12))
+        waits = list(itertools.islice(self.machine.probe_waits(), 12))
         assert all(w >= PROBE_MIN_S for w in waits)
         assert all(w <= max(PROBE_CAP_S, PROBE_REPAUSE_CAP_S) for w in waits)
-        assert waits[-1] <= max(PROBE_CAP_S, self.rules.floor_s)
-        assert (self.rules.error is None) or self.rules.error.retryable
+        assert waits[-1] <= max(PROBE_CAP_S, self.machine.floor_s)
+        assert (self.machine.error is None) or self.machine.error.retryable
 
 
 PauseModel.TestCase.settings = settings(max_examples=200, deadline=None, derandomize=True,
