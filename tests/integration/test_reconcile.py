@@ -404,8 +404,10 @@ async def test_a_reconcile_and_a_backlog_together_keep_the_accounts_limits(
         await remove_topology(connection, settings)
         await channel.close()
 
-    assert (status, json.loads(out.getvalue())) == (0, []), err
-    assert "the service process that owns it makes the calls" in err
+    assert (status, json.loads(out.getvalue())) == (0, []), err.getvalue()
+    assert "the service process that owns it makes the calls" in err.getvalue()
+    print(f"reconcile of 500 SIMs beside a 400-event backlog at 5/s: {elapsed:.1f} s, "
+          f"{sim.violations} violations")
     assert elapsed < 60
     assert sim.violations == 0
 
