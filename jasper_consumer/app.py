@@ -78,13 +78,12 @@ class Service:
         self._router_consumer: _Consumer | None = None
         self.probes = ProbeServer(self.metrics.registry, self.readiness)
         self._connection: AbstractRobustConnection | None = None
+        self._link: broker.Link | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._problem: str | None = None
         self._last_ok = 0.0
         self._routing: set[asyncio.Task[Any]] = set()
         self._stopping = False
-        self._broker_up = False
-        self._reconnecting: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -110,10 +109,7 @@ class Service:
             await client.start()
         self._connection = connection = await broker.connect(
             s.amqp_urls, f"jasper-consumer {s.queue_prefix}", lambda: self._stopping)
-        self._broker_up = True
-        connection.reconnect_callbacks.add(self._on_reconnect)
-        connection.close_callbacks.add(self._on_close)
-        self.metrics.broker_connected.set(1)
+        self._link = broker.Link(connection, self.metrics.broker_connected)
 
         setup = await connection.channel()
         await declare(setup, s)
@@ -167,11 +163,10 @@ class Service:
             return
         self._stopping = True
         grace = self.settings.shutdown_grace_seconds
-        for task in (self._reconnecting, self._watchdog):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         if self.router is not None:
             self.router.stopping = True
         log.info("stopping: no new messages; finishing %d in flight", len(self._routing))
@@ -182,8 +177,10 @@ class Service:
         for task in self._routing:
             task.cancel()
         await self.probes.stop()
-        if self._connection is not None:
-            await self._connection.close()  # unacked messages return, in order
+        if self._link is not None:
+            await self._link.close()  # unacked messages return, in order
+        elif self._connection is not None:
+            await self._connection.close()
         for client in self.clients.values():
             await client.close()
         self.metrics.broker_connected.set(0)
@@ -223,8 +220,8 @@ class Service:
         return ready, why
 
     def _readiness(self) -> tuple[bool, str]:
-        conn = self._connection
-        if conn is None or conn.is_closed or self._stopping or not self._broker_up:
+        conn, link = self._connection, self._link
+        if conn is None or conn.is_closed or self._stopping or link is None or not link.up:
             return False, "not connected to RabbitMQ"
         if self._problem is not None:
             return False, self._problem
@@ -253,20 +250,3 @@ class Service:
             if self._problem is None:
                 self._last_ok = time.monotonic()
             self.readiness()
-
-    def _on_reconnect(self, *_: object) -> None:
-        self._broker_up = True
-        self.metrics.broker_connected.set(1)
-        node = getattr(self._connection, "node", "")
-        log.info("reconnected to RabbitMQ at %s", node)
-
-    def _on_close(self, *_: object) -> None:
-        self._broker_up = False
-        self.metrics.broker_connected.set(0)
-        if self._stopping:
-            return
-        log.warning("connection to RabbitMQ lost; reconnecting (next node first)")
-        if self._reconnecting is None or self._reconnecting.done():
-            assert self._connection is not None
-            self._reconnecting = asyncio.create_task(broker.back_off_reconnects(
-                self._connection, lambda: self._broker_up, lambda: self._stopping))

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import aio_pika
 from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from aio_pika.robust_connection import RobustConnection
+from prometheus_client import Gauge
 from yarl import URL
 
 from .config import redact_url
@@ -103,15 +104,50 @@ async def connect_once(urls: Sequence[str]) -> aio_pika.abc.AbstractConnection:
     raise error
 
 
-async def back_off_reconnects(connection: AbstractRobustConnection,
-                              up: Callable[[], bool], stopping: Callable[[], bool]) -> None:
-    """aio-pika retries at a fixed interval: double it while the broker stays away."""
-    interval = RECONNECT_MIN_S
-    while not up() and not stopping():
-        connection.reconnect_interval = interval  # type: ignore[attr-defined]
-        await asyncio.sleep(interval)
-        interval = min(interval * 2, RECONNECT_MAX_S)
-    connection.reconnect_interval = RECONNECT_MIN_S  # type: ignore[attr-defined]
+class Link:
+    """Whether the connection is up (for ``/readyz`` and ``jasper_broker_connected``), and
+    the back-off of reconnection attempts while it is not (aio-pika retries at a fixed
+    interval: this doubles it, 1 s to 30 s, and resets it once connected)."""
+
+    def __init__(self, connection: AbstractRobustConnection, gauge: Gauge) -> None:
+        self._connection = connection
+        self._gauge = gauge
+        self.up = True
+        self.closing = False
+        self._backing_off: asyncio.Task[None] | None = None
+        gauge.set(1)
+        connection.reconnect_callbacks.add(self._reconnected)
+        connection.close_callbacks.add(self._closed)
+
+    def _reconnected(self, *_: object) -> None:
+        self.up = True
+        self._gauge.set(1)
+        log.info("reconnected to RabbitMQ at %s", getattr(self._connection, "node", ""))
+
+    def _closed(self, *_: object) -> None:
+        self.up = False
+        self._gauge.set(0)
+        if self.closing:
+            return
+        log.warning("connection to RabbitMQ lost; reconnecting (next node first)")
+        if self._backing_off is None or self._backing_off.done():
+            self._backing_off = asyncio.create_task(self._back_off())
+
+    async def _back_off(self) -> None:
+        interval = RECONNECT_MIN_S
+        while not self.up and not self.closing:
+            self._connection.reconnect_interval = interval  # type: ignore[attr-defined]
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, RECONNECT_MAX_S)
+        self._connection.reconnect_interval = RECONNECT_MIN_S  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._backing_off is not None:
+            self._backing_off.cancel()
+        await self._connection.close()  # unacked messages return, in order
+        self.up = False
+        self._gauge.set(0)
 
 
 class Consumer(Protocol):

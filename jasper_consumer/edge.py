@@ -73,3 +73,8 @@ async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:
         )
         return False
     return True
+
+
+async def ack(message: AbstractIncomingMessage) -> bool:
+    """Ack; False when the channel is gone (the broker returns the message by itself)."""
+    return await _answer(message, ack=True)

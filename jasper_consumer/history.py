@@ -15,11 +15,13 @@ both "this job had its delayed signal" and "this job waits here" (SPEC §5).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +50,24 @@ class PublishFailed(JasperConsumerError):
 
 def message_id() -> str:
     return f"{_PREFIX}-{next(_COUNTER)}"
+
+
+REPUBLISH_MAX_S = 30.0
+
+
+async def until_confirmed(publish: Callable[[], Awaitable[object]], what: str) -> None:
+    """Publish until the broker confirms, backing off (1 s doubling to 30 s): a message
+    that waits for its signal keeps its place (nothing is nacked to the back)."""
+    wait = 1.0
+    while True:
+        try:
+            await publish()
+            return
+        except PublishFailed as exc:
+            log.warning("%s; publishing again in %.0f s", exc, wait,
+                        extra={"fields": {"what": what}})
+        await asyncio.sleep(wait)
+        wait = min(wait * 2, REPUBLISH_MAX_S)
 
 
 class History:
@@ -127,7 +147,16 @@ class History:
 
     async def final(self, job: Job, outcome: Outcome, *, started: float, type_label: str,
                     attempts: int) -> Signal:
-        """The final signal of a job from its outcome."""
+        """The final signal of a job from its outcome; when retries ran out, a copy of the
+        event goes to the dead-letter queue first (a confirmed signal must not outlive a
+        lost copy), so that it can be replayed (SPEC §5)."""
+        error = outcome.error
+        if error is not None and outcome.exhausted:
+            await self.dead_letter(
+                json.dumps(job.to_event()).encode(), error.code, message_id=job.event_id,
+                headers={"x-jasper-last-error": error.cause or ""},
+                content_type="application/json")
+            self._metrics.dead_lettered.labels("retries_exhausted").inc()
         kind = Kind.SUCCEEDED if outcome.result is Result.SUCCEEDED else Kind.FAILED
         return await self.report(job, kind, type_label=type_label, attempts=attempts,
                                  started=started, sim_status=outcome.sim_status,
@@ -178,6 +207,12 @@ class History:
             headers=headers or {},
         )
         await self._publish(self._channel.default_exchange, message, queue_name)
+
+    async def bad_job(self, body: bytes, message_id: str | None, reason: str) -> None:
+        """A work-queue message that is not a job: dead-lettered, counted, logged."""
+        await self.dead_letter(body, reason, message_id=message_id)
+        self._metrics.dead_lettered.labels("invalid_job").inc()
+        log.error(reason, extra={"fields": {"message_id": message_id}})
 
     async def dead_letter(
         self, body: bytes, reason: str, *, message_id: str | None = None,

@@ -27,17 +27,21 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .config import Command, CommunicatorType
+from .edge import ack
 from .errors import JasperConsumerError
 from .events import Job
-from .history import History, message_id
+from .history import History, message_id, until_confirmed
+from .lanes import Lanes, identity
 from .outcomes import ErrorInfo
+from .pause import Pause
 from .signals import Kind
 from .topology import Names
 
@@ -48,6 +52,15 @@ STAMP_HEADER = "x-jasper-stamp"
 OCCURRED_HEADER = "x-jasper-occurred-at"
 REPLAYED_HEADER = "x-jasper-job-replayed"
 ORIGIN_HEADER = "x-jasper-origin"
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """A job's message and where it came from."""
+
+    message: AbstractIncomingMessage
+    parked: bool  # from the parked queue (else the work queue)
+    started: float  # perf_counter when it arrived
 
 
 class NotAJob(JasperConsumerError, ValueError):
@@ -246,3 +259,91 @@ class Parking:
         if channel is not None:
             with contextlib.suppress(Exception):
                 await channel.close()
+
+
+class Parker:
+    """Moves jobs to the parked queue in order per SIM, for the owner of a type: a job that
+    arrives while jobs are parked, and — when the type pauses — every lane whose call is not
+    under way, whole (a lane with a call under way follows once the call ends)."""
+
+    def __init__(self, lanes: Lanes[Delivery], pause: Pause, parking: Parking,
+                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self._lanes = lanes
+        self._pause = pause
+        self._parking = parking
+        self._spawn = spawn
+        self._chains: dict[str, asyncio.Future[None]] = {}
+        self._signalled: set[tuple[str, str, str]] = set()  # parked with a signal, or seen there
+
+    @property
+    def active(self) -> bool:
+        """Jobs go to the parked queue: the type is paused, or others wait there."""
+        return self._pause.error is not None or self._parking.count > 0
+
+    def wants(self, job: Job) -> bool:
+        """A job from the work queue is parked while :attr:`active`, unless its SIM has
+        work here from before the pause (it joins that, in order), or it needs no call
+        (a remembered duplicate, a superseded job)."""
+        if not self.active:
+            self._signalled.clear()  # nothing parked: no duplicate of a parked job can matter
+            return False
+        lane = self._lanes.lane(job.iccid)
+        if lane and not any(m.payload.parked for e in lane for m in e.members):
+            return False
+        return self._lanes.known(job) is None
+
+    def seen(self, job: Job) -> None:
+        """A job read back from the parked queue had its delayed signal."""
+        self._signalled.add(identity(job))
+
+    def park(self, job: Job, delivery: Delivery) -> None:
+        self._spawn(self._chain(job.iccid, self._park(job, delivery, 0)))
+
+    def park_lane(self, iccid: str) -> None:
+        """While paused, move the SIM's lane once no call of it is under way."""
+        if self._pause.error is not None:
+            self._spawn(self._chain(iccid, self._park_lane(iccid)))
+
+    async def paused(self) -> None:
+        """The type paused: parked jobs taken but not started go back to the head of their
+        queue (closing its channel), every other lane is moved."""
+        await self._parking.stop_draining()
+        self._lanes.drop(lambda delivery: not delivery.parked)
+        for iccid in self._lanes.iccids():
+            self.park_lane(iccid)
+
+    def clear(self) -> None:
+        self._chains.clear()
+        self._signalled.clear()
+
+    async def _chain(self, iccid: str, step: Awaitable[None]) -> None:
+        """Run ``step`` after every parking step already chained for the SIM."""
+        previous = self._chains.get(iccid)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._chains[iccid] = mine
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            await step
+        finally:
+            mine.set_result(None)
+            if self._chains.get(iccid) is mine:
+                del self._chains[iccid]
+
+    async def _park_lane(self, iccid: str) -> None:
+        if self._pause.error is None:
+            return
+        for entry in self._lanes.take_lane(iccid):
+            for i, member in enumerate(entry.members):
+                await self._park(member.job, member.payload, entry.attempts if i == 0 else 0)
+
+    async def _park(self, job: Job, delivery: Delivery, attempts: int) -> None:
+        if delivery.parked:
+            return  # a parked job not started: its channel closed and returned it
+        key = identity(job)
+        await until_confirmed(lambda: self._parking.park(
+            job, error=self._pause.error or self._pause.last_error, attempts=attempts,
+            started=delivery.started, signalled=key in self._signalled,
+            paused=self._pause.error is not None), f"parking a job of {job.communicator_type}")
+        self._signalled.add(key)
+        await ack(delivery.message)

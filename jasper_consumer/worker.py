@@ -18,11 +18,9 @@ broker when the channel closes, to the head of its queue and in order.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -30,32 +28,20 @@ from pydantic import ValidationError
 
 from .calls import OwnerCalls
 from .config import CommunicatorType, Settings
+from .edge import ack
 from .errors import TypePaused
 from .events import Job
-from .history import History, PublishFailed
-from .jasper.answers import retry_reason
+from .history import History, until_confirmed
 from .jasper.client import JasperClient
-from .jasper.retry import change_status
-from .lanes import Entry, Immediate, Lanes, Member, Memory, identity
+from .jasper.retry import RetryLog, change_status
+from .lanes import Entry, Immediate, Lanes, Member, Memory
 from .metrics import Metrics
 from .outcomes import ErrorInfo, Outcome
-from .parking import TOKEN_HEADER, Parking
+from .parking import TOKEN_HEADER, Delivery, Parker, Parking
 from .pause import Pause
 from .topology import Names
 
 log = logging.getLogger(__name__)
-
-REPUBLISH_MAX_S = 30.0  # a signal the broker did not confirm is published again, backing off
-
-
-@dataclass(eq=False, slots=True)
-class Delivery:
-    """A job's message and where it came from."""
-
-    message: AbstractIncomingMessage
-    parked: bool  # from the parked queue (else the work queue)
-    started: float  # perf_counter when it arrived
-
 
 class Worker:
     """Consumes ``<prefix>.work.<slug>`` for one communicator type."""
@@ -71,10 +57,7 @@ class Worker:
         self._settings = settings
         self._client = client
         self._history = history
-        self._retries = {r: metrics.retries.labels(ct.name, r) for r in (
-            "rate_limited", "timeout", "unreachable", "server_error", "unexpected_response")}
-        self._dead = metrics.dead_lettered.labels("invalid_job")
-        self._dead_exhausted = metrics.dead_lettered.labels("retries_exhausted")
+        self._on_retry = RetryLog(ct.name, metrics)
         self._coalesced = metrics.coalesced.labels(ct.name)
         self._processing = metrics.event_processing.labels("apply")
         self.lanes: Lanes[Delivery] = Lanes(Memory(settings.outcome_memory_bytes))
@@ -83,6 +66,7 @@ class Worker:
         self.parking = Parking(ct, names, history, open_channel=open_channel,
                                on_job=self._from_parking, prefetch=parked_prefetch,
                                anchor_refresh_s=settings.hold_refresh_seconds)
+        self.parker = Parker(self.lanes, self.pause, self.parking, self._spawn)
         self.calls = OwnerCalls(client, names.calls_queue(ct), open_channel)
         self._owner: object | None = None  # the underlying channel we own the type on
         self._ready = asyncio.Event()  # ownership taken over: jobs may be placed
@@ -90,8 +74,6 @@ class Worker:
         self._kick = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runners: list[asyncio.Task[None]] = []
-        self._chains: dict[str, asyncio.Future[None]] = {}  # parking, in order per SIM
-        self._signalled: set[tuple[str, str, str]] = set()  # parked here with a signal
         self._stopping = False
 
     # -- consuming and ownership -----------------------------------------------------------
@@ -149,8 +131,7 @@ class Worker:
             task.cancel()
         self._runners.clear()
         self._tasks.clear()
-        self._chains.clear()
-        self._signalled.clear()
+        self.parker.clear()
         self.lanes.clear()
         self._client.limiter.abort_waiting(TypePaused("ownership lost"))
         self._spawn(self.pause.stop(), tracked=False)
@@ -164,11 +145,6 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
 
-    @property
-    def parking_jobs(self) -> bool:
-        """Jobs go to the parked queue: the type is paused, or others wait there."""
-        return self.pause.error is not None or self.parking.count > 0
-
     async def _arrived(self, message: AbstractIncomingMessage) -> None:
         if (message.headers or {}).get(TOKEN_HEADER) is not None:
             await self.parking.token(message)
@@ -177,32 +153,19 @@ class Worker:
         try:
             job = Job.model_validate_json(message.body)
         except ValidationError as exc:
-            reason = (f"work item is not a job: {exc.error_count()} problem(s), first: "
-                      f"{exc.errors()[0]['msg']}")
-            await self._history.dead_letter(message.body, reason, message_id=message.message_id)
-            self._dead.inc()
-            log.error(reason, extra={"fields": {"message_id": message.message_id}})
-            await _ack(message)
+            await self._history.bad_job(message.body, message.message_id, (
+                f"work item is not a job: {exc.error_count()} problem(s), first: "
+                f"{exc.errors()[0]['msg']}"))
+            await ack(message)
             return
         delivery = Delivery(message, parked=False, started=started)
-        if self._to_parking(job):
-            self._spawn(self._chain(job.iccid, self._park(job, delivery, 0)))
+        if self.parker.wants(job):
+            self.parker.park(job, delivery)
             return
         self._place(job, delivery)
 
-    def _to_parking(self, job: Job) -> bool:
-        """A job from the work queue goes to the parked queue while the type parks jobs,
-        unless its SIM has work here from before the pause (it joins that, in order), or
-        it needs no call (a remembered duplicate, a superseded job)."""
-        if not self.parking_jobs:
-            return False
-        lane = self.lanes.lane(job.iccid)
-        if lane and not any(m.payload.parked for e in lane for m in e.members):
-            return False
-        return self.lanes.known(job) is None
-
     def _from_parking(self, job: Job, message: AbstractIncomingMessage) -> None:
-        self._signalled.add(identity(job))
+        self.parker.seen(job)
         self._place(job, Delivery(message, parked=True, started=time.perf_counter()))
 
     def _place(self, job: Job, delivery: Delivery) -> None:
@@ -235,106 +198,35 @@ class Worker:
         except TypePaused as exc:
             entry.attempts += exc.attempts
             self.lanes.unstart(entry)  # it waits again; while paused its lane is parked
-            if self.pause.error is not None:
-                self._spawn(self._chain(entry.iccid, self._park_lane(entry.iccid)))
+            self.parker.park_lane(entry.iccid)
             return
         self.lanes.finish(entry, outcome)
         await asyncio.gather(*(
             self._settle(m.job, m.payload, outcome, outcome.attempts if i == 0 else 0, entry, m)
             for i, m in enumerate(entry.members)))
 
-    def _on_retry(self, err: Any, tries: int, wait: float) -> None:
-        self._retries[retry_reason(err)].inc()
-        log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
-            "communicator_type": self.ct.name, "code": err.code,
-            "http_status": err.http_status, "attempt": tries, "wait_s": round(wait, 3)}})
-
     async def _settle(self, job: Job, delivery: Delivery, outcome: Outcome, attempts: int,
                       entry: Entry[Delivery] | None = None,
                       member: Member[Delivery] | None = None) -> None:
         """Publish the job's final signal (and its dead-letter copy when retries ran out)
         until the broker confirms, then ack its message; then the next job of its SIM."""
-        await self._until_confirmed(lambda: self._final(job, delivery, outcome, attempts))
+        await until_confirmed(lambda: self._history.final(
+            job, outcome, started=delivery.started, type_label=self.ct.name,
+            attempts=attempts), f"a signal of {self.ct.name}")
         if delivery.parked:
             await self.parking.acked(delivery.message)
-        elif await _ack(delivery.message):
+        elif await ack(delivery.message):
             self._processing.observe(time.perf_counter() - delivery.started)
         if entry is not None and member is not None and self.lanes.settled(entry, member):
             self._kick.set()
-            if self.pause.error is not None:
-                self._spawn(self._chain(entry.iccid, self._park_lane(entry.iccid)))
-
-    async def _final(self, job: Job, delivery: Delivery, outcome: Outcome, attempts: int) -> None:
-        error = outcome.error
-        if error is not None and outcome.exhausted:
-            # The copy first: a confirmed signal must not outlive a lost copy.
-            await self._history.dead_letter(
-                json.dumps(job.to_event()).encode(), error.code, message_id=job.event_id,
-                headers={"x-jasper-last-error": error.cause or ""},
-                content_type="application/json")
-            self._dead_exhausted.inc()
-        await self._history.final(job, outcome, started=delivery.started,
-                                  type_label=self.ct.name, attempts=attempts)
-
-    async def _until_confirmed(self, publish: Callable[[], Awaitable[None]]) -> None:
-        wait = 1.0
-        while True:
-            try:
-                await publish()
-                return
-            except PublishFailed as exc:
-                log.warning("%s; publishing again in %.0f s", exc, wait,
-                            extra={"fields": {"communicator_type": self.ct.name}})
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, REPUBLISH_MAX_S)
-
-    # -- pausing and parking ---------------------------------------------------------------
+            self.parker.park_lane(entry.iccid)
 
     async def _on_pause(self, error: ErrorInfo) -> None:
-        await self.parking.stop_draining()  # parked jobs taken, not started, go back
-        self.lanes.drop(lambda delivery: not delivery.parked)
-        for iccid in self.lanes.iccids():
-            self._spawn(self._chain(iccid, self._park_lane(iccid)))
+        await self.parker.paused()
 
     async def _on_resume(self) -> None:
         await self.parking.start_draining()
         self._kick.set()
-
-    async def _chain(self, iccid: str, step: Awaitable[None]) -> None:
-        """Run ``step`` after every parking step already chained for the SIM."""
-        previous = self._chains.get(iccid)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._chains[iccid] = mine
-        try:
-            if previous is not None:
-                await asyncio.shield(previous)
-            await step
-        finally:
-            mine.set_result(None)
-            if self._chains.get(iccid) is mine:
-                del self._chains[iccid]
-
-    async def _park_lane(self, iccid: str) -> None:
-        """While paused, move the SIM's lane to the parked queue, whole and in order, once
-        no call of it is under way (else its end chains this again)."""
-        if self.pause.error is None:
-            return
-        for entry in self.lanes.take_lane(iccid):
-            for i, member in enumerate(entry.members):
-                await self._park(member.job, member.payload, entry.attempts if i == 0 else 0)
-
-    async def _park(self, job: Job, delivery: Delivery, attempts: int) -> None:
-        if delivery.parked:
-            return  # a parked job not started: its channel closed and returned it
-        key = identity(job)
-        await self._until_confirmed(lambda: self.parking.park(
-            job, error=self.pause.error or self.pause.last_error, attempts=attempts,
-            started=delivery.started, signalled=key in self._signalled,
-            paused=self.pause.error is not None))
-        self._signalled.add(key)
-        await _ack(delivery.message)
-
-    # -- stopping --------------------------------------------------------------------------
 
     async def stop(self, grace_s: float) -> None:
         """Start nothing new; let calls under way finish and settle within ``grace_s``;
@@ -349,16 +241,6 @@ class Worker:
         await self.pause.stop()
         await self.parking.give_up()
         await self.calls.stop()
-
-
-async def _ack(message: AbstractIncomingMessage) -> bool:
-    try:
-        await message.ack()
-    except Exception as exc:  # a lost channel: the broker returns the message by itself
-        log.warning("could not ack on a lost channel; the broker will deliver it again",
-                    extra={"fields": {"message_id": message.message_id, "error": repr(exc)}})
-        return False
-    return True
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace, TracebackType
+from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, urlencode
 
@@ -100,31 +100,12 @@ class JasperClient:
         """Read the credentials and open the HTTP session (if none was given)."""
         self.reload_credentials()
         if self._session is None:
-            traces = aiohttp.TraceConfig()
-            # A request with a body is written (headers and body) by aiohttp in a task of
-            # its own, one loop pass after the headers are buffered: for it the body hook
-            # marks the start; the hooks name the calling task through trace_request_ctx.
-            traces.on_request_headers_sent.append(self._on_headers_sent)
-            traces.on_request_chunk_sent.append(self._on_request_sent)
             self._session = aiohttp.ClientSession(
-                trace_configs=[traces],
+                trace_configs=[self.limiter.trace_config()],
                 connector=aiohttp.TCPConnector(limit=self.ct.max_concurrency + 1),
                 timeout=self._timeout,
                 headers={"User-Agent": USER_AGENT},
             )
-
-    async def _on_headers_sent(
-        self, session: aiohttp.ClientSession, context: SimpleNamespace,
-        params: aiohttp.TraceRequestHeadersSentParams,
-    ) -> None:
-        if params.method in ("GET", "HEAD"):
-            await self._on_request_sent(session, context, params)
-
-    async def _on_request_sent(
-        self, _: aiohttp.ClientSession, context: SimpleNamespace, __: object
-    ) -> None:
-        task = getattr(context, "trace_request_ctx", None)
-        self.limiter.mark_sent(task if isinstance(task, asyncio.Task) else None)
 
     async def close(self) -> None:
         if self._owns_session and self._session is not None:

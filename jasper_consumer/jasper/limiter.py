@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Any
+
+import aiohttp
 
 
 class Limiter:
@@ -112,3 +114,26 @@ class Limiter:
         self.mark_sent()  # never written (refused, say) or no trace hook: count it now
         self._in_flight -= 1
         self._slots.release()
+
+    def trace_config(self) -> aiohttp.TraceConfig:
+        """aiohttp hooks that tell :meth:`mark_sent` when a request is written.
+
+        A request with a body is written (headers and body) by aiohttp in a task of its
+        own, one loop pass after the headers are buffered: for it the body hook marks the
+        start; the hooks name the calling task through ``trace_request_ctx``.
+        """
+        traces = aiohttp.TraceConfig()
+
+        async def headers_sent(_: aiohttp.ClientSession, context: SimpleNamespace,
+                               params: aiohttp.TraceRequestHeadersSentParams) -> None:
+            if params.method in ("GET", "HEAD"):
+                await body_sent(_, context, params)
+
+        async def body_sent(_: aiohttp.ClientSession, context: SimpleNamespace,
+                            __: object) -> None:
+            task = getattr(context, "trace_request_ctx", None)
+            self.mark_sent(task if isinstance(task, asyncio.Task) else None)
+
+        traces.on_request_headers_sent.append(headers_sent)
+        traces.on_request_chunk_sent.append(body_sent)
+        return traces

@@ -10,6 +10,7 @@ far) to be parked; a back-off wait ends early when the type pauses meanwhile.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -19,9 +20,26 @@ import backoff
 from .. import errors
 from ..config import Command, RetrySettings
 from ..errors import JasperError, JasperRetryable, TypePaused
+from ..metrics import RETRY_REASONS, Metrics
 from ..outcomes import ErrorInfo, Outcome
-from .answers import backoff_waits
+from .answers import backoff_waits, retry_reason
 from .client import JasperClient
+
+log = logging.getLogger(__name__)
+
+
+class RetryLog:
+    """``on_retry`` for :func:`change_status`: counts ``jasper_retries_total`` and logs."""
+
+    def __init__(self, communicator_type: str, metrics: Metrics) -> None:
+        self._name = communicator_type
+        self._counters = {r: metrics.retries.labels(communicator_type, r) for r in RETRY_REASONS}
+
+    def __call__(self, err: JasperError, tries: int, wait: float) -> None:
+        self._counters[retry_reason(err)].inc()
+        log.info("Jasper call failed, retrying: %s", err.message, extra={"fields": {
+            "communicator_type": self._name, "code": err.code,
+            "http_status": err.http_status, "attempt": tries, "wait_s": round(wait, 3)}})
 
 
 class Gate(Protocol):
