@@ -83,9 +83,13 @@ class Metrics:
         self.echo_probes = Counter(
             "jasper_echo_probes", "Echo probes of a paused communicator type, by result",
             ["communicator_type", "result"], registry=r)
+        self.parked = Gauge(
+            "jasper_parked_jobs", "Jobs of the communicator type waiting in its parked queue "
+            "(paused, or behind those held up by a pause), as the owning process counts them",
+            ["communicator_type"], registry=r)
         self.queue_info = Gauge(
-            "jasper_queue_info", "1 for each queue the service consumes; joins RabbitMQ's "
-            "per-queue metrics (label queue) to a communicator type",
+            "jasper_queue_info", "1 for each queue the service consumes or parks jobs in; "
+            "joins RabbitMQ's per-queue metrics (label queue) to a communicator type",
             ["queue", "role", "communicator_type"], registry=r)
         self.build_info = Gauge(
             "jasper_build_info", "Always 1; the running version in a label", ["version"],
@@ -105,6 +109,8 @@ class Metrics:
         self.queue_info.labels(names.events_queue, "events", "").set(1)
         for ct in settings.communicator_types:
             self.queue_info.labels(names.work_queue(ct), "work", ct.name).set(1)
+            self.queue_info.labels(names.parked_queue(ct), "parked", ct.name).set(1)
+            self.parked.labels(ct.name).set(0)
             for command in COMMANDS:
                 self.api_request_duration.labels(ct.name, command)
                 for outcome in OUTCOMES:

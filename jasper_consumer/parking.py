@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import Gauge
 
 from .config import Command, CommunicatorType
 from .edge import ack
@@ -105,6 +106,7 @@ class Parking:
         on_job: Callable[[Job, AbstractIncomingMessage], None],
         prefetch: int,
         anchor_refresh_s: float,
+        gauge: Gauge | None = None,
     ) -> None:
         self.ct = ct
         self.queue_name = names.parked_queue(ct)
@@ -114,13 +116,25 @@ class Parking:
         self._on_job = on_job
         self._prefetch = prefetch
         self._refresh_s = anchor_refresh_s
-        self.count = 0  # parked messages not yet acked by us (as far as this owner knows)
+        self._gauge = gauge
+        self._count = 0
         self._channel: AbstractChannel | None = None
         self._anchor: AbstractIncomingMessage | None = None
         self._anchor_since = 0.0
         self._anchoring = False
         self._renewal: asyncio.Task[None] | None = None
         self.renewals = 0  # anchors renewed before the consumer timeout (for tests, logs)
+
+    @property
+    def count(self) -> int:
+        """Parked messages not yet acked by us (as far as this owner knows)."""
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
+        if self._gauge is not None:
+            self._gauge.set(value)
 
     @property
     def draining(self) -> bool:

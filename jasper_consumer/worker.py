@@ -65,7 +65,8 @@ class Worker:
                            on_resume=self._on_resume)
         self.parking = Parking(ct, names, history, open_channel=open_channel,
                                on_job=self._from_parking, prefetch=parked_prefetch,
-                               anchor_refresh_s=settings.hold_refresh_seconds)
+                               anchor_refresh_s=settings.hold_refresh_seconds,
+                               gauge=metrics.parked.labels(ct.name))
         self.parker = Parker(self.lanes, self.pause, self.parking, self._spawn)
         self.calls = OwnerCalls(client, names.calls_queue(ct), open_channel)
         self._owner: object | None = None  # the underlying channel we own the type on

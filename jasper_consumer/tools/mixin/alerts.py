@@ -178,7 +178,7 @@ def alerts(config: MixinConfig) -> list[Alert]:
         ),
         Alert(
             "JasperNoSuccessWhileEventsWait", "critical", for_="15m",
-            expr=(s.per_queue(rabbit("rabbitmq_queue_messages"), "work",
+            expr=(s.per_queue(rabbit("rabbitmq_queue_messages"), "work", "parked",
                               keep=("communicator_type",)) + " > 0\n"
                   f"unless {on('communicator_type')}\n"
                   + _rate_by_type(s, "increase", "jasper_commands_total", "15m",
@@ -187,7 +187,7 @@ def alerts(config: MixinConfig) -> list[Alert]:
                      f"({WHERE})"),
             description=(
                 "Events for {{ $labels.communicator_type }} have been waiting in its work "
-                "queue for 15 minutes and not one command succeeded meanwhile. Look at "
+                "or parked queue for 15 minutes and not one command succeeded meanwhile. Look at "
                 "JasperCommunicatorTypeDown, JasperRateLimited and the service logs."),
         ),
         Alert(

@@ -89,7 +89,7 @@ def rows(config: MixinConfig) -> list[tuple[str, int, list[Panel]]]:
     s = one_deployment(config)
     ct = 'communicator_type=~"$communicator_type"'
     rabbit = s.rabbitmq
-    waiting = s.per_queue(rabbit("rabbitmq_queue_messages"), "events", "work")
+    waiting = s.per_queue(rabbit("rabbitmq_queue_messages"), "events", "work", "parked")
     dead = s.per_queue(rabbit("rabbitmq_queue_messages"), "dead")
     return [
         ("Overview", 4, [
@@ -167,10 +167,11 @@ def rows(config: MixinConfig) -> list[tuple[str, int, list[Panel]]]:
                   "Messages ready in each queue of the deployment, from RabbitMQ's per-queue "
                   "metrics.",
                   [Query(s.per_queue(rabbit("rabbitmq_queue_messages_ready"),
-                                     "events", "work", "dead", "history"), "{{queue}}")]),
+                                     "events", "work", "parked", "dead", "history"),
+                         "{{queue}}")]),
             Panel("Unacknowledged messages",
-                  "Delivered to a replica and not yet acknowledged: being processed, or "
-                  "waiting for a paused type.",
+                  "Delivered to a replica and not yet acknowledged: being processed. A "
+                  "paused type's events wait in its parked queue instead (Backlog).",
                   [Query(s.per_queue(rabbit("rabbitmq_queue_messages_unacked"),
                                      "events", "work"), "{{queue}}")]),
             Panel("In-flight API calls and consumers",

@@ -24,7 +24,7 @@ DEPLOYMENT_LABELS = ("namespace", "job")
 #: Roles of the queues each replica reports in ``jasper_queue_info`` (metrics.py), and of
 #: those named from the events queue, ``<prefix>.events`` -> ``<prefix>.<role>``. A queue
 #: the service starts to report needs only its role here.
-CONSUMED_ROLES = ("events", "work")
+CONSUMED_ROLES = ("events", "work", "parked")
 DERIVED_ROLES = ("dead", "history")
 EVENTS_ROLE = 'role="events"'
 #: A PromQL string literal: the regex that takes ``<prefix>`` out of ``<prefix>.events``.
