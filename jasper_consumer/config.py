@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -193,6 +194,10 @@ class Settings(_Strict):
                 )
             seen[ct.slug] = ct.name
         return self
+
+    @cached_property
+    def type_names(self) -> frozenset[str]:
+        return frozenset(ct.name for ct in self.communicator_types)
 
     def communicator(self, name: str) -> CommunicatorType | None:
         for ct in self.communicator_types:

@@ -5,6 +5,13 @@ message became is confirmed by the broker": ack. Raising means it is not: the
 message is nacked with requeue so it is delivered again (the queue's delivery
 limit dead-letters one that keeps failing). An ack or nack on a channel that was
 lost meanwhile is impossible; the broker redelivers the message by itself.
+
+Acks are batched (:class:`Acks`): a settled message is acked within
+:data:`ACK_DELAY_S`, with one ``multiple`` ack for every delivery up to a tag once all of
+them are settled, and one ack each for settled deliveries behind one that is not (a slow
+job never holds the others' acks back). Acks leave in delivery-tag order, so for any
+SIM an ack never overtakes the ack of an earlier job. A message is still acked only
+after its own publish is confirmed: only :func:`ack` marks it settled.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -27,6 +35,82 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 # returns publishes (e.g. a history exchange without a binding) must not turn into a
 # hot redelivery loop.
 REDELIVERY_PAUSE_S = 1.0
+ACK_DELAY_S = 0.002  # how long a settled message may wait for its ack to be sent
+
+
+class Acks:
+    """Batched acks of the deliveries of every channel of this process (see the module
+    docstring). :meth:`delivered` registers a delivery, in delivery order; :meth:`settled`
+    marks it for acking."""
+
+    def __init__(self, delay_s: float = ACK_DELAY_S) -> None:
+        self._delay_s = delay_s
+        self._channels: dict[object, dict[int, bool]] = {}  # channel -> tag -> settled
+        self._scheduled: set[object] = set()
+        self._sending: dict[object, asyncio.Lock] = {}  # one flush at a time per channel
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        if message.delivery_tag is not None:
+            self._channels.setdefault(message.channel, {})[message.delivery_tag] = False
+
+    def forget(self, message: AbstractIncomingMessage) -> None:
+        """The message was answered otherwise (nacked): it no longer holds acks back."""
+        tags = self._channels.get(message.channel)
+        if tags is not None and message.delivery_tag is not None:
+            tags.pop(message.delivery_tag, None)
+
+    def settled(self, message: AbstractIncomingMessage) -> bool:
+        """Ack ``message`` soon; False if its channel is already gone."""
+        channel = message.channel
+        tags = self._channels.get(channel)
+        if tags is None or message.delivery_tag not in tags:
+            return False
+        if channel.is_closed:
+            self._channels.pop(channel, None)
+            return False
+        tags[message.delivery_tag] = True
+        if channel not in self._scheduled:
+            self._scheduled.add(channel)
+            asyncio.get_running_loop().call_later(self._delay_s, self._flush_soon, channel)
+        return True
+
+    def _flush_soon(self, channel: object) -> None:
+        self._scheduled.discard(channel)
+        task = asyncio.ensure_future(self._flush(channel))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _flush(self, channel: Any) -> None:
+        lock = self._sending.setdefault(channel, asyncio.Lock())
+        async with lock:  # a later flush must not ack past tags an earlier one still sends
+            await self._send(channel)
+        if channel.is_closed:
+            self._sending.pop(channel, None)
+
+    async def _send(self, channel: Any) -> None:
+        tags = self._channels.get(channel)
+        if not tags:
+            return
+        upto = None
+        while tags and tags[next(iter(tags))]:
+            upto = next(iter(tags))
+            del tags[upto]
+        behind = [tag for tag, done in tags.items() if done]
+        for tag in behind:
+            del tags[tag]
+        try:
+            if upto is not None:
+                await channel.basic_ack(upto, multiple=True, wait=False)
+            for tag in behind:
+                await channel.basic_ack(tag, wait=False)
+        except Exception as exc:  # the channel is gone: the broker returns its messages
+            self._channels.pop(channel, None)
+            log.warning("could not ack on a lost channel; the broker will deliver again",
+                        extra={"fields": {"error": repr(exc)}})
+        if channel.is_closed:
+            self._channels.pop(channel, None)
+
+
+ACKS = Acks()
 
 
 async def settle(
@@ -55,16 +139,16 @@ async def settle(
         return False
     if not await _answer(message, ack=True):
         return False
-    metrics.event_processing.labels(stage).observe(time.perf_counter() - started)
+    metrics.processing(stage).observe(time.perf_counter() - started)
     return True
 
 
 async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:
+    if ack:
+        return ACKS.settled(message) or await _ack_now(message)
+    ACKS.forget(message)
     try:
-        if ack:
-            await message.ack()
-        else:
-            await message.nack(requeue=True)
+        await message.nack(requeue=True)
     except Exception as exc:  # stale channel after a reconnect, closed connection
         log.warning(
             "could not %s message on a lost channel; the broker will redeliver it",
@@ -76,5 +160,17 @@ async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:
 
 
 async def ack(message: AbstractIncomingMessage) -> bool:
-    """Ack; False when the channel is gone (the broker returns the message by itself)."""
+    """Ack (batched when the delivery was registered); False when the channel is gone (the
+    broker returns the message by itself)."""
     return await _answer(message, ack=True)
+
+
+async def _ack_now(message: AbstractIncomingMessage) -> bool:
+    """A message whose delivery was not registered with :data:`ACKS`: ack it at once."""
+    try:
+        await message.ack()
+    except Exception as exc:  # stale channel after a reconnect, closed connection
+        log.warning("could not ack message on a lost channel; the broker will redeliver it",
+                    extra={"fields": {"message_id": message.message_id, "error": repr(exc)}})
+        return False
+    return True

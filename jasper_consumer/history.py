@@ -120,7 +120,7 @@ class History:
         a configured type's name, or ``unknown``.
         """
         duration_ms = (time.perf_counter() - started) * 1000
-        serr = SignalError(**error.as_dict()) if error is not None else None
+        serr = SignalError.model_construct(**error.as_dict()) if error is not None else None
         if kind is Kind.DELAYED:
             assert isinstance(subject, Job)
             assert serr is not None
@@ -173,14 +173,14 @@ class History:
             child = self._finals[key] = self._metrics.commands.labels(*key)
         child.inc()
         if signal.outcome is Kind.SUCCEEDED:
-            self._metrics.last_success.labels(type_label).set(time.time())
+            self._metrics.last_success_of(type_label).set(time.time())
 
     async def publish_signal(self, signal: Signal, headers: HeadersType | None = None) -> None:
         """Publish a result signal to the history exchange."""
         if self._history is None:
             self._history = await self._exchange(self._names.history_exchange)
         message = aio_pika.Message(
-            signal.model_dump_json().encode(),
+            signal.__pydantic_serializer__.to_json(signal),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=signal.event_id,

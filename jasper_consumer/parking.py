@@ -209,8 +209,7 @@ class Parking:
             if self._renewal is None or self._renewal.done():
                 self._renewal = asyncio.create_task(self._renew(), name=f"anchor {self.ct.name}")
             return
-        with contextlib.suppress(Exception):
-            await message.ack()
+        await ack(message)
         if self.count > 0:
             await self._ensure_anchor()
 
@@ -224,15 +223,13 @@ class Parking:
             try:
                 await self._ensure_anchor()
             finally:
-                with contextlib.suppress(Exception):
-                    await old.ack()
+                await ack(old)
             self.renewals += 1
 
     async def _release_anchor(self) -> None:
         anchor, self._anchor = self._anchor, None
         if anchor is not None:
-            with contextlib.suppress(Exception):
-                await anchor.ack()
+            await ack(anchor)
 
     # -- draining --------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import time
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .config import Settings
-from .edge import settle
+from .edge import ACKS, settle
 from .errors import HandBack, UnreadableMessage
 from .events import Job, Rejected, parse_event
 from .history import History, message_id
@@ -69,6 +69,7 @@ class Router:
         # acked, so a crash can never leave a later event acked and an earlier one not.
         # If this one is handed back (it goes to the back of the queue), the ones behind
         # it in the chain are handed back too, so they stay behind it.
+        ACKS.delivered(message)
         if self.stopping:
             return  # not acked: returned in order when the channel closes
         if message.channel is not self._owner:  # this router just became the active one
@@ -133,10 +134,10 @@ class Router:
     async def _forward(self, job: Job, *, replayed: bool) -> None:
         assert self._epoch is not None
         epoch = await asyncio.shield(self._epoch)
-        stamped = job.model_copy(update={"stamp": epoch * EPOCH_SCALE + next(self._counter),
-                                         "replayed": replayed})
-        await self._history.to_queue(self._work_queues[job.communicator_type],
-                                     stamped.model_dump_json().encode(), job.event_id)
+        body = job.work_item(stamp=epoch * EPOCH_SCALE + next(self._counter),
+                             replayed=replayed)
+        await self._history.to_queue(self._work_queues[job.communicator_type], body,
+                                     job.event_id)
 
     async def _reject(
         self, message: AbstractIncomingMessage, exc: Rejected, started: float

@@ -62,7 +62,9 @@ def _signal(job: Job | Partial, outcome: Kind, *, text: str, attempts: int,
             error: SignalError | None = None) -> Signal:
     if job.origin:  # an event not raised by an operator says who raised it (SPEC §3)
         text = f"{text} ({job.origin})"
-    return Signal(
+    # Every field comes from a validated job and this module: construct, do not validate
+    # again (tests/test_signals.py checks the result against the model).
+    return Signal.model_construct(
         event_id=job.event_id,
         client_id=job.client_id,
         event_code=job.event_code,

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from .calls import OwnerCalls
 from .config import CommunicatorType, Settings
-from .edge import ack
+from .edge import ACKS, ack
 from .errors import TypePaused
 from .events import Job
 from .history import History, until_confirmed
@@ -59,7 +59,7 @@ class Worker:
         self._history = history
         self._on_retry = RetryLog(ct.name, metrics)
         self._coalesced = metrics.coalesced.labels(ct.name)
-        self._processing = metrics.event_processing.labels("apply")
+        self._processing = metrics.processing("apply")
         self.lanes: Lanes[Delivery] = Lanes(Memory(settings.outcome_memory_bytes))
         self.pause = Pause(ct.name, metrics, echo=client.probe, on_pause=self._on_pause,
                            on_resume=self._on_resume)
@@ -84,6 +84,7 @@ class Worker:
         self.consumer_tag = await self.queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        ACKS.delivered(message)
         if self._stopping:
             return  # not acked: returned in order when the channel closes
         if message.channel is not self._owner:

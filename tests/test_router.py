@@ -22,6 +22,7 @@ ICCID_B = "89610185002345678902"
 class FakeMessage:
     def __init__(self, body: dict[str, Any] | bytes, channel: object = "channel-1") -> None:
         self.channel = channel
+        self.delivery_tag = None
         self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.message_id = None if isinstance(body, bytes) else body["event_id"]
         self.headers: dict[str, Any] = {}

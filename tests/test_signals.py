@@ -58,3 +58,23 @@ def test_a_locally_failed_event_keeps_its_origin():
 
     assert signal.text == ("Could not activate SIM via M2MOne NZ: no ICCID (MISSING_ICCID) "
                            "(reconcile)")
+
+
+def test_constructed_signals_are_valid_signals():
+    """Signals are built without validation; each kind validates as the model says."""
+    from datetime import UTC, datetime
+
+    from jasper_consumer.config import Command
+    from jasper_consumer.events import Job
+    from jasper_consumer.signals import Signal, SignalError, delayed, failed, succeeded
+
+    job = Job(event_id="e", event_code=65516, client_id="c", command=Command.ACTIVATE,
+              iccid="89610185002345678901", communicator_type="T", origin="reconcile",
+              occurred_at=datetime(2026, 1, 1, tzinfo=UTC))
+    error = SignalError.model_construct(code="10000001", http_status=401, message="m",
+                                        retryable=True)
+    for signal in (succeeded(job, "ACTIVATED", 1, 2.0), failed(job, error, 1, 2.0),
+                   delayed(job, error, 0, 0.0), delayed(job, error, 0, 0.0, backlog=True)):
+        dumped = signal.__pydantic_serializer__.to_json(signal)
+        assert Signal.model_validate_json(dumped) == Signal.model_validate(signal.model_dump())
+        assert dumped == Signal.model_validate_json(dumped).model_dump_json().encode()

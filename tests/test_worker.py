@@ -51,6 +51,7 @@ class Message:
                  = None) -> None:
         self.body = json.dumps(body).encode()
         self.channel = channel
+        self.delivery_tag = None
         self.headers = headers or {}
         self.message_id = body.get("event_id")
         self.acked = False
