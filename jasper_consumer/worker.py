@@ -51,12 +51,9 @@ class Worker:
         history: History, metrics: Metrics, *, queue: AbstractQueue, names: Names,
         open_channel: Callable[[], Awaitable[AbstractChannel]], parked_prefetch: int,
     ) -> None:
-        self.ct = ct
-        self.queue = queue
+        self.ct, self.queue = ct, queue
         self.consumer_tag: str | None = None
-        self._settings = settings
-        self._client = client
-        self._history = history
+        self._retry, self._client, self._history = settings.retry, client, history
         self._on_retry = RetryLog(ct.name, metrics)
         self._coalesced = metrics.coalesced.labels(ct.name)
         self._processing = metrics.processing("apply")
@@ -104,15 +101,20 @@ class Worker:
         self._spawn(self._take_over(channel))
 
     async def _take_over(self, channel: object) -> None:
-        count = await self.parking.take_over()
-        if channel is not self._owner:
+        try:
+            await self._let_go()  # whatever the previous ownership left, first
+            count = await self.parking.take_over()
+            if channel is not self._owner:
+                return
+            log.info("took over %s (%d jobs parked)", self.ct.name, count,
+                     extra={"fields": {"communicator_type": self.ct.name, "parked": count}})
+            self._runners = [asyncio.create_task(self._run(), name=f"apply {self.ct.name}")
+                             for _ in range(self.ct.max_concurrency)]
+            await self.parking.start_draining()
+            await self.calls.start()
+        except Exception:  # the broker failed us: its channel closes and _lost runs
+            log.exception("taking over %s failed", self.ct.name)
             return
-        log.info("took over %s (%d jobs parked)", self.ct.name, count,
-                 extra={"fields": {"communicator_type": self.ct.name, "parked": count}})
-        self._runners = [asyncio.create_task(self._run(), name=f"apply {self.ct.name}")
-                         for _ in range(self.ct.max_concurrency)]
-        await self.parking.start_draining()
-        await self.calls.start()
         self._ready.set()
         waiting, self._waiting = self._waiting, []
         for message in waiting:
@@ -121,9 +123,9 @@ class Worker:
     def _lost(self, *_: object) -> None:
         """The work queue's channel closed: the type may have another owner now."""
         if self._owner is not None:
-            log.warning("lost the work queue of %s; stopping its calls", self.ct.name,
-                        extra={"fields": {"communicator_type": self.ct.name}})
+            log.warning("lost the work queue of %s; stopping its calls", self.ct.name)
         self._reset()
+        self._spawn(self._let_go(), tracked=False)
 
     def _reset(self) -> None:
         self._owner = None
@@ -136,17 +138,15 @@ class Worker:
         self.parker.clear()
         self.lanes.clear()
         self._client.limiter.abort_waiting(TypePaused("ownership lost"))
-        self._spawn(self.pause.stop(), tracked=False)
-        self._spawn(self.parking.give_up(), tracked=False)
-        self._spawn(self.calls.stop(), tracked=False)
+
+    async def _let_go(self) -> None:
+        """No probing, no parked queue, no tools' calls: another process may own the type."""
+        await self.pause.stop()
+        await self.parking.give_up()
+        await self.calls.stop()
 
     def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
-        task = asyncio.ensure_future(coro)
-        if tracked:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_failure)
-
+        spawn(coro, self._tasks if tracked else None)
     async def _arrived(self, message: AbstractIncomingMessage) -> None:
         if (message.headers or {}).get(TOKEN_HEADER) is not None:
             await self.parking.token(message)
@@ -195,7 +195,7 @@ class Worker:
         job = entry.leader
         try:
             outcome = await change_status(self._client, job.iccid, job.command,
-                                          self._settings.retry, self.pause,
+                                          self._retry, self.pause,
                                           on_retry=self._on_retry)
         except TypePaused as exc:
             entry.attempts += exc.attempts
@@ -223,7 +223,7 @@ class Worker:
             self._kick.set()
             self.parker.park_lane(entry.iccid)
 
-    async def _on_pause(self, error: ErrorInfo) -> None:
+    async def _on_pause(self, _: ErrorInfo) -> None:
         await self.parker.paused()
 
     async def _on_resume(self) -> None:
@@ -240,9 +240,16 @@ class Worker:
         if pending:
             await asyncio.wait(pending, timeout=grace_s)
         self._reset()
-        await self.pause.stop()
-        await self.parking.give_up()
-        await self.calls.stop()
+        await self._let_go()
+
+
+def spawn(coro: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None) -> None:
+    """Run ``coro`` as a task (kept in ``tasks`` until done); a failure is logged."""
+    task = asyncio.ensure_future(coro)
+    if tasks is not None:
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    task.add_done_callback(_log_failure)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
