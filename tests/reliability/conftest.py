@@ -488,6 +488,12 @@ class Harness:
         await channel.close()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``cluster`` run after all others (their three broker nodes, once
+    started, cost the rest of the run nothing)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     connection = await aio_pika.connect_robust(AMQP_URL)
