@@ -115,12 +115,15 @@ class Service:
         await declare(setup, s)
         await setup.close()
         names = Names.from_settings(s)
+        # The consumed queues are taken with a passive declare (``ensure=True``): only a
+        # queue declared on a robust channel is restored, with its consumer, when the
+        # connection comes back (on another node too); the watchdog is the backstop.
         for ct in s.communicator_types:
             channel = await self._channel(
                 work_prefetch(s, ct.max_concurrency, ct.requests_per_second))
             worker = Worker(
                 ct, s, self.clients[ct.name], History(channel, names, self.metrics),
-                self.metrics, queue=await channel.get_queue(names.work_queue(ct), ensure=False),
+                self.metrics, queue=await channel.get_queue(names.work_queue(ct)),
                 names=names, open_channel=self._channel,
                 parked_prefetch=parked_prefetch(s, ct.max_concurrency, ct.requests_per_second))
             self.workers[ct.name] = worker
@@ -128,7 +131,7 @@ class Service:
 
         channel = await self._channel()
         self.router = Router(s, History(channel, names, self.metrics), self.metrics, channel)
-        queue = await channel.get_queue(names.events_queue, ensure=False)
+        queue = await channel.get_queue(names.events_queue)
         self._router_consumer = _Consumer(queue, self._tracked(self.router.on_message))
         await self._router_consumer.start()
 

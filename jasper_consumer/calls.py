@@ -58,6 +58,9 @@ from .topology import CALLS_TTL_MS, Names
 
 log = logging.getLogger(__name__)
 
+CONSUME_RETRY_MIN_S = 1.0
+CONSUME_RETRY_MAX_S = 30.0
+
 TOKEN_HEADER = "x-jasper-token"
 WAKE = "wake"
 INVALID_REQUEST = "INVALID_REQUEST"  # the request is not one of the two shapes above
@@ -168,14 +171,47 @@ class OwnerCalls:
         self._queue_name = queue_name
         self._open_channel = open_channel
         self._channel: AbstractChannel | None = None
+        self._retrying: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self._channel is not None:
+        """Consume the calls queue; never raises. While the queue cannot be reached (a
+        classic queue lives on one cluster node, which may be down) it tries again in the
+        background, 1 s doubling to 30 s: tools' calls wait, the type's own jobs do not."""
+        if self._channel is not None or self._retrying is not None:
             return
-        self._channel = channel = await self._open_channel()
-        await channel.set_qos(prefetch_count=1)
-        queue = await channel.get_queue(self._queue_name, ensure=False)
-        await queue.consume(self._serve)
+        try:
+            await self._consume()
+        except Exception as exc:
+            log.warning("cannot consume %s (%s: %s); trying again in the background",
+                        self._queue_name, type(exc).__name__, exc)
+            self._retrying = asyncio.create_task(self._retry(), name=f"consume {self._queue_name}")
+
+    async def _consume(self) -> None:
+        channel = await self._open_channel()
+        try:
+            self._channel = channel
+            await channel.set_qos(prefetch_count=1)
+            queue = await channel.get_queue(self._queue_name, ensure=False)
+            await queue.consume(self._serve)
+        except BaseException:
+            self._channel = None
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+
+    async def _retry(self) -> None:
+        delay = CONSUME_RETRY_MIN_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._consume()
+            except Exception as exc:
+                log.debug("still cannot consume %s: %r", self._queue_name, exc)
+                delay = min(delay * 2, CONSUME_RETRY_MAX_S)
+            else:
+                log.info("consuming %s again", self._queue_name)
+                self._retrying = None
+                return
 
     async def _serve(self, message: AbstractIncomingMessage) -> None:
         reply = await serve_call(self._client, message.body)
@@ -189,6 +225,9 @@ class OwnerCalls:
                 await message.ack()  # a lost reply: the tool asks again after its timeout
 
     async def stop(self) -> None:
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
             with contextlib.suppress(Exception):

@@ -7,9 +7,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
+from jasper_consumer import calls
 from jasper_consumer.config import Command, Settings, parse_settings
 from jasper_consumer.errors import CommunicatorMisconfigured, JasperError
 from jasper_consumer.jasper.limiter import Limiter
@@ -226,4 +228,39 @@ async def test_losing_the_channel_stops_every_call(settings: Settings):
     assert client.calls == []
     assert len(worker.lanes) == 0
     assert history.signals == []
+    await worker.stop(1)
+
+
+async def test_an_unreachable_calls_queue_holds_up_no_job(settings: Settings,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    """A calls queue that cannot be consumed (a classic queue whose cluster node is down)
+    delays no job of the type; it is consumed once it can be."""
+    client = Client(settings)
+    worker, queue, _ = make(settings, client)
+    calls_queue = f"{settings.queue_prefix}.calls.t"
+    consumed: list[str] = []
+    reachable = asyncio.Event()
+
+    async def get_queue(name: str, ensure: bool = True) -> Any:
+        class Q:
+            async def consume(self, callback: Any) -> str:
+                if name == calls_queue and not reachable.is_set():
+                    raise aiormq.exceptions.ChannelNotFoundEntity(
+                        f"NOT_FOUND - home node of durable queue '{name}' is down")
+                consumed.append(name)
+                return "tag"
+        return Q()
+
+    monkeypatch.setattr(queue.channel, "get_queue", get_queue)
+    monkeypatch.setattr(calls, "CONSUME_RETRY_MIN_S", 0.01)
+    await worker.start()
+    message = Message(job(1), "channel-1")
+
+    await queue.callback(message)
+    await until(lambda: message.acked)
+    assert calls_queue not in consumed
+    reachable.set()
+    await until(lambda: calls_queue in consumed)
+
+    assert client.calls == [(ICCID, Command.ACTIVATE)]
     await worker.stop(1)

@@ -56,6 +56,23 @@ async def wait_until(
         await asyncio.sleep(poll)
 
 
+def reached(moment: float) -> Callable[[], bool]:
+    """A predicate for ``wait_until``: the monotonic clock has reached ``moment``."""
+    return lambda: time.monotonic() >= moment
+
+
+async def publish_paced(harness: Harness, events: Sequence[dict[str, Any]], rate: float,
+                        started: dict[str, float] | None = None) -> None:
+    """Publish one event every ``1 / rate`` s on a fixed schedule, each confirmed before the
+    next; ``started`` gets each event id's ``time.monotonic()`` as its publish begins."""
+    begin = time.monotonic()
+    for n, event in enumerate(events):
+        await wait_until(reached(begin + n / rate), f"the publish slot of event {n}", 5, 0.005)
+        if started is not None:
+            started[event["event_id"]] = time.monotonic()
+        await harness.publish([event])
+
+
 class Proc:
     """A child process whose output goes to a log file."""
 
@@ -461,13 +478,20 @@ class Harness:
         if self.sim is not None:
             self.sim.proc.close()
         channel = await self.connection.channel()
-        names = ["events", "history", "dead"] + [
-            f"work.{slugify(t['name'])}" for t in self.config.get("communicator_types", [])]
+        names = ["events", "history", "dead", "router-epoch"] + [
+            f"{role}.{slugify(t['name'])}" for t in self.config.get("communicator_types", [])
+            for role in ("work", "parked", "calls")]
         for n in names:
             await channel.queue_delete(f"{self.tag}.{n}")
         for x in ("events", "history", "dlx"):
             await channel.exchange_delete(f"{self.tag}.{x}")
         await channel.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``cluster`` run after all others (their three broker nodes, once
+    started, cost the rest of the run nothing)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 
 
 @pytest.fixture
