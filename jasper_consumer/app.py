@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 
 from . import broker
 from .config import Settings
-from .edge import Handler
+from .edge import ACKS, Handler
 from .history import History
 from .jasper.client import JasperClient
 from .metrics import Metrics
@@ -179,6 +179,7 @@ class Service:
             asyncio.wait(routing, timeout=grace) if routing else asyncio.sleep(0))
         for task in self._routing:
             task.cancel()
+        await ACKS.flush_all()
         await self.probes.stop()
         if self._link is not None:
             await self._link.close()  # unacked messages return, in order

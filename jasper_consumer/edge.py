@@ -74,6 +74,12 @@ class Acks:
             asyncio.get_running_loop().call_later(self._delay_s, self._flush_soon, channel)
         return True
 
+    async def flush_all(self) -> None:
+        """Send every ack still waiting (before the channels close at shutdown: an ack not
+        sent is a duplicate later)."""
+        for channel in list(self._channels):
+            await self._flush(channel)
+
     def _flush_soon(self, channel: object) -> None:
         self._scheduled.discard(channel)
         task = asyncio.ensure_future(self._flush(channel))

@@ -71,7 +71,8 @@ async def test_acks_never_cover_a_tag_twice_across_flushes():
     covered: list[int] = []
     for tag, multiple in channel.acks:
         new = [t for t in range(1, tag + 1) if t not in covered] if multiple else [tag]
-        assert tag not in covered and new, channel.acks
+        assert tag not in covered, channel.acks
+        assert new, channel.acks
         covered += new
     assert sorted(covered) == list(range(1, 8))
 
