@@ -9,7 +9,7 @@ calls through its own limiter, which gives them a share of the start slots::
       ▲                                                      │
       └────────── reply (to reply_to, same correlation_id) ◀─┘
 
-* **request**: on the default exchange to ``<prefix>.calls.<slug>`` (a classic queue whose
+* **request**: on the default exchange to ``<prefix>.calls.<slug>`` (a quorum queue whose
   messages expire after 60 s), ``reply_to`` the tool's exclusive reply queue,
   ``correlation_id`` a uuid, body ``{"op": "search_devices", "page_number": N,
   "page_size": 50, "modified_since": "...", "status": null}`` or ``{"op": "get_device",
@@ -175,7 +175,7 @@ class OwnerCalls:
 
     async def start(self) -> None:
         """Consume the calls queue; never raises. While the queue cannot be reached (a
-        classic queue lives on one cluster node, which may be down) it tries again in the
+        majority of its cluster nodes may be down) it tries again in the
         background, 1 s doubling to 30 s: tools' calls wait, the type's own jobs do not."""
         if self._channel is not None or self._retrying is not None:
             return

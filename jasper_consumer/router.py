@@ -74,7 +74,7 @@ class Router:
             return  # not acked: returned in order when the channel closes
         if message.channel is not self._owner:  # this router just became the active one
             self._owner = message.channel
-            self._epoch = asyncio.ensure_future(self._next_epoch())
+            self._epoch = None
         started = time.perf_counter()
         try:
             job = parse_event(message.body, self._settings)
@@ -132,7 +132,8 @@ class Router:
         return epoch
 
     async def _forward(self, job: Job, *, replayed: bool) -> None:
-        assert self._epoch is not None
+        if self._epoch is None or (self._epoch.done() and self._epoch.exception()):
+            self._epoch = asyncio.ensure_future(self._next_epoch())  # (again, if it failed)
         epoch = await asyncio.shield(self._epoch)
         body = job.work_item(stamp=epoch * EPOCH_SCALE + next(self._counter),
                              replayed=replayed)

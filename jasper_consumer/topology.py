@@ -11,7 +11,7 @@
     patriot.history ──<p>.parked.<slug> (BCC only)──▶ <p>.parked.<slug> (quorum): jobs that
                                                wait for a paused type, with their delayed signal
     (default exchange)     ──────────────▶ <p>.router-epoch (quorum): the router's epoch
-    (default exchange)     ──────────────▶ <p>.calls.<slug> (classic, message TTL 60 s):
+    (default exchange)     ──────────────▶ <p>.calls.<slug> (quorum, message TTL 60 s):
                                                operator tools' Control Center calls, made
                                                by the process that owns the type (calls.py)
 
@@ -165,7 +165,9 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
         # own limiter; one nobody takes within a minute is dropped (the tool gave up).
         calls[ct.name] = await channel.declare_queue(
             names.calls_queue(ct), durable=True,
-            arguments={"x-queue-type": "classic", "x-message-ttl": CALLS_TTL_MS})
+            # Quorum, like every other queue: a classic queue lives on one node, and with
+            # that node down the service could not even start on a cluster.
+            arguments={"x-queue-type": "quorum", "x-message-ttl": CALLS_TTL_MS})
     return Topology(names, events_x, history_x, dead_x, events_q, work, calls)
 
 

@@ -233,7 +233,7 @@ async def test_losing_the_channel_stops_every_call(settings: Settings):
 
 async def test_an_unreachable_calls_queue_holds_up_no_job(settings: Settings,
                                                          monkeypatch: pytest.MonkeyPatch):
-    """A calls queue that cannot be consumed (a classic queue whose cluster node is down)
+    """A calls queue that cannot be consumed (its cluster nodes are down)
     delays no job of the type; it is consumed once it can be."""
     client = Client(settings)
     worker, queue, _ = make(settings, client)
