@@ -241,6 +241,7 @@ class Parking:
         await channel.set_qos(prefetch_count=self._prefetch)
         queue = await channel.get_queue(self.queue_name, ensure=False)
         await queue.consume(self._delivered)
+        await self._ensure_anchor()  # also after a take-over: the next owner must wake up
 
     async def _delivered(self, message: AbstractIncomingMessage) -> None:
         try:
