@@ -42,7 +42,6 @@ from . import common as c
 
 PAUSED = "Bench Paused"
 WRONG_KEY = "not-the-service-key"  # the simulator's account key: every call gets 401
-REQUEST_TIMEOUT_S = 2.0
 TARGET_S = 5.0
 _WAIT_S = 120.0  # for every job's delayed signal, after the pause
 _AFTER_S = 2.0  # then this much longer, for a second signal of any job
@@ -95,8 +94,7 @@ async def pause_round(conn: AbstractRobustConnection, sim: c.Sim, n: int) -> dic
     user = c.account_name(PAUSED)
     await sim.reset()
     await sim.account(user, max_in_flight=1, rps=1, api_key=WRONG_KEY)
-    raw = topo.config([c.comm_type(PAUSED, sim.base_url, max_concurrency=1, rps=1,
-                                   request_timeout_s=REQUEST_TIMEOUT_S)])
+    raw = topo.config([c.comm_type(PAUSED, sim.base_url, max_concurrency=1, rps=1)])
     work = topo.work_queue(c.slug(PAUSED))
     parked = f"{topo.tag}.parked.{c.slug(PAUSED)}"
     events = [c.event(c.iccid(i, 5), PAUSED) for i in range(n)]
