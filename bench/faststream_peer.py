@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 from faststream import AckPolicy
-from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitMessage, RabbitQueue
+from faststream.rabbit import Channel, QueueType, RabbitBroker, RabbitQueue
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PREFETCH = 64
@@ -43,9 +43,12 @@ def build(src: str, dst: str, work: str, base_url: str,
 
     @broker.subscriber(_queue(src), channel=Channel(prefetch_count=PREFETCH),
                        ack_policy=AckPolicy.REJECT_ON_ERROR)
-    async def route(event: dict[str, Any], message: RabbitMessage) -> None:
+    async def route(event: dict[str, Any]) -> None:
         # One type here; the service picks the work queue by event["device"]["communicator_type"].
-        await to_work.publish(event, message_id=message.message_id,
+        # The message id is the event id (SPEC §3), taken from the body: a handler parameter
+        # for the message itself (RabbitMessage, Context) is a FastDepends custom field, which
+        # FastDepends resolves in a worker thread, one hop per message.
+        await to_work.publish(event, message_id=event["event_id"],
                               correlation_id=event["event_id"])
 
     @broker.subscriber(_queue(work), channel=Channel(prefetch_count=PREFETCH),
