@@ -27,7 +27,8 @@ Rounds alternate the order of the arms (A B C, C B A, …), and the medians are 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,8 @@ async def _process(name: str, args: list[str]) -> AsyncIterator[c.Proc]:
         await proc.stop()
 
 
-async def _pipeline_round(conn: AbstractRobustConnection, start: Any, *, n: int,
+async def _pipeline_round(conn: AbstractRobustConnection,
+                          start: Callable[[], AbstractAsyncContextManager[c.Proc]], *, n: int,
                           communicator_type: str, consumers: list[str], results: str,
                           exchange: str = "", routing_key: str) -> dict[str, Any]:
     """One end-to-end round (see the module docstring): ``start()`` is an async context
