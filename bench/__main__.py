@@ -1,9 +1,10 @@
 """``python -m bench``: run every scenario, write ``bench/results/*.json`` and BENCHMARKS.md.
 
-Order: rate fidelity (quiet machine first), router overhead, end to end, isolation, idle
-overhead, memory. Memory runs last and gets what is left of ``--budget-s`` (it stops at
-200,000 events or when its time is up), so the whole run stays bounded. A scenario that
-fails is recorded as failed and the others still run; the exit status is then 1.
+Order: rate fidelity (quiet machine first), router overhead, end to end, isolation, a
+paused type's delayed signals, idle overhead, memory. Memory runs last and gets what is
+left of ``--budget-s`` (it stops at 200,000 events or when its time is up), so the whole
+run stays bounded. A scenario that fails is recorded as failed and the others still run;
+the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import common as c
-from . import latency, memory, overhead, rate, report
+from . import latency, memory, overhead, pause, rate, report
 
-SCENARIOS = ("rate", "router", "e2e", "isolation", "idle", "memory")
+SCENARIOS = ("rate", "router", "e2e", "isolation", "pause", "idle", "memory")
 _MEMORY_RESERVE_S = 25.0  # stopping, clean-up and writing after the memory scenario
 _MEMORY_MIN_S = 40.0
 
@@ -33,10 +34,12 @@ _MEMORY_MIN_S = 40.0
 def _plan(quick: bool) -> dict[str, Any]:
     if quick:  # a smoke run of every scenario, for working on the bench itself
         return {"rate_s": 8, "rate_types": (1, 4), "router": (1, 1000), "e2e": (1, 1000),
-                "isolation": (2000, 15, 0.3), "idle": 5, "memory": (10_000, 20_000),
+                "isolation": (2000, 15, 0.3), "pause": (1000,), "idle": 5,
+                "memory": (10_000, 20_000),
                 "budget_s": 150}
     return {"rate_s": 60, "rate_types": (1, 20), "router": (3, 4000), "e2e": (3, 2000),
-            "isolation": (10_000, 60, 0.3), "idle": 30, "memory": (100_000, 200_000),
+            "isolation": (10_000, 60, 0.3), "pause": (1000, 10_000), "idle": 30,
+            "memory": (100_000, 200_000),
             "budget_s": 510}
 
 
@@ -105,6 +108,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             "isolation": lambda: latency.run_isolation(
                 conn, sim, backlog=plan["isolation"][0], events=plan["isolation"][1],
                 interval_s=plan["isolation"][2]),
+            "pause": lambda: pause.run_pause(conn, sim, sizes=plan["pause"]),
             "idle": lambda: latency.run_idle(conn, sim, events=plan["idle"]),
             "memory": memory_run,
         }
@@ -145,7 +149,7 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     parser.add_argument("--budget-s", type=float, help="time for the whole run (default 510)")
     parser.add_argument("--uvloop", action="store_true",
-                        help="add the service on uvloop as a third end-to-end arm (+20 s)")
+                        help="add the service on uvloop as another end-to-end arm (+20 s)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--patched", type=Path, metavar="DIR",
                         help="also run router and e2e with the jasper_consumer package in DIR "

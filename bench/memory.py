@@ -89,7 +89,7 @@ async def run_memory(conn: AbstractRobustConnection, sim: c.Sim, *, backlog: int
         deadline = time.monotonic() + budget_s - preload_s
         url = f"http://{c.HOST}:{port}/metrics"
         async with c.service(raw) as proc, aiohttp.ClientSession() as session:
-            top_up: asyncio.Task[None] | None = None
+            top_up: asyncio.Task[float] | None = None
             t0 = time.monotonic()
             done = 0
             while time.monotonic() < deadline and done < target:

@@ -1,21 +1,34 @@
-"""Throughput against a bare aio-pika pipeline, same broker, same run, rounds interleaved.
+"""Throughput against bare and same-design pipelines, same broker, same run, rounds interleaved.
 
 * **router**: a backlog of events on a quorum queue, drained by stage 1 of the service
   (``<prefix>.events`` → ``<prefix>.work.<type>``) or by ``bench.baseline route``
   (consume → publish with confirm → ack). The bench registers first on the work queue,
   which has a single active consumer, so the service's own worker stays idle and only
-  stage 1 runs; the bench counts arrivals there.
-* **end to end**: a backlog of events through the whole service (router, worker, one PUT
-  to the simulator at 0 ms, signal with confirm), or through ``bench.baseline e2e``
-  (consume → PUT → publish result → ack, one stage); the bench counts the results.
+  stage 1 runs; the bench counts arrivals there. Rate = messages between the first and
+  the last arrival / time between them; CPU from the first arrival on.
+* **end to end**: events through a whole pipeline to a result on a quorum queue, one PUT
+  each to the simulator at 0 ms. Arms: the service (router, worker, signal with confirm);
+  ``bench.baseline e2e``, one stage (consume → PUT → publish result → ack);
+  ``bench.baseline two-stage``, the service's shape bare (route to a work queue with
+  confirm → ack, then consume → PUT → publish result → ack); ``bench.faststream_peer``, the
+  same two stages written with FastStream. Every arm gets the same round: start the
+  pipeline on empty queues, wait for its consumers, send 64 warm-up events and wait for
+  their results (the service's new owner of a type waits ``1 / rps`` + the request timeout
+  before its first call: 2 s here), then publish the backlog (confirmed, as fast as the
+  bench can) while the pipeline runs. CPU per event = the pipeline process's CPU from just
+  before that publish to the last result, / events: every stage's work for them, no
+  start-up. (A backlog loaded before the service starts would be routed during that wait
+  and its router CPU never counted.) Rate = results between the first and the last of the
+  backlog's / time between them.
 
-Rate = messages between the first and the last arrival / time between them, so process
-start-up is not counted. Rounds alternate which pipeline goes first (ABBA…), and the
-medians are reported.
+Rounds alternate the order of the arms (A B C, C B A, …), and the medians are reported.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +39,7 @@ from . import common as c
 ROUTE_TYPE = "Bench Route"
 E2E_TYPE = "Bench E2E"
 E2E_CONCURRENCY = 64
+E2E_WARMUP = 64
 _TIMEOUT_S = 120.0
 
 
@@ -91,20 +105,87 @@ async def router_round(conn: AbstractRobustConnection, kind: str, n: int,
                                     package_dir=patched if kind == "service_patched" else None)
 
 
+@contextlib.asynccontextmanager
+async def _process(name: str, args: list[str]) -> AsyncIterator[c.Proc]:
+    proc = c.spawn(name, args)
+    try:
+        yield proc
+    except BaseException:
+        c.log(f"{name} stderr, last lines:\n{proc.tail(15)}")
+        raise
+    finally:
+        await proc.stop()
+
+
+async def _pipeline_round(conn: AbstractRobustConnection,
+                          start: Callable[[], AbstractAsyncContextManager[c.Proc]], *, n: int,
+                          communicator_type: str, consumers: list[str], results: str,
+                          exchange: str = "", routing_key: str) -> dict[str, Any]:
+    """One end-to-end round (see the module docstring): ``start()`` is an async context
+    manager giving the pipeline's process once the queues exist."""
+    warm = c.event_bodies(E2E_WARMUP, communicator_type, series=7)
+    bodies = c.event_bodies(n, communicator_type)
+    drain = c.Drain(conn, results)
+    await drain.start()
+    try:
+        async with start() as proc:
+            await c.wait_consumers(conn, consumers)
+            await c.preload(conn, warm, exchange=exchange, routing_key=routing_key)
+            await drain.wait_count(len(warm), _TIMEOUT_S)
+            proc.check()
+            cpu = await drain.measure_from_here(
+                lambda: c.preload(conn, bodies, exchange=exchange, routing_key=routing_key),
+                n, _TIMEOUT_S, {"pipeline": proc.pid, "broker": c.broker_pid()})
+            proc.check()
+    finally:
+        await drain.close()
+    return {"events_per_s": drain.rate(skip=len(warm)), "n": n, **cpu}
+
+
+_E2E_MODULES = {"baseline": ("baseline", ["-m", "bench.baseline", "e2e"]),
+                "two_stage": ("baseline", ["-m", "bench.baseline", "two-stage"]),
+                "faststream": ("faststream", ["-m", "bench.faststream_peer"])}
+
+
 async def e2e_round(conn: AbstractRobustConnection, sim: c.Sim, kind: str, n: int,
                     patched: Path | None = None) -> dict[str, Any]:
     topo = c.Topo()
-    bodies = c.event_bodies(n, E2E_TYPE)
     user = c.account_name(E2E_TYPE)
     await sim.account(user, max_in_flight=10_000, rps=1_000_000)
-    if kind == "baseline":
-        return await _run_baseline_round(
-            conn, ["e2e", sim.base_url, user, "bench-key"], bodies, topo)
+    if kind in _E2E_MODULES:
+        src, dst, work = f"{topo.tag}.src", f"{topo.tag}.dst", f"{topo.tag}.work"
+        topo.extra_queues += [src, dst, work]
+        name, module = _E2E_MODULES[kind]
+        args = [*module, src, dst, sim.base_url, user, c.SERVICE_KEY]
+        if kind != "baseline":
+            args.append(work)
+        try:
+            channel = await conn.channel()
+            for queue in (src, dst, work):
+                await c.declare_quorum(channel, queue)
+            await channel.close()
+            return await _pipeline_round(
+                conn, lambda: _process(name, args), n=n, communicator_type=E2E_TYPE,
+                consumers=[src] if kind == "baseline" else [src, work], results=dst,
+                routing_key=src)
+        finally:
+            await c.delete_topology(conn, topo)
     ct = c.comm_type(E2E_TYPE, sim.base_url, max_concurrency=E2E_CONCURRENCY, rps=1000)
     raw = topo.config([ct])
     loop = "uvloop" if kind == "service_uvloop" else "asyncio"
-    return await _run_service_round(conn, raw, [E2E_TYPE], bodies, topo.history_queue, topo,
-                                    loop, patched if kind == "service_patched" else None)
+    package_dir = patched if kind == "service_patched" else None
+    try:
+        channel = await conn.channel()
+        await c.declare_service_topology(channel, raw)
+        await channel.close()
+        return await _pipeline_round(
+            conn, lambda: c.service(raw, loop=loop, package_dir=package_dir), n=n,
+            communicator_type=E2E_TYPE,
+            consumers=[topo.events_queue, topo.work_queue(c.slug(E2E_TYPE))],
+            results=topo.history_queue, exchange=topo.events_exchange,
+            routing_key=f"event.{c.EVENT_CODE}")
+    finally:
+        await c.delete_topology(conn, topo, [E2E_TYPE])
 
 
 def _order(arms: list[str], rounds: int) -> list[str]:
@@ -158,7 +239,16 @@ async def run_e2e(conn: AbstractRobustConnection, sim: c.Sim, rounds: int, n: in
         await sim.reset()
         return await e2e_round(conn, sim, kind, n, patched)
 
-    arms = (("baseline", "service") + (("service_uvloop",) if uvloop else ())
+    arms = (("baseline", "service", "faststream", "two_stage")
+            + (("service_uvloop",) if uvloop else ())
             + (("service_patched",) if patched else ()))
-    return {"n": n, "rounds": rounds, "concurrency": E2E_CONCURRENCY,
-            **await compare("e2e", rounds, one, arms)}
+    out = {"n": n, "rounds": rounds, "concurrency": E2E_CONCURRENCY, "warmup": E2E_WARMUP,
+           **await compare("e2e", rounds, one, arms)}
+    out["service_vs_faststream"] = _ratio(out["service_median"], out["faststream_median"])
+    out["service_cpu_vs_two_stage"] = _ratio(out["service_cpu_ms_per_event"],
+                                             out["two_stage_cpu_ms_per_event"])
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")

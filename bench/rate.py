@@ -4,10 +4,12 @@ Each type is configured with ``max_concurrency: 1`` and ``requests_per_second`` 
 its simulator account enforces the same limits (one call at a time, at most
 ``floor(R)`` starts in any one-second window; every call over them is a violation,
 answered ``40000029``). Each type gets a backlog big enough to keep it busy for the
-whole run; once stage 1 has forwarded it, the bench opens a window of ``duration_s``
-and counts, from the simulator's own request records, the calls each account saw
-start inside the window. achieved/configured = (calls / duration_s) / R. The service's
-limiter spaces starts ``1/R x 1.01`` apart, so 0.99 is the most it can show.
+whole run; once stage 1 has forwarded it and every type has made its first call (a new
+owner waits ``1/R`` + the request timeout first), the bench waits ``settle_s``, opens
+a window of ``duration_s`` and counts, from the simulator's own request records, the
+calls each account saw start inside the window. achieved/configured = (calls /
+duration_s) / R. The service's limiter spaces starts ``1/R x 1.01`` apart, so 0.99 is
+the most it can show.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ async def run_rate(conn: AbstractRobustConnection, sim: c.Sim, *, types: int, rp
             await c.wait_until(lambda: _routed(conn, topo), "stage 1 to forward the backlog",
                                60, 0.1)
             routed_s = time.monotonic() - service_start
+            await c.first_calls(sim, names, 30)
             await c.sleep_checked(proc, settle_s)
             window_start = time.monotonic()
             await c.sleep_checked(proc, duration_s)
