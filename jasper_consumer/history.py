@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, HeadersType
+from aio_pika.abc import AbstractChannel, HeadersType
+from pamqp import commands as spec
 
 from . import log as jlog
 from . import signals
@@ -40,6 +40,7 @@ from .topology import DEAD_REASON_HEADER, Names
 log = logging.getLogger(__name__)
 
 _CONFIRM_TIMEOUT_S = 30.0
+_PERSISTENT = 2  # delivery_mode
 _PREFIX = os.urandom(6).hex()  # message ids: unique per process, and no syscall per message
 _COUNTER = itertools.count()
 
@@ -77,24 +78,27 @@ class History:
         self._names = names
         self._metrics = metrics
         self._channel = channel
-        self._history: AbstractExchange | None = None
-        self._dead: AbstractExchange | None = None
         self._finals: dict[tuple[str, str, str], Any] = {}
 
-    async def _exchange(self, name: str) -> AbstractExchange:
-        return await self._channel.get_exchange(name, ensure=False)
-
-    async def _publish(
-        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
-    ) -> None:
+    async def _send(self, exchange: str, routing_key: str, body: bytes,
+                    properties: spec.Basic.Properties) -> None:
+        """One publish on the channel's aiormq channel, ``mandatory``, awaiting the confirm.
+        (Straight to aiormq: aio-pika's ``Message`` and ``Exchange.publish`` wrappers cost
+        about 5 % of the service's CPU per event, measured with py-spy in bench.hotpath.)"""
         try:
-            await exchange.publish(
-                message, routing_key, mandatory=True, timeout=_CONFIRM_TIMEOUT_S)
-        except Exception as exc:  # nack, return, closed channel, timeout: all mean "not safe"
+            channel = await self._channel.get_underlay_channel()
+            confirmation = await channel.basic_publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties,
+                mandatory=True, timeout=_CONFIRM_TIMEOUT_S)
+        except Exception as exc:  # return, closed channel, timeout: all mean "not safe"
             raise PublishFailed(
-                f"broker did not confirm publish to {exchange.name or '(default)'!r} "
+                f"broker did not confirm publish to {exchange or '(default)'!r} "
                 f"with routing key {routing_key!r}: {type(exc).__name__}: {exc}"
             ) from None
+        if not isinstance(confirmation, spec.Basic.Ack):
+            raise PublishFailed(
+                f"broker refused publish to {exchange or '(default)'!r} with routing key "
+                f"{routing_key!r}: {type(confirmation).__name__}")
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -177,19 +181,13 @@ class History:
 
     async def publish_signal(self, signal: Signal, headers: HeadersType | None = None) -> None:
         """Publish a result signal to the history exchange."""
-        if self._history is None:
-            self._history = await self._exchange(self._names.history_exchange)
-        message = aio_pika.Message(
-            signal.__pydantic_serializer__.to_json(signal),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=signal.event_id,
-            message_id=message_id(),
-            type=signal.outcome.routing_key,
-            headers=headers,
-        )
+        properties = spec.Basic.Properties(
+            content_type="application/json", delivery_mode=_PERSISTENT,
+            correlation_id=signal.event_id, message_id=message_id(),
+            message_type=signal.outcome.routing_key, headers=headers)
         try:
-            await self._publish(self._history, message, signal.outcome.routing_key)
+            await self._send(self._names.history_exchange, signal.outcome.routing_key,
+                             signal.__pydantic_serializer__.to_json(signal), properties)
         except PublishFailed:
             self._metrics.history_publish_failures.inc()
             raise
@@ -199,14 +197,9 @@ class History:
     async def to_queue(self, queue_name: str, body: bytes, message_id: str | None,
                        headers: HeadersType | None = None) -> None:
         """Put a message on a queue of ours (default exchange): a job, a parked job, a token."""
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            headers=headers or {},
-        )
-        await self._publish(self._channel.default_exchange, message, queue_name)
+        await self._send("", queue_name, body, spec.Basic.Properties(
+            content_type="application/json", delivery_mode=_PERSISTENT, message_id=message_id,
+            headers=headers or {}))
 
     async def bad_job(self, body: bytes, message_id: str | None, reason: str) -> None:
         """A work-queue message that is not a job: dead-lettered, counted, logged."""
@@ -219,16 +212,8 @@ class History:
         headers: Mapping[str, Any] | None = None, content_type: str | None = None,
     ) -> None:
         """Send a copy of a message to ``<prefix>.dead`` with the reason in a header."""
-        if self._dead is None:
-            self._dead = await self._exchange(self._names.dead_exchange)
         all_headers: dict[str, Any] = dict(headers or {})
         all_headers[DEAD_REASON_HEADER] = reason
-        message = aio_pika.Message(
-            body,
-            content_type=content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            headers=all_headers,
-            timestamp=datetime.now(UTC),
-        )
-        await self._publish(self._dead, message, "")
+        await self._send(self._names.dead_exchange, "", body, spec.Basic.Properties(
+            content_type=content_type, delivery_mode=_PERSISTENT, message_id=message_id,
+            headers=all_headers, timestamp=datetime.now(UTC)))

@@ -203,9 +203,9 @@ class Worker:
             self.parker.park_lane(entry.iccid)
             return
         self.lanes.finish(entry, outcome)
-        await asyncio.gather(*(
-            self._settle(m.job, m.payload, outcome, outcome.attempts if i == 0 else 0, entry, m)
-            for i, m in enumerate(entry.members)))
+        settles = [self._settle(m.job, m.payload, outcome, 0 if i else outcome.attempts,
+                                entry, m) for i, m in enumerate(entry.members)]
+        await (settles[0] if len(settles) == 1 else asyncio.gather(*settles))
 
     async def _settle(self, job: Job, delivery: Delivery, outcome: Outcome, attempts: int,
                       entry: Entry[Delivery] | None = None,

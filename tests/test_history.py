@@ -6,8 +6,8 @@ import json
 import time
 from typing import Any
 
-import aio_pika
 import pytest
+from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.config import Command, parse_settings
@@ -19,26 +19,28 @@ from jasper_consumer.signals import Kind
 from jasper_consumer.topology import Names
 
 
-class Exchange:
-    def __init__(self, name: str, log: list[tuple[str, str]], fail: set[str]) -> None:
-        self.name = name
+class Underlay:
+    """The aiormq channel: records publishes; a Nack for the exchanges in ``fail``."""
+
+    def __init__(self, log: list[tuple[str, str]], fail: set[str]) -> None:
         self.log = log
         self.fail = fail
 
-    async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
-        if self.name in self.fail:
-            raise RuntimeError("nack")
-        self.log.append((self.name, routing_key))
+    async def basic_publish(self, body: bytes, *, exchange: str, routing_key: str,
+                            **_: Any) -> Any:
+        if exchange in self.fail:
+            return spec.Basic.Nack()
+        self.log.append((exchange, routing_key))
+        return spec.Basic.Ack()
 
 
 class Channel:
     def __init__(self, fail: set[str] | None = None) -> None:
         self.log: list[tuple[str, str]] = []
-        self.fail = fail or set()
-        self.default_exchange = Exchange("", self.log, self.fail)
+        self.underlay = Underlay(self.log, fail or set())
 
-    async def get_exchange(self, name: str, ensure: bool = True) -> Exchange:
-        return Exchange(name, self.log, self.fail)
+    async def get_underlay_channel(self) -> Underlay:
+        return self.underlay
 
 
 @pytest.fixture
