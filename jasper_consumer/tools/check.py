@@ -21,14 +21,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import aiormq
 from prometheus_client import CollectorRegistry
 
 from .. import errors
+from ..broker import connect_once
+from ..calls import RemoteCalls, Replies, work_queue_consumers
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
 from ..jasper import JasperClient
 from ..metrics import Metrics
+from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
 from .tables import render_table
 
@@ -178,6 +182,27 @@ def sim_table(details: Mapping[str, Any]) -> str:
     return render_table(["FIELD", "VALUE"], rows)
 
 
+async def _get_device(settings: Settings, ct: CommunicatorType, iccid: str) -> dict[str, Any]:
+    """Get Device Details through the service process that owns the type, within the
+    account's limits together with its own calls (SPEC §6); directly when no service runs
+    (or the broker does not answer)."""
+    names = Names.from_settings(settings)
+    try:
+        connection = await asyncio.wait_for(connect_once(settings.amqp_urls), 5)
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError):
+        connection = None
+    if connection is not None:
+        async with connection:
+            if await work_queue_consumers(connection, names, ct):
+                replies = await Replies.open(connection)
+                try:
+                    return await RemoteCalls(replies, names, ct).get_device(iccid)
+                finally:
+                    await replies.close()
+    async with _client(ct, settings) as client:
+        return await client.get_device(iccid)
+
+
 async def sim_status(
     settings: Settings, communicator_type: str, ref_no: str, out: TextIO, *, as_json: bool = False
 ) -> int:
@@ -188,8 +213,7 @@ async def sim_status(
     except EventRejected as exc:
         raise ToolError(exc.message) from None
     try:
-        async with _client(ct, settings) as client:
-            details = await client.get_device(iccid)
+        details = await _get_device(settings, ct, iccid)
     except JasperError as err:
         if as_json:
             print(json.dumps({"iccid": iccid, "communicator_type": ct.name,
