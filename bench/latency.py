@@ -89,6 +89,7 @@ async def run_isolation(conn: AbstractRobustConnection, sim: c.Sim, *, backlog: 
             routed_s = time.monotonic() - started
             await _publish_paced(conn, topo, HEALTHY, 1, 0.0, 4, proc)  # the owner's wait
             await drain.wait_count(1, 30)
+            await asyncio.sleep(1.0)  # past the limiter's spacing after the warm-up's call
             sent = await _publish_paced(conn, topo, HEALTHY, events, interval_s, 2, proc)
             await drain.wait_count(1 + events, 60)
             down_left = (await c.queue_state(conn, topo.work_queue(c.slug(DOWN))))[0]
@@ -124,6 +125,9 @@ async def run_idle(conn: AbstractRobustConnection, sim: c.Sim, *, events: int,
             await c.wait_consumers(conn, [topo.events_queue, topo.work_queue(c.slug(IDLE))])
             await _publish_paced(conn, topo, IDLE, warmup, interval_s, 4, proc)
             await drain.wait_count(warmup, 30)  # past the new owner's wait (see module doc)
+            # The warm-up's calls came right after the owner's wait, 1/rps apart: let the
+            # limiter's spacing pass, or the first measured event waits for it (202 ms).
+            await asyncio.sleep(interval_s)
             sent = await _publish_paced(conn, topo, IDLE, events, interval_s, 3, proc)
             await drain.wait_count(warmup + events, 30)
         await drain.close()
