@@ -40,7 +40,7 @@ def _plan(quick: bool) -> dict[str, Any]:
     return {"rate_s": 60, "rate_types": (1, 20), "router": (3, 4000), "e2e": (3, 2000),
             "isolation": (10_000, 60, 0.3), "pause": (1000, 10_000), "idle": 30,
             "memory": (100_000, 200_000),
-            "budget_s": 510}
+            "budget_s": 570}
 
 
 async def _sweep_stale() -> None:
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="short smoke run of every scenario (results not comparable)")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
-    parser.add_argument("--budget-s", type=float, help="time for the whole run (default 510)")
+    parser.add_argument("--budget-s", type=float, help="time for the whole run (default 570)")
     parser.add_argument("--uvloop", action="store_true",
                         help="add the service on uvloop as another end-to-end arm (+20 s)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
