@@ -43,6 +43,7 @@ from .topology import Names
 
 log = logging.getLogger(__name__)
 
+
 class Worker:
     """Consumes ``<prefix>.work.<slug>`` for one communicator type."""
 
@@ -147,6 +148,7 @@ class Worker:
 
     def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
         spawn(coro, self._tasks if tracked else None)
+
     async def _arrived(self, message: AbstractIncomingMessage) -> None:
         if (message.headers or {}).get(TOKEN_HEADER) is not None:
             await self.parking.token(message)
