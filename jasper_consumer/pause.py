@@ -133,7 +133,7 @@ class Pause:
         self._on_resume = on_resume
         self._up = metrics.communicator_up.labels(name)
         self._probes = {r: metrics.echo_probes.labels(name, r) for r in ("passed", "failed")}
-        self._changed = asyncio.Event()  # set on every pause
+        self._pausing = asyncio.Event()  # set while the type is paused
         self._echo_lock = asyncio.Lock()
         self._probing: asyncio.Task[None] | None = None
         self._since = 0.0
@@ -156,11 +156,12 @@ class Pause:
             raise TypePaused(self.rules.error)
 
     async def sleep(self, seconds: float) -> None:
-        """A back-off wait that ends early when the type pauses meanwhile."""
-        self._changed.clear()
+        """A back-off wait that ends early when the type pauses meanwhile (at once if it
+        already is)."""
+        self.check()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self._changed.wait()
+                await self._pausing.wait()
         self.check()
 
     async def observe(self, err: JasperError | None) -> None:
@@ -190,7 +191,7 @@ class Pause:
             return
         self._since = time.monotonic()
         self._last = error
-        self._changed.set()
+        self._pausing.set()
         self._up.set(0)
         log.error("communicator type %s paused: %s (%s)", self.name, error.message, error.code,
                   extra={"fields": {"communicator_type": self.name, "error_code": error.code,
@@ -212,6 +213,7 @@ class Pause:
                  time.monotonic() - self._since,
                  extra={"fields": {"communicator_type": self.name}})
         self.rules.resumed()
+        self._pausing.clear()
         self._up.set(1)
         await self._on_resume()
 
@@ -223,4 +225,5 @@ class Pause:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.rules = PauseRules(self.rules.outage_streak)
+        self._pausing.clear()
         self._up.set(1)

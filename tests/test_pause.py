@@ -216,3 +216,20 @@ async def test_stop_ends_probing_and_forgets_the_pause(metrics: Metrics):
     assert account.echoes == echoes
     assert pause.error is None
     assert metrics.communicator_up.labels("T")._value.get() == 1
+
+
+async def test_a_back_off_wait_begun_after_the_pause_ends_at_once(metrics: Metrics):
+    """Another job paused the type between this job's answer and its back-off wait: the
+    wait does not run its course (up to max_delay_seconds) before the job is parked."""
+    async def nothing(*_: object) -> None:
+        return None
+
+    pause = Pause("T", metrics, echo=Account(*[WRONG_KEY] * 10).echo, on_pause=nothing,
+                  on_resume=nothing)
+    with pytest.raises(TypePaused):
+        await pause.observe(WRONG_KEY)
+
+    async with asyncio.timeout(1):
+        with pytest.raises(TypePaused):
+            await pause.sleep(30)
+    await pause.stop()
