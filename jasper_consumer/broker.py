@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import aio_pika
@@ -212,5 +212,3 @@ async def _restart(consumer: Consumer) -> None:
             log.debug("cancel of a vanished consumer failed: %r", exc)
     await consumer.start()
 
-
-Starter = Callable[[], Awaitable[None]]

@@ -250,9 +250,6 @@ class Lanes(Generic[M]):
                 return entry
         return None
 
-    def has_ready(self) -> bool:
-        return any(e.state is State.QUEUED and self._is_head(e) for e in self._ready)
-
     def _is_head(self, entry: Entry[M]) -> bool:
         lane = self._lanes.get(entry.iccid)
         return bool(lane) and lane[0] is entry  # type: ignore[index]
@@ -293,10 +290,6 @@ class Lanes(Generic[M]):
 
     def lane(self, iccid: str) -> list[Entry[M]]:
         return list(self._lanes.get(iccid, ()))
-
-    def head(self, iccid: str) -> Entry[M] | None:
-        lane = self._lanes.get(iccid)
-        return lane[0] if lane else None
 
     def unstart(self, entry: Entry[M]) -> None:
         """A started call did not apply (the type paused under it): it waits again."""

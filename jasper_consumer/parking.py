@@ -136,10 +136,6 @@ class Parking:
         if self._gauge is not None:
             self._gauge.set(value)
 
-    @property
-    def draining(self) -> bool:
-        return self._channel is not None
-
     # -- ownership -------------------------------------------------------------------------
 
     async def take_over(self) -> int:
