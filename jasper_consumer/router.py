@@ -123,7 +123,16 @@ class Router:
             seen.append(got)
         epochs = [int(m.body) for m in seen if m.body.isdigit()]
         epoch = max(epochs, default=0) + 1
-        await self._history.to_queue(self._names.epoch_queue, str(epoch).encode(), message_id())
+        try:
+            await self._history.to_queue(self._names.epoch_queue, str(epoch).encode(),
+                                         message_id())
+        except BaseException:
+            # Give back what was taken, or the next try reads an empty queue and starts
+            # again at epoch 1, below the previous router's stamps.
+            for got in seen:
+                with contextlib.suppress(Exception):
+                    await got.nack(requeue=True)
+            raise
         for got in seen:
             with contextlib.suppress(Exception):
                 await got.ack()
@@ -146,11 +155,11 @@ class Router:
         partial = exc.partial
         if partial.event_id is None and message.message_id:
             partial = partial.model_copy(update={"event_id": message.message_id})
-        known = partial.communicator_type in self._types
+        label = partial.communicator_type
         await self._history.report(
-            partial, Kind.FAILED, type_label=partial.communicator_type if known  # type: ignore[arg-type]
-            else "unknown", attempts=0, started=started,
-            error=ErrorInfo(exc.code, None, exc.message, False), reason=exc.message)
+            partial, Kind.FAILED, type_label=label if label in self._types else "unknown",
+            attempts=0, started=started, error=ErrorInfo(exc.code, None, exc.message, False),
+            reason=exc.message)
         self._metrics.local_failures.labels(exc.code).inc()
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:

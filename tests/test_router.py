@@ -13,7 +13,7 @@ from jasper_consumer import edge
 from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.history import PublishFailed
 from jasper_consumer.metrics import Metrics
-from jasper_consumer.router import Router
+from jasper_consumer.router import EPOCH_SCALE, Router
 
 ICCID_A = "89610185002345678901"
 ICCID_B = "89610185002345678902"
@@ -38,7 +38,8 @@ class FakeMessage:
 
 
 class FakeEpochs:
-    """The router-epoch queue: basic.get hands out what was published, until acked."""
+    """The router-epoch queue: basic.get hands out what was published; a nacked message
+    comes back, an acked one is gone."""
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
@@ -49,6 +50,12 @@ class FakeEpochs:
         body = self.bodies.pop(0)
         message = FakeMessage(b"")
         message.body = body
+        epochs = self
+
+        async def nack(requeue: bool = True) -> None:
+            epochs.bodies.append(body)
+
+        message.nack = nack  # type: ignore[method-assign]
         return message
 
 
@@ -67,11 +74,15 @@ class FakePublisher:
         self.epochs = epochs or FakeEpochs()
         self.work_items: list[dict[str, Any]] = []
         self.dead: list[str] = []
+        self.fail_epoch = 0
 
     async def to_queue(self, queue: str, body: bytes, message_id: str,
                        headers: Any = None) -> None:
         await asyncio.sleep(0)
         if queue.endswith(".router-epoch"):
+            if self.fail_epoch:
+                self.fail_epoch -= 1
+                raise PublishFailed("not confirmed")
             self.epochs.bodies.append(body)
             return
         if self.fail_first:
@@ -159,3 +170,24 @@ async def test_whatever_the_parser_raises_the_message_is_settled(settings: Setti
 
     assert message.answers == ["ack"]
     assert len(publisher.dead) == 1
+
+
+async def test_a_failed_epoch_write_gives_the_epoch_back(settings: Settings,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """When writing the new epoch is not confirmed, the epoch read is given back: the next
+    try continues above it, never at 1 again."""
+    monkeypatch.setattr(edge, "REDELIVERY_PAUSE_S", 0)
+    epochs = FakeEpochs()
+    epochs.bodies.append(b"7")
+    publisher = FakePublisher(0, epochs)
+    publisher.fail_epoch = 1
+    router = make_router(settings, publisher)
+
+    first = FakeMessage(event(1, ICCID_A))
+    await router.on_message(first)  # type: ignore[arg-type]
+    second = FakeMessage(event(2, ICCID_B))
+    await router.on_message(second)  # type: ignore[arg-type]
+
+    assert first.answers == ["nack"]
+    assert [w["stamp"] // EPOCH_SCALE for w in publisher.work_items] == [8]
+    assert epochs.bodies == [b"8"]
