@@ -12,8 +12,7 @@
         ├── JasperRejected               the change was refused; retrying cannot help → fail
         ├── JasperRetryable              transient (5xx, rate limit, network) → back off, retry
         │   └── JasperUnreachable        no HTTP answer at all (refused, reset, DNS, timeout)
-        ├── RetriesExhausted             a tool's retry budget ran out (the service builds an
-        │                                outcome instead) → the tool reports it
+        ├── RetriesExhausted             the retry budget ran out → fail, copy to dead letters
         └── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
 
 A ``JasperError`` carries what a failure signal needs: ``code``, ``http_status``,
@@ -177,6 +176,7 @@ class RetriesExhausted(JasperError):
             last.http_status,
         )
         self.attempts = attempts
+        self.cause = last.code  # the last error's code (the dead-letter copy's header)
 
 
 class CommunicatorMisconfigured(JasperError):

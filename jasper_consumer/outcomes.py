@@ -37,7 +37,8 @@ class ErrorInfo:
     @classmethod
     def of(cls, err: JasperError, *, retryable: bool | None = None) -> ErrorInfo:
         return cls(err.code, err.http_status, _shared(err.message),
-                   err.retryable if retryable is None else retryable)
+                   err.retryable if retryable is None else retryable,
+                   getattr(err, "cause", None))
 
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "http_status": self.http_status, "message": self.message,

@@ -17,9 +17,8 @@ from typing import Protocol
 
 import backoff
 
-from .. import errors
 from ..config import Command, RetrySettings
-from ..errors import JasperError, JasperRetryable, TypePaused
+from ..errors import JasperError, JasperRetryable, RetriesExhausted, TypePaused
 from ..metrics import RETRY_REASONS, Metrics
 from ..outcomes import ErrorInfo, Outcome
 from .answers import backoff_waits, retry_reason
@@ -87,12 +86,8 @@ async def change_status(
             elapsed = clock() - started
             wait = waits.send(err)
             if attempts >= policy.max_attempts or elapsed + wait > policy.max_elapsed_seconds:
-                return Outcome.failed(ErrorInfo(
-                    errors.RETRIES_EXHAUSTED,
-                    err.http_status,
-                    f"gave up after {attempts} attempts in {elapsed:.1f} s; last error: "
-                    f"{err.message} ({err.code})",
-                    True, cause=err.code), attempts)
+                return Outcome.failed(ErrorInfo.of(RetriesExhausted(err, attempts, elapsed)),
+                                      attempts)
             on_retry(err, attempts, wait)
             del err  # nothing of the failed answer outlives this iteration
             await gate.sleep(wait)
