@@ -145,7 +145,7 @@ async def settle(
         return False
     if not await _answer(message, ack=True):
         return False
-    metrics.processing(stage).observe(time.perf_counter() - started)
+    metrics.child(metrics.event_processing, stage).observe(time.perf_counter() - started)
     return True
 
 

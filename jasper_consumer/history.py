@@ -78,7 +78,6 @@ class History:
         self._names = names
         self._metrics = metrics
         self._channel = channel
-        self._finals: dict[tuple[str, str, str], Any] = {}
 
     async def _send(self, exchange: str, routing_key: str, body: bytes,
                     properties: spec.Basic.Properties) -> None:
@@ -160,24 +159,21 @@ class History:
                 json.dumps(job.to_event()).encode(), error.code, message_id=job.event_id,
                 headers={"x-jasper-last-error": error.cause or ""},
                 content_type="application/json")
-            self._metrics.dead_lettered.labels("retries_exhausted").inc()
+            self._metrics.child(self._metrics.dead_lettered, "retries_exhausted").inc()
         kind = Kind.SUCCEEDED if outcome.result is Result.SUCCEEDED else Kind.FAILED
         return await self.report(job, kind, type_label=type_label, attempts=attempts,
                                  started=started, sim_status=outcome.sim_status,
                                  error=outcome.error)
 
     def _count(self, signal: Signal, type_label: str) -> None:
+        m = self._metrics
         if signal.outcome is Kind.DELAYED:
-            self._metrics.delayed.labels(type_label).inc()
+            m.child(m.delayed, type_label).inc()
             return
-        key = (type_label, signal.command.value if signal.command else "unknown",
-               signal.outcome.value)
-        child = self._finals.get(key)
-        if child is None:
-            child = self._finals[key] = self._metrics.commands.labels(*key)
-        child.inc()
+        command = signal.command.value if signal.command else "unknown"
+        m.child(m.commands, type_label, command, signal.outcome.value).inc()
         if signal.outcome is Kind.SUCCEEDED:
-            self._metrics.last_success_of(type_label).set(time.time())
+            m.child(m.last_success, type_label).set(time.time())
 
     async def publish_signal(self, signal: Signal, headers: HeadersType | None = None) -> None:
         """Publish a result signal to the history exchange."""
@@ -204,7 +200,7 @@ class History:
     async def bad_job(self, body: bytes, message_id: str | None, reason: str) -> None:
         """A work-queue message that is not a job: dead-lettered, counted, logged."""
         await self.dead_letter(body, reason, message_id=message_id)
-        self._metrics.dead_lettered.labels("invalid_job").inc()
+        self._metrics.child(self._metrics.dead_lettered, "invalid_job").inc()
         log.error(reason, extra={"fields": {"message_id": message_id}})
 
     async def dead_letter(

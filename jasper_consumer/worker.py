@@ -57,7 +57,7 @@ class Worker:
         self._retry, self._client, self._history = settings.retry, client, history
         self._on_retry = RetryLog(ct.name, metrics)
         self._coalesced = metrics.coalesced.labels(ct.name)
-        self._processing = metrics.processing("apply")
+        self._processing = metrics.child(metrics.event_processing, "apply")
         self.lanes: Lanes[Delivery] = Lanes(Memory(settings.outcome_memory_bytes))
         self.pause = Pause(ct.name, metrics, echo=client.probe, on_pause=self._on_pause,
                            on_resume=self._on_resume)
