@@ -91,14 +91,16 @@ async def connect(urls: Sequence[str], name: str,
         delay = min(delay * 2, RECONNECT_MAX_S)
 
 
-async def connect_once(urls: Sequence[str]) -> aio_pika.abc.AbstractConnection:
+async def connect_once(urls: Sequence[str], *, timeout_s: float = 10,
+                       name: str = "jasper-consumer tools") -> aio_pika.abc.AbstractConnection:
     """A plain connection (operator tools) to the first node that answers; raises the last
     node's error when none does."""
     error: BaseException | None = None
     for url in urls:
         try:
-            return await aio_pika.connect(url)
-        except (OSError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            return await aio_pika.connect(url, timeout=timeout_s,
+                                          client_properties={"connection_name": name})
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
             error = exc
     assert error is not None
     raise error

@@ -188,7 +188,7 @@ async def _get_device(settings: Settings, ct: CommunicatorType, iccid: str) -> d
     (or the broker does not answer)."""
     names = Names.from_settings(settings)
     try:
-        connection = await asyncio.wait_for(connect_once(settings.amqp_urls), 5)
+        connection = await connect_once(settings.amqp_urls, timeout_s=5)
     except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError):
         connection = None
     if connection is not None:

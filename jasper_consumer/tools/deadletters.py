@@ -26,11 +26,11 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
+from ..broker import connect_once
 from ..config import Settings
 from ..errors import UnreadableMessage
 from ..events import Job, parse_event
@@ -203,16 +203,14 @@ def read_message(position: int, message: AbstractIncomingMessage, settings: Sett
 
 async def connect(settings: Settings) -> AbstractConnection:
     """A plain connection for a tool; a clear :class:`ToolError` if the broker does not answer."""
-    detail = ""
-    for url in settings.amqp_urls:  # the first node of a cluster that answers
-        try:
-            return await aio_pika.connect(
-                url, timeout=10, client_properties={"connection_name": "jasper-consumer tools"})
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-            password = urlsplit(url).password
-            if password:
-                detail = detail.replace(password, "***")
+    try:
+        return await connect_once(settings.amqp_urls)
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+    for url in settings.amqp_urls:
+        password = urlsplit(url).password
+        if password:
+            detail = detail.replace(password, "***")
     raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
 
 
