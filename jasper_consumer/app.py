@@ -108,7 +108,7 @@ class Service:
         for client in self.clients.values():
             await client.start()
         self._connection = connection = await broker.connect(
-            s.amqp_urls, f"jasper-consumer {s.queue_prefix}", lambda: self._stopping)
+            s.amqp_urls, f"jasper-consumer {s.queue_prefix}")
         self._link = broker.Link(connection, self.metrics.broker_connected)
 
         setup = await connection.channel()

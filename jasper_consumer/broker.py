@@ -67,8 +67,7 @@ class ClusterConnection(RobustConnection):
         return redact_url(str(self._current))
 
 
-async def connect(urls: Sequence[str], name: str,
-                  stopping: Callable[[], bool] = lambda: False) -> AbstractRobustConnection:
+async def connect(urls: Sequence[str], name: str) -> AbstractRobustConnection:
     """Connect to the first node that answers, retrying rounds with back-off until one does."""
     delay = RECONNECT_MIN_S
     while True:
@@ -84,8 +83,6 @@ async def connect(urls: Sequence[str], name: str,
             except (OSError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
                 log.warning("RabbitMQ at %s does not answer (%s)", redact_url(url),
                             type(exc).__name__)
-            if stopping():
-                raise asyncio.CancelledError
         log.warning("no RabbitMQ node answers; trying again in %.0f s", delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_S)
