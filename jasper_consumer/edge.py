@@ -150,11 +150,14 @@ async def settle(
 
 
 async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:
-    if ack:
-        return ACKS.settled(message) or await _ack_now(message)
-    ACKS.forget(message)
+    """Ack (batched when the delivery was registered with :data:`ACKS`) or nack; False
+    when the channel is gone (the broker returns the message by itself)."""
+    if ack and ACKS.settled(message):
+        return True
+    if not ack:
+        ACKS.forget(message)
     try:
-        await message.nack(requeue=True)
+        await (message.ack() if ack else message.nack(requeue=True))
     except Exception as exc:  # stale channel after a reconnect, closed connection
         log.warning(
             "could not %s message on a lost channel; the broker will redeliver it",
@@ -166,17 +169,5 @@ async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:
 
 
 async def ack(message: AbstractIncomingMessage) -> bool:
-    """Ack (batched when the delivery was registered); False when the channel is gone (the
-    broker returns the message by itself)."""
+    """Ack ``message`` (see :func:`_answer`)."""
     return await _answer(message, ack=True)
-
-
-async def _ack_now(message: AbstractIncomingMessage) -> bool:
-    """A message whose delivery was not registered with :data:`ACKS`: ack it at once."""
-    try:
-        await message.ack()
-    except Exception as exc:  # stale channel after a reconnect, closed connection
-        log.warning("could not ack message on a lost channel; the broker will redeliver it",
-                    extra={"fields": {"message_id": message.message_id, "error": repr(exc)}})
-        return False
-    return True
