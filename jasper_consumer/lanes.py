@@ -264,8 +264,7 @@ class Lanes(Generic[M]):
         assert entry.state is State.STARTED, entry
         entry.state = State.DONE
         entry.outcome = outcome
-        stored = intern(Outcome(outcome.result, outcome.sim_status, outcome.error,
-                                outcome.attempts))
+        stored = intern(outcome)
         for member in entry.members:
             self.memory.record(member.job, stored)
 
