@@ -205,8 +205,10 @@ class OwnerCalls:
             await asyncio.sleep(delay)
             try:
                 await self._consume()
-            except Exception as exc:
-                log.debug("still cannot consume %s: %r", self._queue_name, exc)
+            except Exception as exc:  # said at warning level once the wait is at its cap
+                level = logging.WARNING if delay >= CONSUME_RETRY_MAX_S else logging.DEBUG
+                log.log(level, "still cannot consume %s (tools' calls wait): %r",
+                        self._queue_name, exc)
                 delay = min(delay * 2, CONSUME_RETRY_MAX_S)
             else:
                 log.info("consuming %s again", self._queue_name)
@@ -276,9 +278,12 @@ class Replies:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     @classmethod
-    async def open(cls, connection: AbstractConnection) -> Replies:
+    async def open(cls, connection: AbstractConnection, names: Names) -> Replies:
+        """Named ``<prefix>.reply.<random>``, like every queue of the deployment: the broker
+        user's permissions cover ``<prefix>.*`` only (operator guide §10), not ``amq.gen-*``."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        queue = await channel.declare_queue(names.reply_queue(), exclusive=True,
+                                            auto_delete=True)
         replies = cls(channel, queue.name)
         await queue.consume(replies._on_reply, no_ack=True)
         return replies
@@ -360,8 +365,8 @@ class RemoteCalls:
                 await self._wake()
             async with asyncio.timeout(self.timeout_s):
                 reply = await reply_future
-        except TimeoutError:
-            raise JasperRejected(NO_REPLY, (
+        except TimeoutError:  # a lost reply (the owner failed over, say): worth asking again
+            raise JasperRetryable(NO_REPLY, (
                 f"the service process that owns {self.ct.name} did not answer within "
                 f"{self.timeout_s:.0f} s; is it running a version that serves "
                 f"{self.calls_queue}?")) from None

@@ -21,6 +21,7 @@ an existing broker never fails with PRECONDITION_FAILED.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -68,6 +69,10 @@ class Names:
     def parked_queue(self, ct: CommunicatorType) -> str:
         """Jobs of a paused type (also the BCC routing key that reaches it)."""
         return f"{self.prefix}.parked.{ct.slug}"
+
+    def reply_queue(self) -> str:
+        """An operator tool's own reply queue (exclusive; a new name each time)."""
+        return f"{self.prefix}.reply.{uuid.uuid4().hex}"
 
     @property
     def epoch_queue(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -140,3 +141,38 @@ def test_an_error_reply_becomes_the_matching_error(error, kind):
     assert type(err) is kind
     if error:
         assert err.as_dict() == error
+
+
+class _SilentReplies:
+    """A reply queue whose replies never come (the owner failed over meanwhile)."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    async def send(self, routing_key: str, body: dict[str, Any]) -> Any:
+        self.published.append(routing_key)
+        return "cid", asyncio.get_running_loop().create_future()
+
+    async def publish(self, routing_key: str, body: bytes, **_: Any) -> None:
+        self.published.append(routing_key)
+
+    def forget(self, correlation_id: str) -> None:
+        pass
+
+
+async def test_a_reply_that_never_comes_is_worth_asking_again():
+    """A lost reply is a retryable NO_REPLY, so the listing's retries ask again instead of
+    failing the whole type."""
+    from jasper_consumer.calls import NO_REPLY, RemoteCalls
+    from jasper_consumer.topology import Names
+
+    ct = CommunicatorType(name="M2MOne NZ", server_address="http://x/rws/api/v1",
+                          username="u", api_key="k")
+    names = Names("p", "events", "history")
+    remote = RemoteCalls(_SilentReplies(), names, ct)  # type: ignore[arg-type]
+    remote.timeout_s = 0.05
+
+    with pytest.raises(JasperRetryable) as caught:
+        await remote.get_device("89610185002345678901")
+
+    assert caught.value.code == NO_REPLY

@@ -71,20 +71,25 @@ def names() -> tuple[Names, list[str]]:
     config = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "config.yaml").read_text())
     settings = parse_settings(config, {"AMQP_URL": "amqp://u:p@rabbitmq/"})
     assert settings.queue_prefix == "jasper-consumer", "the guide's example uses the default"
-    return Names.from_settings(settings), [Names.from_settings(settings).work_queue(ct)
-                                           for ct in settings.communicator_types]
+    n = Names.from_settings(settings)
+    per_type = [name for ct in settings.communicator_types
+                for name in (n.work_queue(ct), n.parked_queue(ct), n.calls_queue(ct))]
+    return n, per_type
 
 
 def test_documented_permissions_cover_what_the_service_does(names):
-    """The guide's permissions allow every declare, publish, bind and consume the service does."""
-    n, work = names
-    queues = [n.events_queue, *work, n.history_queue, n.dead_queue]
+    """The guide's permissions allow every declare, publish, bind and consume the service
+    and its tools do: parked, calls, router-epoch and the tools' reply queues included."""
+    n, per_type = names
+    reply = n.reply_queue()
+    queues = [n.events_queue, *per_type, n.history_queue, n.dead_queue, n.epoch_queue, reply]
     exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange]
     needs = {
         "configure": [*queues, *exchanges],
         "write": [n.history_exchange, "amq.default", n.dead_exchange, n.events_exchange,
-                  n.events_queue, n.history_queue, n.dead_queue],
-        "read": [n.events_queue, *work, n.dead_queue, *exchanges],
+                  n.events_queue, n.history_queue, n.dead_queue, *per_type, n.epoch_queue,
+                  reply],
+        "read": [n.events_queue, *per_type, n.dead_queue, n.epoch_queue, reply, *exchanges],
     }
     patterns = _permissions()
 

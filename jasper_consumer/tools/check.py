@@ -193,8 +193,13 @@ async def _get_device(settings: Settings, ct: CommunicatorType, iccid: str) -> d
         connection = None
     if connection is not None:
         async with connection:
-            if await work_queue_consumers(connection, names, ct):
-                replies = await Replies.open(connection)
+            try:
+                owned = await work_queue_consumers(connection, names, ct)
+                replies = await Replies.open(connection, names) if owned else None
+            except aiormq.exceptions.AMQPError as exc:  # refused (permissions), queue gone
+                raise ToolError(f"cannot ask the service for {ct.name}'s SIM: "
+                                f"{type(exc).__name__}: {exc}") from None
+            if replies is not None:
                 try:
                     return await RemoteCalls(replies, names, ct).get_device(iccid)
                 finally:

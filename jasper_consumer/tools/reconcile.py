@@ -174,7 +174,7 @@ async def _open_calls(settings: Settings, types: Sequence[CommunicatorType],
     for ct in types:
         if await work_queue_consumers(connection, names, ct):
             if replies is None:
-                replies = await Replies.open(connection)
+                replies = await Replies.open(connection, names)
                 stack.push_async_callback(replies.close)
             calls[ct.name] = RemoteCalls(replies, names, ct)
             windows[ct.name] = REMOTE_WINDOW
