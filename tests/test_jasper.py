@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -41,7 +42,7 @@ from jasper_consumer.jasper.answers import (
 )
 from jasper_consumer.jasper.client import USER_AGENT, JasperClient
 from jasper_consumer.jasper.limiter import Limiter
-from jasper_consumer.jasper.retry import change_status
+from jasper_consumer.jasper.retry import RetryLog, change_status
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.outcomes import ErrorInfo, Outcome
 from jasper_consumer.pause import Pause, PauseRules
@@ -126,7 +127,8 @@ async def apply(client: JasperClient, *, retry: RetrySettings = RETRY,
     metrics = client._metrics
     pause = pause or gate(client, metrics)
     try:
-        return await change_status(client, ICCID, Command.ACTIVATE, retry, pause)
+        return await change_status(client, ICCID, Command.ACTIVATE, retry, pause,
+                                   on_retry=RetryLog("M2MOne NZ", metrics))
     finally:
         await pause.stop()
 
@@ -278,6 +280,7 @@ async def test_retries_then_succeeds(
     assert result == Outcome.succeeded("ACTIVATED", 3)
     ct = "M2MOne NZ"
     labels = {"communicator_type": ct}
+    assert sample(metrics, "jasper_retries_total", **labels, reason="server_error") == 2
     assert sample(metrics, "jasper_api_errors_total", **labels, code="30000001") == 1
     assert sample(metrics, "jasper_api_errors_total", **labels,
                   code=errors.UNEXPECTED_RESPONSE) == 1
@@ -314,6 +317,8 @@ async def test_retries_exhausted_carries_last_error(
         errors.RETRIES_EXHAUSTED, 3, 429, True)
     assert "Rate limit exceeded (40000029)" in err.message
     assert outcome.exhausted
+    assert sample(metrics, "jasper_retries_total", communicator_type="M2MOne NZ",
+                  reason="rate_limited") == 2
 
 
 async def test_retries_stop_at_max_elapsed(metrics: Metrics, http: aioresponses) -> None:
@@ -342,6 +347,8 @@ async def test_timeouts_are_unreachable_then_exhausted(
     assert "timed out after 10.0 s waiting for restapi1.jasper.com (JASPER_UNREACHABLE)" \
         in outcome.error.message
     assert outcome.attempts == 3
+    assert sample(metrics, "jasper_retries_total", communicator_type="M2MOne NZ",
+                  reason="timeout") == 2
 
 
 async def test_connection_refused_is_unreachable(metrics: Metrics) -> None:
@@ -356,6 +363,8 @@ async def test_connection_refused_is_unreachable(metrics: Metrics) -> None:
 
     assert outcome.error is not None
     assert f"connection refused by 127.0.0.1:{port}" in outcome.error.message
+    assert sample(metrics, "jasper_retries_total", communicator_type="M2MOne NZ",
+                  reason="unreachable") == 2
 
 
 async def test_html_502_is_retryable_unexpected_response(
@@ -745,16 +754,20 @@ async def test_paused_type_makes_no_call(
     assert (await apply(client, pause=pause)).attempts == 1
 
 
-async def test_requests_name_the_sending_process(
-    client: JasperClient, http: aioresponses
-) -> None:
-    """Every request carries a User-Agent naming the version, host and process."""
-    http.get(f"{BASE}/echo/jasper-consumer", payload={"context": "jasper-consumer"})
+async def test_requests_name_the_sending_process(metrics: Metrics) -> None:
+    """Every request reaches Control Center with a User-Agent naming version, host and pid."""
+    sim = Simulator()
+    sim.add_account("u", KEY)
+    base = await sim.start()
+    try:
+        async with JasperClient(make_ct(server_address=base), metrics) as jasper:
+            await jasper.echo()
+    finally:
+        await sim.stop()
 
-    await client.echo()
-
+    assert [r.user_agent for r in sim.requests] == [USER_AGENT]
     assert USER_AGENT.startswith("jasper-consumer/")
-    assert " pid " in USER_AGENT
+    assert f" pid {os.getpid()})" in USER_AGENT
 
 
 async def test_limiter_abort_releases_waiters() -> None:

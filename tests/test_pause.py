@@ -206,12 +206,16 @@ async def test_stop_ends_probing_and_forgets_the_pause(metrics: Metrics):
 
     account = Account(*[WRONG_KEY] * 100)
     pause = Pause("T", metrics, echo=account.echo, on_pause=nothing, on_resume=nothing)
+    pause.rules.floor_s = 0.01  # probes every 10-20 ms while it runs
     with pytest.raises(TypePaused):
         await pause.observe(WRONG_KEY)
+    async with asyncio.timeout(2):
+        while account.echoes < 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
 
     await pause.stop()
     echoes = account.echoes
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # several probe intervals
 
     assert account.echoes == echoes
     assert pause.error is None

@@ -105,12 +105,14 @@ class Client:
         self.limiter = Limiter(1, 1000)
         self.answers = list(answers)
         self.calls: list[tuple[str, Command]] = []
+        self.called_at: list[float] = []  # loop time of each call, at the call
 
     async def put_status(self, iccid: str, command: Command, *, admit: Any = None) -> str:
         async with self.limiter:
             if admit is not None:
                 admit()
             self.calls.append((iccid, command))
+            self.called_at.append(asyncio.get_running_loop().time())
             answer = self.answers.pop(0) if self.answers else None
             if answer is not None:
                 raise answer
@@ -195,35 +197,41 @@ async def test_jobs_of_a_paused_type_are_parked_with_their_delayed_signal(settin
     await worker.stop(1)
 
 
+def slower(settings: Settings, timeout_s: float) -> Settings:
+    """The same settings with another request timeout (the new owner's wait)."""
+    ct = settings.communicator_types[0].model_copy(update={"request_timeout_seconds": timeout_s})
+    return settings.model_copy(update={"communicator_types": [ct]})
+
+
 async def test_a_new_owner_waits_before_its_first_call(settings: Settings):
     """The first delivery on a new channel holds calls back one interval plus the request
     timeout (the previous owner's last request may still be open)."""
+    settings = slower(settings, 0.2)
     client = Client(settings)
     worker, queue, _ = make(settings, client)
     await worker.start()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = asyncio.get_running_loop().time()
 
     await queue.callback(Message(job(1), "channel-1"))
     await until(lambda: bool(client.calls))
 
-    assert loop.time() - started >= settings.communicator_types[0].request_timeout_seconds
+    assert client.called_at[0] - started >= 0.2
     await worker.stop(1)
 
 
 async def test_losing_the_channel_stops_every_call(settings: Settings):
-    """When the work queue's channel closes, jobs waiting here are dropped (the broker
-    returns them) and no call starts any more."""
+    """When the work queue's channel closes during the new owner's wait, the job waiting
+    here is dropped (the broker returns it) and no call starts, also after the wait."""
+    settings = slower(settings, 0.1)
     client = Client(settings)
     worker, queue, history = make(settings, client)
     await worker.start()
-    client.limiter.hold_off(3600)  # nothing starts yet
     await queue.callback(Message(job(1), "channel-1"))
     await asyncio.sleep(0.01)
 
     for callback in queue.channel.close_callbacks:
         callback(None)
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # well past the 0.1 s wait
 
     assert client.calls == []
     assert len(worker.lanes) == 0

@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.app import Service
-from jasper_consumer.calls import TOKEN_HEADER, reply_message, serve_call
+from jasper_consumer.calls import TOKEN_HEADER, OwnerCalls
 from jasper_consumer.cli import run_tool
 from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.jasper import JasperClient
@@ -311,28 +311,39 @@ async def test_with_an_owner_the_calls_go_through_it(env: Env) -> None:
     topology = await declare(channel, env.settings)
     served: list[dict[str, Any]] = []
     tokens: list[AbstractIncomingMessage] = []
-    clients = {ct.name: JasperClient(ct, Metrics(CollectorRegistry()))
+
+    class Recording(JasperClient):
+        """The owner's client: records the calls the service's OwnerCalls makes for tools."""
+
+        async def search_devices(self, page_number: int, **kwargs: Any) -> dict[str, Any]:
+            served.append({"op": "search_devices", "page_number": page_number})
+            return await super().search_devices(page_number, **kwargs)
+
+        async def get_device(self, iccid: str) -> dict[str, Any]:
+            served.append({"op": "get_device", "iccid": iccid})
+            return await super().get_device(iccid)
+
+    clients = {ct.name: Recording(ct, Metrics(CollectorRegistry()))
                for ct in env.settings.communicator_types}
 
-    def owner(name: str) -> Any:
-        async def on_call(message: AbstractIncomingMessage) -> None:
-            served.append(json.loads(message.body))
-            reply = await serve_call(clients[name], message.body)
-            await channel.default_exchange.publish(
-                reply_message(reply, message.correlation_id), routing_key=message.reply_to or "")
-            await message.ack()
-        return on_call
+    async def open_channel() -> Any:
+        return await env.connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def on_work(message: AbstractIncomingMessage) -> None:
         tokens.append(message)
         await message.ack()
 
-    for ct in env.settings.communicator_types:
+    names = Names.from_settings(env.settings)
+    owners = [OwnerCalls(clients[ct.name], names.calls_queue(ct), open_channel)
+              for ct in env.settings.communicator_types]
+    for ct, owner in zip(env.settings.communicator_types, owners, strict=True):
         await topology.work_queues[ct.name].consume(on_work)
-        await topology.calls_queues[ct.name].consume(owner(ct.name))
+        await owner.start()
     try:
         status, out, err = await env.reconcile(fix=True, yes=True)
     finally:
+        for owner in owners:
+            await owner.stop()
         await channel.close()
         for client in clients.values():
             await client.close()

@@ -219,8 +219,12 @@ async def test_hole2_prefetch_stays_bounded_through_pause_and_resume(harness: Ha
         await sample("resume")
 
     def worst(phase: str) -> tuple[int, int]:
-        return (max((max(p, default=0) for p, _ in samples[phase]), default=0),
-                max((u for _, u in samples[phase]), default=0))
+        # Every sample must show the work queue consumed, with a bounded prefetch
+        # (0 would mean unlimited in AMQP): no consumer at all is no proof.
+        assert samples[phase], (phase, samples)
+        assert all(p and all(0 < x <= 64 for x in p) for p, _ in samples[phase]), samples
+        return (max(max(p) for p, _ in samples[phase]),
+                max(u for _, u in samples[phase]))
 
     (p_pause, u_pause), (p_resume, u_resume) = worst("pause"), worst("resume")
     line = (f"hole 2: prefetch 64, 500 waiting: during the pause consumer prefetch up to "
@@ -469,6 +473,8 @@ async def test_hole8_two_replicas_one_delayed_each_and_one_prober(harness: Harne
     print(line)
     assert not multi, line
     assert not not_succeeded, line
+    assert told_apart, f"the probes' user agents name no process: {agents}"
+    assert all(echo_pid(a) is not None for a in agents), agents
     assert not interleaved, line
     assert not from_dead, line
     assert survivor.alive, line
