@@ -54,14 +54,13 @@ from .errors import (
     JasperRetryable,
 )
 from .jasper import JasperClient
-from .topology import CALLS_TTL_MS, Names
+from .topology import CALLS_TTL_MS, TOKEN_HEADER, Names
 
 log = logging.getLogger(__name__)
 
 CONSUME_RETRY_MIN_S = 1.0
 CONSUME_RETRY_MAX_S = 30.0
 
-TOKEN_HEADER = "x-jasper-token"
 WAKE = "wake"
 INVALID_REQUEST = "INVALID_REQUEST"  # the request is not one of the two shapes above
 CALL_FAILED = "CALL_FAILED"  # the owner could not make the call (not Control Center's answer)

@@ -44,11 +44,10 @@ from .lanes import Lanes, identity
 from .outcomes import ErrorInfo
 from .pause import Pause
 from .signals import Kind
-from .topology import Names
+from .topology import TOKEN_HEADER, Names
 
 log = logging.getLogger(__name__)
 
-TOKEN_HEADER = "x-jasper-token"  # a token on a work queue: "anchor" (the owner's) or "wake"
 STAMP_HEADER = "x-jasper-stamp"
 OCCURRED_HEADER = "x-jasper-occurred-at"
 REPLAYED_HEADER = "x-jasper-job-replayed"

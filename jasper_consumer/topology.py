@@ -33,6 +33,9 @@ from .config import CommunicatorType, Settings
 from .errors import ConfigError
 
 DEAD_REASON_HEADER = "x-jasper-error"
+# A token on a work queue, not a job: "anchor" (held by the owner while jobs are parked) or
+# "wake" (an operator tool's, so that an idle owner learns it is the owner).
+TOKEN_HEADER = "x-jasper-token"
 # Set by `dead-letters replay` (value: the dead letter's reason); the router marks the
 # job replayed, so the worker applies it even though it has seen the event before.
 REPLAYED_HEADER = "x-jasper-replayed-from"

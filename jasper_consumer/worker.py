@@ -37,9 +37,9 @@ from .jasper.retry import RetryLog, change_status
 from .lanes import Entry, Immediate, Lanes, Member, Memory
 from .metrics import Metrics
 from .outcomes import ErrorInfo, Outcome
-from .parking import TOKEN_HEADER, Delivery, Parker, Parking
+from .parking import Delivery, Parker, Parking
 from .pause import Pause
-from .topology import Names
+from .topology import TOKEN_HEADER, Names
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,8 @@ async def ping(settings: Settings, out: TextIO) -> int:
 # --- sim-status ---------------------------------------------------------------------------
 
 
-def _communicator(settings: Settings, name: str) -> CommunicatorType:
+def communicator(settings: Settings, name: str) -> CommunicatorType:
+    """The configured type called ``name``, or a ToolError naming the configured ones."""
     ct = settings.communicator(name)
     if ct is None:
         known = ", ".join(repr(c.name) for c in settings.communicator_types)
@@ -212,7 +213,7 @@ async def sim_status(
     settings: Settings, communicator_type: str, ref_no: str, out: TextIO, *, as_json: bool = False
 ) -> int:
     """Print a SIM's details from Get Device Details (one call, no retry)."""
-    ct = _communicator(settings, communicator_type)
+    ct = communicator(settings, communicator_type)
     try:
         iccid = normalise_iccid(ref_no)
     except EventRejected as exc:

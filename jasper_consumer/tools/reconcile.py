@@ -39,6 +39,7 @@ from ..jasper import JasperClient
 from ..metrics import Metrics
 from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
+from .check import communicator
 from .clientlist import ClientList, read_clients
 from .deadletters import connect
 from .fixes import EventPublisher, FixSummary, apply, plan, plan_table, print_fixes
@@ -104,11 +105,7 @@ async def run(settings: Settings, options: Options, out: TextIO, err: TextIO, *,
 def _types(settings: Settings, only: str | None) -> list[CommunicatorType]:
     if only is None:
         return list(settings.communicator_types)
-    ct = settings.communicator(only)
-    if ct is None:
-        known = ", ".join(repr(c.name) for c in settings.communicator_types)
-        raise ToolError(f"communicator type {only!r} is not configured (configured: {known})")
-    return [ct]
+    return [communicator(settings, only)]
 
 
 async def _run(settings: Settings, options: Options, out: TextIO, err: TextIO,

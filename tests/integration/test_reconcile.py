@@ -25,14 +25,14 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.app import Service
-from jasper_consumer.calls import TOKEN_HEADER, OwnerCalls
+from jasper_consumer.calls import OwnerCalls
 from jasper_consumer.cli import run_tool
 from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
 from jasper_consumer.tools import demo_reconcile, reconcile
-from jasper_consumer.topology import Names, declare
+from jasper_consumer.topology import TOKEN_HEADER, Names, declare
 
 from .conftest import AMQP_URL, Broker, make_event, raw_config, remove_topology
 
