@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
 from .config import CommunicatorType, Settings
@@ -179,14 +179,26 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
     return Topology(names, events_x, history_x, dead_x, events_q, work, calls)
 
 
+def all_queues(settings: Settings) -> list[str]:
+    """Every queue :func:`declare` declares for ``settings``."""
+    names = Names.from_settings(settings)
+    queues = [names.events_queue, names.history_queue, names.dead_queue, names.epoch_queue]
+    for ct in settings.communicator_types:
+        queues += [names.work_queue(ct), names.parked_queue(ct), names.calls_queue(ct)]
+    return queues
+
+
 async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
     """Remove every queue and the dead-letter exchange (tests and teardown only)."""
-    names = Names.from_settings(settings)
-    queues = [names.events_queue, names.history_queue, names.dead_queue]
-    queues += [names.work_queue(ct) for ct in settings.communicator_types]
-    queues += [names.parked_queue(ct) for ct in settings.communicator_types]
-    queues.append(names.epoch_queue)
-    queues += [names.calls_queue(ct) for ct in settings.communicator_types]
-    for q in queues:
+    for q in all_queues(settings):
         await channel.queue_delete(q)
-    await channel.exchange_delete(names.dead_exchange)
+    await channel.exchange_delete(Names.from_settings(settings).dead_exchange)
+
+
+async def remove_topology(connection: AbstractConnection, settings: Settings) -> None:
+    """Remove every queue and exchange of ``settings`` (tests, demos, teardown only)."""
+    channel = await connection.channel()
+    await delete_all(channel, settings)
+    await channel.exchange_delete(settings.events_exchange)
+    await channel.exchange_delete(settings.history_exchange)
+    await channel.close()

@@ -41,7 +41,7 @@ from ..app import Service
 from ..config import Settings, parse_settings, redact_url
 from ..metrics import Metrics
 from ..simulator import Simulator
-from ..topology import Names, delete_all
+from ..topology import Names, remove_topology
 from .tables import render_table
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -195,15 +195,6 @@ def table(signals: Sequence[dict[str, Any]]) -> str:
         rows.append([event, s.get("client_id") or "-", s.get("iccid") or "-",
                      s.get("outcome", "-"), error.get("code", "-"), s.get("text", "")])
     return render_table(["EVENT", "CLIENT", "ICCID", "OUTCOME", "CODE", "TEXT"], rows)
-
-
-async def remove_topology(connection: aio_pika.abc.AbstractConnection,
-                           settings: Settings) -> None:
-    channel = await connection.channel()
-    await delete_all(channel, settings)
-    await channel.exchange_delete(settings.events_exchange)
-    await channel.exchange_delete(settings.history_exchange)
-    await channel.close()
 
 
 async def run_demo(out: TextIO, amqp_url: str = AMQP_URL) -> tuple[list[str], list[dict[str, Any]]]:

@@ -40,9 +40,9 @@ from ..app import Service
 from ..config import Settings, parse_settings, redact_url
 from ..metrics import Metrics
 from ..simulator import Simulator
-from ..topology import Names, declare
+from ..topology import Names, declare, remove_topology
 from . import reconcile
-from .demo import AMQP_URL, DemoFailed, SignalLog, remove_topology, table
+from .demo import AMQP_URL, DemoFailed, SignalLog, table
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 TOTAL_TIMEOUT_S = 60.0

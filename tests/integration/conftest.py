@@ -21,7 +21,7 @@ from jasper_consumer.app import Service
 from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
-from jasper_consumer.topology import DEAD_REASON_HEADER, Names, delete_all
+from jasper_consumer.topology import DEAD_REASON_HEADER, Names, remove_topology
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 WAIT_S = 20.0
@@ -151,15 +151,6 @@ def raw_config(tag: str, types: list[dict[str, Any]], **overrides: Any) -> dict[
         "shutdown_grace_seconds": 5,
         **overrides,
     }
-
-
-async def remove_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
-    """Delete every queue and exchange a test's service declared."""
-    cleanup = await connection.channel()
-    await delete_all(cleanup, settings)
-    await cleanup.exchange_delete(settings.events_exchange)
-    await cleanup.exchange_delete(settings.history_exchange)
-    await cleanup.close()
 
 
 @pytest.fixture

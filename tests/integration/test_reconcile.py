@@ -32,9 +32,9 @@ from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
 from jasper_consumer.tools import demo_reconcile, reconcile
-from jasper_consumer.topology import TOKEN_HEADER, Names, declare
+from jasper_consumer.topology import TOKEN_HEADER, Names, declare, remove_topology
 
-from .conftest import AMQP_URL, Broker, make_event, raw_config, remove_topology
+from .conftest import AMQP_URL, Broker, make_event, raw_config
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 TYPES = ((NZ, "nz", 1), (AU, "au", 2))  # name, account, digit in its ICCIDs

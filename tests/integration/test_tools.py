@@ -30,8 +30,9 @@ from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
 from jasper_consumer.tools import demo, replay
 from jasper_consumer.tools.deadletters import DeadLetter
+from jasper_consumer.topology import remove_topology
 
-from .conftest import AMQP_URL, Broker, iccid, make_event, raw_config, remove_topology
+from .conftest import AMQP_URL, Broker, iccid, make_event, raw_config
 
 
 class ToolsBroker(Broker):

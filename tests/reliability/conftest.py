@@ -28,7 +28,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from jasper_consumer.config import slugify
+from jasper_consumer.config import parse_settings, slugify
+from jasper_consumer.topology import remove_topology
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -480,15 +481,8 @@ class Harness:
             proc.close()
         if self.sim is not None:
             self.sim.proc.close()
-        channel = await self.connection.channel()
-        names = ["events", "history", "dead", "router-epoch"] + [
-            f"{role}.{slugify(t['name'])}" for t in self.config.get("communicator_types", [])
-            for role in ("work", "parked", "calls")]
-        for n in names:
-            await channel.queue_delete(f"{self.tag}.{n}")
-        for x in ("events", "history", "dlx"):
-            await channel.exchange_delete(f"{self.tag}.{x}")
-        await channel.close()
+        if self.config:
+            await remove_topology(self.connection, parse_settings(self.config, {}))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
