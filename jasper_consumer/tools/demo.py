@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -247,20 +247,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         jlog.configure("INFO")
     else:
         logging.getLogger().addHandler(logging.NullHandler())
+    problems = play(_problems(run_demo(sys.stdout, args.amqp_url)), args.amqp_url,
+                    TOTAL_TIMEOUT_S)
+    return 1 if problems is None or problems else 0
+
+
+async def _problems(demo: Awaitable[tuple[list[str], Any]]) -> list[str]:
+    return (await demo)[0]
+
+
+def play(demo: Coroutine[Any, Any, list[str]], amqp_url: str,
+         timeout_s: float) -> list[str] | None:
+    """Run a demo to its end (at most ``timeout_s``) and print what went unexpectedly; None
+    (said on stderr) when it could not run at all (RabbitMQ away, a step failed, too slow)."""
     try:
-        problems, _ = asyncio.run(run_demo(sys.stdout, args.amqp_url))
+        problems = asyncio.run(asyncio.wait_for(demo, timeout_s))
     except (DemoFailed, TimeoutError) as exc:
-        print(f"\ndemo failed: {exc or 'it took longer than ' + str(TOTAL_TIMEOUT_S) + ' s'}",
+        print(f"\ndemo failed: {exc or f'it took longer than {timeout_s:g} s'}",
               file=sys.stderr)
-        return 1
+        return None
     except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-        print(f"\ndemo failed: cannot reach RabbitMQ at {redact_url(args.amqp_url)}: {exc!r}",
+        print(f"\ndemo failed: cannot reach RabbitMQ at {redact_url(amqp_url)}: {exc!r}",
               file=sys.stderr)
-        return 1
+        return None
     for problem in problems:
         print(f"unexpected: {problem}", file=sys.stderr)
-    return 1 if problems else 0
-
+    return problems
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,12 +37,12 @@ import aio_pika
 from prometheus_client import CollectorRegistry
 
 from ..app import Service
-from ..config import Settings, parse_settings, redact_url
+from ..config import Settings, parse_settings
 from ..metrics import Metrics
 from ..simulator import Simulator
 from ..topology import Names, declare, remove_topology
 from . import reconcile
-from .demo import AMQP_URL, DemoFailed, SignalLog, table
+from .demo import AMQP_URL, SignalLog, play, table
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 TOTAL_TIMEOUT_S = 60.0
@@ -168,23 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addHandler(logging.NullHandler())
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        problems = asyncio.run(asyncio.wait_for(run_demo(sys.stdout, args.amqp_url),
-                                                TOTAL_TIMEOUT_S))
-    except (DemoFailed, TimeoutError) as exc:
-        print(f"\ndemo failed: {exc or 'it took longer than ' + str(TOTAL_TIMEOUT_S) + ' s'}",
-              file=sys.stderr)
+    problems = play(run_demo(sys.stdout, args.amqp_url), args.amqp_url, TOTAL_TIMEOUT_S)
+    if problems is None:
         return 1
-    except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-        print(f"\ndemo failed: cannot reach RabbitMQ at {redact_url(args.amqp_url)}: {exc!r}",
-              file=sys.stderr)
-        return 1
-    for problem in problems:
-        print(f"unexpected: {problem}", file=sys.stderr)
     print("\ndemo-reconcile: " + ("every step ended as expected" if not problems
                                   else "something went differently"), file=sys.stderr)
     return 1 if problems else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
