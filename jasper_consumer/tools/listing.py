@@ -11,7 +11,6 @@ tool's own client when no service runs.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from .. import errors
 from ..calls import AccountCalls
 from ..config import CommunicatorType, RetrySettings
 from ..errors import JasperError, JasperRejected, RetriesExhausted
-from ..jasper.answers import retry_wait
+from ..jasper.answers import backoff_waits
 from .progress import Progress
 
 PAGE_SIZE = 50
@@ -67,23 +66,25 @@ def _checked(page: Mapping[str, Any], number: int) -> tuple[list[tuple[str, str]
 
 
 async def retrying(call: Callable[[], Awaitable[T]], retry: RetrySettings) -> T:
-    """``call()``, tried again after transient errors within the ``retry`` budget."""
+    """``call()``, tried again after transient errors within the ``retry`` budget, with the
+    service's own back-off (:func:`~..jasper.answers.backoff_waits`: full jitter, at least
+    ``Retry-After``), bounded by attempts and by time, waits included."""
     started = time.monotonic()
+    waits = backoff_waits(retry.initial_delay_seconds, retry.max_delay_seconds)
+    next(waits)
     attempt = 0
     while True:
         attempt += 1
         try:
             return await call()
         except JasperError as err:
-            elapsed = time.monotonic() - started
             if not err.retryable or err.pauses_type:
                 raise
-            if attempt >= retry.max_attempts or elapsed >= retry.max_elapsed_seconds:
+            elapsed = time.monotonic() - started
+            wait = waits.send(err)
+            if attempt >= retry.max_attempts or elapsed + wait > retry.max_elapsed_seconds:
                 raise RetriesExhausted(err, attempt, elapsed) from None
-            cap = min(retry.max_delay_seconds, retry.initial_delay_seconds * 2 ** (attempt - 1))
-            await asyncio.sleep(retry_wait(random.uniform(0, cap),
-                                           getattr(err, "retry_after_s", None),
-                                           retry.max_delay_seconds))
+            await asyncio.sleep(wait)
 
 
 async def fetch_page(calls: AccountCalls, number: int,
