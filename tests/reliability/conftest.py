@@ -501,3 +501,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         finally:
             await h.cleanup()
             await connection.close()
+
+
+def caller_pid(user_agent: str | None) -> int | None:
+    """The pid in the service's ``jasper-consumer/<version> (<host> pid <pid>)``."""
+    match = re.search(r"\bpid (\d+)\)", user_agent or "")
+    return int(match.group(1)) if match else None

@@ -11,13 +11,12 @@ process (``jasper-consumer/<version> (<host> pid <pid>)``).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from typing import Any
 
 import pytest
 
-from .conftest import Harness, iccid, make_event, publish_paced, type_, wait_until
+from .conftest import Harness, caller_pid, iccid, make_event, publish_paced, type_, wait_until
 
 TYPES = "ab"
 EVENTS = 300
@@ -28,12 +27,6 @@ MAX_CONCURRENCY = 1
 REQUESTS_PER_SECOND = 20.0
 REQUEST_TIMEOUT_S = 1.0
 SLOW_CALL_S = 0.2  # every 10th SIM answers this late, so calls are in flight at the kill
-
-
-def caller_pid(user_agent: str | None) -> int | None:
-    """The pid in ``jasper-consumer/<version> (<host> pid <pid>)``."""
-    match = re.search(r"\bpid (\d+)\)", user_agent or "")
-    return int(match.group(1)) if match else None
 
 
 def calls_by_pid(records: list[dict[str, Any]], account: str) -> dict[int | None, list[Any]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import re
 import time
 import uuid
 from typing import Any
@@ -25,6 +24,7 @@ from .conftest import (
     Proc,
     Simulator,
     active_consumer_pid,
+    caller_pid,
     consumer_prefetches,
     first_answer,
     iccid,
@@ -401,12 +401,6 @@ async def test_hole5_every_message_is_settled(harness: Harness):
 # -- hole 8 --------------------------------------------------------------------------------
 
 
-def echo_pid(user_agent: str | None) -> int | None:
-    """The pid in the rebuild's ``jasper-consumer/<version> (<host> pid <pid>)``."""
-    match = re.search(r"\bpid (\d+)", user_agent or "")
-    return int(match.group(1)) if match else None
-
-
 @pytest.mark.timeout(600)
 async def test_hole8_two_replicas_one_delayed_each_and_one_prober(harness: Harness):
     """With two replicas and a kill -9, no event gets two delayed signals and one process probes.
@@ -461,8 +455,8 @@ async def test_hole8_two_replicas_one_delayed_each_and_one_prober(harness: Harne
     runs = [agent for agent, _ in itertools.groupby(agents)]
     interleaved = len(runs) != len(set(runs))
     from_dead = [r for r in echoes
-                 if r["started"] > killed_at and echo_pid(r["user_agent"]) == victim.popen.pid]
-    told_apart = any(echo_pid(a) is not None for a in agents)
+                 if r["started"] > killed_at and caller_pid(r["user_agent"]) == victim.popen.pid]
+    told_apart = any(caller_pid(a) is not None for a in agents)
     line = (f"hole 8: 2 replicas, 60 events at 1/s, killed pid {victim.popen.pid} "
             f"(up metric before: {up}): {len(ids) - len(not_succeeded)} of 60 succeeded, "
             f"{len(multi)} with more than one delayed signal (max "
@@ -474,7 +468,7 @@ async def test_hole8_two_replicas_one_delayed_each_and_one_prober(harness: Harne
     assert not multi, line
     assert not not_succeeded, line
     assert told_apart, f"the probes' user agents name no process: {agents}"
-    assert all(echo_pid(a) is not None for a in agents), agents
+    assert all(caller_pid(a) is not None for a in agents), agents
     assert not interleaved, line
     assert not from_dead, line
     assert survivor.alive, line
