@@ -108,7 +108,7 @@ def explain(err: JasperError) -> str:
     return f"{text} — {advice}" if advice else text
 
 
-def _client(ct: CommunicatorType, settings: Settings) -> JasperClient:
+def _client(ct: CommunicatorType) -> JasperClient:
     return JasperClient(ct, Metrics(CollectorRegistry()))
 
 
@@ -135,7 +135,7 @@ async def ping_one(ct: CommunicatorType, settings: Settings) -> PingResult:
     started = time.perf_counter()
     problem: str | None = None
     try:
-        async with _client(ct, settings) as client:
+        async with _client(ct) as client:
             await client.echo()
     except JasperError as err:
         problem = explain(err)
@@ -205,7 +205,7 @@ async def _get_device(settings: Settings, ct: CommunicatorType, iccid: str) -> d
                     return await RemoteCalls(replies, names, ct).get_device(iccid)
                 finally:
                     await replies.close()
-    async with _client(ct, settings) as client:
+    async with _client(ct) as client:
         return await client.get_device(iccid)
 
 

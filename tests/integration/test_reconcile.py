@@ -1,9 +1,9 @@
 """``reconcile`` against the real broker and the simulator over real sockets (SPEC §8, §6).
 
 Two communicator types of 1,200 SIMs each (24 pages each) with every kind of mismatch,
-linked areas sharing SIMs, a bad row and a row of a type not in the config. Until the
-worker serves tools' calls, reconcile runs with no service consuming the work queues
-(direct calls), and one test stands in for the owning process with ``serve_call``.
+linked areas sharing SIMs, a bad row and a row of a type not in the config. Most tests
+run reconcile with no service consuming the work queues (direct calls); one runs the
+service's ``OwnerCalls`` as the owning process, one the whole service beside a backlog.
 """
 
 from __future__ import annotations

@@ -211,13 +211,12 @@ def iccid(n: int) -> str:
 
 def job_body(event_id: str, sim: str, command: str, stamp: int,
              communicator_type: str = "Type A") -> dict[str, Any]:
-    """A work-queue job as the router writes it, stamped ``stamp``: under both the
-    current name (``routed_ns``) and the rebuild's (``stamp``); each ignores the other."""
+    """A work-queue job as the router writes it, stamped ``stamp``."""
     return {
         "event_id": event_id, "event_code": 65516 if command == "activate" else 65517,
         "client_id": f"c-{sim[-6:]}", "command": command, "iccid": sim,
         "communicator_type": communicator_type, "occurred_at": "2026-11-25T10:15:00Z",
-        "routed_ns": stamp, "stamp": stamp,
+        "stamp": stamp,
     }
 
 

@@ -1,5 +1,5 @@
 """The holes of issue 9, end to end: each test drives the real service (a subprocess)
-through the real broker and the simulator, and fails while its hole is open.
+through the real broker and the simulator; each failed on the code before the rebuild.
 
 Every type here has ``request_timeout_seconds: 2``: a process that becomes a type's owner
 waits one ``1 / requests_per_second`` plus the request timeout before its first call
@@ -405,16 +405,12 @@ async def test_hole5_every_message_is_settled(harness: Harness):
 async def test_hole8_two_replicas_one_delayed_each_and_one_prober(harness: Harness):
     """With two replicas and a kill -9, no event gets two delayed signals and one process probes.
 
-    Two replicas, 60 events at 1 call/s, a wrong key, hand-backs every 3 s, then a kill -9
-    of the active one: after the fix all 60 succeed, none has more than one delayed
-    signal, and Echo probes come from one process at a time, none from the killed one
-    after its death.
-
-    The probes are told apart by their User-Agent (the rebuild sends
-    ``jasper-consumer/<version> (<host> pid <pid>)``). The current code sends aiohttp's
-    default from both processes, so that part cannot tell them apart today: what fails
-    today is the count of delayed signals (a hand-back gives every held event a second
-    one from the standby).
+    Two replicas, 60 events at 1 call/s, a wrong key, the anchor renewed every 3 s, then a
+    kill -9 of the active one: after the fix all 60 succeed, none has more than one
+    delayed signal, and Echo probes come from one process at a time, none from the killed
+    one after its death. The probes are told apart by their User-Agent
+    (``jasper-consumer/<version> (<host> pid <pid>)``). Before the rebuild a hand-back gave
+    every held event a second delayed signal, from the standby.
     """
     sim = await harness.setup([type_a()], account_keys=WRONG_ACCOUNT, hold_refresh_seconds=3)
     replicas = [await harness.start_service(), await harness.start_service()]
