@@ -14,12 +14,13 @@ broker (aio-pika can lose one silently across reconnects) and registers a lost o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import aio_pika
-from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractQueue, AbstractRobustConnection
 from aio_pika.robust_connection import RobustConnection
 from prometheus_client import Gauge
 from yarl import URL
@@ -211,3 +212,13 @@ async def _restart(consumer: Consumer) -> None:
             log.debug("cancel of a vanished consumer failed: %r", exc)
     await consumer.start()
 
+
+async def publish_event(exchange: AbstractExchange, event: dict[str, Any]) -> None:
+    """Publish ``event`` as a producer does (persistent JSON, ``message_id`` = event id,
+    routing key ``event.<code>``); returns once the broker confirms it, where the channel
+    has confirms."""
+    await exchange.publish(
+        aio_pika.Message(json.dumps(event).encode(), content_type="application/json",
+                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                         message_id=event["event_id"]),
+        routing_key=f"event.{event['event_code']}")

@@ -10,19 +10,19 @@ import logging
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import aio_pika
 
 from . import log as jlog
 from . import tools
-from .broker import connect_once
+from .broker import connect_once, publish_event
 from .config import Command, Settings, load_settings
 from .errors import ConfigError
+from .events import new_event
 from .tools import ToolError, check, deadletters, reconcile, replay
 from .topology import Names
 
@@ -263,16 +263,9 @@ def _first_ctrl_c_sets(stop: asyncio.Event) -> Iterator[None]:
 
 async def _publish(args: argparse.Namespace) -> int:
     settings = _load(args.config)
-    event_id = args.event_id or str(uuid.uuid4())
-    event: dict[str, Any] = {
-        "event_id": event_id,
-        "event_code": args.event,
-        "client_id": args.client_id,
-        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "device": {"ref_no": args.iccid, "communicator_type": args.communicator_type},
-    }
-    if args.command:
-        event["command"] = args.command
+    event = new_event(args.event, args.client_id, args.iccid, args.communicator_type,
+                      command=args.command, event_id=args.event_id)
+    event_id = event["event_id"]
     connection = await connect_once(settings.amqp_urls)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -284,12 +277,7 @@ async def _publish(args: argparse.Namespace) -> int:
                 settings.history_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
             watch = await channel.declare_queue(exclusive=True, auto_delete=True)
             await watch.bind(history, "jasper.#")
-        await exchange.publish(
-            aio_pika.Message(
-                json.dumps(event).encode(), content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event_id),
-            routing_key=f"event.{args.event}",
-        )
+        await publish_event(exchange, event)
         print(f"published event {event_id} ({args.event}) to {settings.events_exchange}")
         if watch is None:
             return 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -251,3 +252,22 @@ def _parse_step_by_step(body: bytes, settings: Settings) -> Job:
         occurred_at=event.occurred_at,
         origin=event.origin,
     )
+
+
+def new_event(event_code: int, client_id: str, ref_no: str, communicator_type: str, *,
+              command: str | None = None, origin: str | None = None,
+              event_id: str | None = None) -> dict[str, Any]:
+    """An event as a producer publishes it (SPEC §3), occurring now: for ``publish``,
+    reconcile's fixes and the demo."""
+    event: dict[str, Any] = {
+        "event_id": event_id or str(uuid.uuid4()),
+        "event_code": event_code,
+        "client_id": client_id,
+        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "device": {"ref_no": ref_no, "communicator_type": communicator_type},
+    }
+    if command is not None:
+        event["command"] = command
+    if origin is not None:
+        event["origin"] = origin
+    return event

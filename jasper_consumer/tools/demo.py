@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +37,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import CollectorRegistry
 
 from ..app import Service
+from ..broker import publish_event
 from ..config import Settings, parse_settings, redact_url
+from ..events import new_event
 from ..metrics import Metrics
 from ..simulator import Simulator
 from ..topology import Names, remove_topology
@@ -144,21 +145,11 @@ def _settings(amqp_url: str, prefix: str, base_url: str, key_file: Path) -> Sett
 
 
 async def _publish(channel: AbstractChannel, settings: Settings, scenario: Scenario) -> str:
-    event_id = str(uuid.uuid4())
-    event = {
-        "event_id": event_id,
-        "event_code": scenario.event_code,
-        "client_id": scenario.client_id,
-        "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        "device": {"ref_no": scenario.ref_no, "communicator_type": scenario.communicator_type},
-    }
-    exchange = await channel.get_exchange(settings.events_exchange, ensure=False)
-    await exchange.publish(
-        aio_pika.Message(json.dumps(event).encode(), content_type="application/json",
-                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event_id),
-        routing_key=f"event.{scenario.event_code}",
-    )
-    return event_id
+    event = new_event(scenario.event_code, scenario.client_id, scenario.ref_no,
+                      scenario.communicator_type)
+    await publish_event(await channel.get_exchange(settings.events_exchange, ensure=False),
+                        event)
+    return str(event["event_id"])
 
 
 def _said(signal: dict[str, Any]) -> str:

@@ -21,20 +21,19 @@ saw (the export may be older than an operator's click), the fix is skipped.
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TextIO
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
+from ..broker import publish_event
 from ..calls import AccountCalls
 from ..config import Command, Settings
 from ..errors import JasperError
+from ..events import new_event
 from . import ToolError
 from .check import explain
 from .listing import retrying
@@ -128,27 +127,16 @@ class EventPublisher:
 
     def event(self, fix: Fix) -> dict[str, Any]:
         m = fix.mismatch
-        return {
-            "event_id": str(uuid.uuid4()),
-            "event_code": event_code(fix.command, self.settings.commands),
-            "client_id": fix.client_id,
-            "occurred_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "device": {"ref_no": m.iccid, "communicator_type": m.communicator_type},
-            "command": fix.command.value,
-            "origin": ORIGIN,
-        }
+        return new_event(event_code(fix.command, self.settings.commands), fix.client_id,
+                         m.iccid, m.communicator_type, command=fix.command.value,
+                         origin=ORIGIN)
 
     async def publish(self, fix: Fix) -> str:
         """Publish the fix's event (confirmed by the broker); return its event id."""
         event = self.event(fix)
         routing_key = f"event.{event['event_code']}"
         try:
-            await self.exchange.publish(
-                aio_pika.Message(
-                    json.dumps(event).encode(), content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=event["event_id"]),
-                routing_key=routing_key)
+            await publish_event(self.exchange, event)
         except aio_pika.exceptions.DeliveryError:
             raise ToolError(
                 f"the broker has no queue for {routing_key} on {self.settings.events_exchange}"
