@@ -50,8 +50,15 @@ class Acks:
         self._sending: dict[object, asyncio.Lock] = {}  # one flush at a time per channel
 
     def delivered(self, message: AbstractIncomingMessage) -> None:
-        if message.delivery_tag is not None:
-            self._channels.setdefault(message.channel, {})[message.delivery_tag] = False
+        if message.delivery_tag is None:
+            return
+        tags = self._channels.get(message.channel)
+        if tags is None:  # a new channel (start, reconnect): forget the closed ones
+            for closed in [c for c in self._channels if c.is_closed]:  # type: ignore[attr-defined]
+                del self._channels[closed]
+                self._sending.pop(closed, None)
+            tags = self._channels[message.channel] = {}
+        tags[message.delivery_tag] = False
 
     def forget(self, message: AbstractIncomingMessage) -> None:
         """The message was answered otherwise (nacked): it no longer holds acks back."""

@@ -85,3 +85,16 @@ async def test_an_unregistered_or_closed_delivery_is_not_batched():
     acks.delivered(message)
     channel.is_closed = True
     assert not acks.settled(message)
+
+
+async def test_a_closed_channels_deliveries_are_forgotten_on_the_next_channel():
+    """Deliveries never settled on a channel that closed (a reconnect) are not kept forever:
+    the first delivery on a new channel drops them."""
+    old, new, acks = Channel(), Channel(), Acks(delay_s=0.001)
+    for tag in (1, 2, 3):
+        acks.delivered(Message(old, tag))  # type: ignore[arg-type]
+    old.is_closed = True
+
+    acks.delivered(Message(new, 1))  # type: ignore[arg-type]
+
+    assert list(acks._channels) == [new]
