@@ -53,7 +53,6 @@ class Router:
         self._names = Names.from_settings(settings)
         self._work_queues = {ct.name: self._names.work_queue(ct)
                              for ct in settings.communicator_types}
-        self._types = frozenset(self._work_queues)
         self._tails: dict[str, asyncio.Future[bool]] = {}
         self._received = {code: metrics.events_received.labels(str(code))
                           for code in settings.commands}
@@ -156,8 +155,10 @@ class Router:
         if partial.event_id is None and message.message_id:
             partial = partial.model_copy(update={"event_id": message.message_id})
         label = partial.communicator_type
+        if label not in self._settings.type_names:
+            label = "unknown"
         await self._history.report(
-            partial, Kind.FAILED, type_label=label if label in self._types else "unknown",
+            partial, Kind.FAILED, type_label=label,
             attempts=0, started=started, error=ErrorInfo(exc.code, None, exc.message, False),
             reason=exc.message)
         self._metrics.local_failures.labels(exc.code).inc()
