@@ -81,6 +81,19 @@ class RetrySettings(_Strict):
     max_elapsed_seconds: float = Field(120.0, gt=0)
 
 
+class LaneSettings(_Strict):
+    """Which jobs are *bulk* (served after interactive ones, with a guaranteed share).
+
+    A job is bulk when its ``origin`` is in ``bulk_origins``, its command is in
+    ``bulk_commands``, or the producer set the AMQP ``priority`` to 0-4; every other job
+    (an operator's commission) is interactive (operator guide, "Interactive first").
+    """
+
+    bulk_origins: list[str] = Field(default_factory=lambda: ["reconcile", "replay"])
+    bulk_commands: list[Command] = Field(default_factory=lambda: [Command.DEACTIVATE])
+    bulk_min_share: float = Field(0.1, ge=0.0, le=1.0)
+
+
 class CommunicatorType(_Strict):
     """One Jasper Control Center account, called with its own session and limits."""
 
@@ -151,6 +164,7 @@ class Settings(_Strict):
         default_factory=lambda: {65516: Command.ACTIVATE, 65517: Command.DEACTIVATE}
     )
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    lanes: LaneSettings = Field(default_factory=LaneSettings)
     history_queue: bool = True
     history_binding: str = "jasper.#"
     max_message_bytes: int = Field(65536, ge=1024)

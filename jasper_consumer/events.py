@@ -15,12 +15,13 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from . import errors
-from .config import Command, Settings
+from .config import Command, LaneSettings, Settings
 from .errors import EventRejected, UnreadableMessage
 
 _ICCID_JUNK = re.compile(r"[\s\-]+")
@@ -65,6 +66,23 @@ class Event(BaseModel):
     origin: StrictStr | None = Field(None, pattern=ORIGIN_PATTERN)
 
 
+class Lane(StrEnum):
+    """Interactive jobs (a technician waits on site) go before bulk ones."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
+def lane_of(job: Job, lanes: LaneSettings, priority: int | None = None) -> Lane:
+    """Bulk when the job's origin or command is a bulk one, or the producer set the AMQP
+    ``priority`` to 0-4 (operator guide, "Interactive first"); else interactive."""
+    if ((job.origin is not None and job.origin in lanes.bulk_origins)
+            or job.command in lanes.bulk_commands
+            or (priority is not None and 0 <= priority <= 4)):
+        return Lane.BULK
+    return Lane.INTERACTIVE
+
+
 class Job(BaseModel):
     """A validated event on its way to a communicator type's work queue."""
 
@@ -83,11 +101,16 @@ class Job(BaseModel):
     stamp: int = 0
     replayed: bool = False  # re-queued by an operator: apply even if this event was seen
     origin: str | None = None  # who raised the event, when not an operator (SPEC §3)
+    lane: Lane = Lane.INTERACTIVE  # decided by the router (:func:`lane_of`)
+    # Unix time the router received the event (0: unknown): publish -> final signal.
+    received_at: float = 0.0
 
-    def work_item(self, *, stamp: int, replayed: bool) -> bytes:
+    def work_item(self, *, stamp: int, replayed: bool, lane: Lane = Lane.INTERACTIVE,
+                  received_at: float = 0.0) -> bytes:
         """The job as the router puts it on a work queue, stamped. (pydantic-core writes
         and reads this JSON faster than ``json`` does: 6 and 3 µs against 11 and 12 µs.)"""
-        stamped = self.model_copy(update={"stamp": stamp, "replayed": replayed})
+        stamped = self.model_copy(update={"stamp": stamp, "replayed": replayed, "lane": lane,
+                                          "received_at": received_at})
         return self.__pydantic_serializer__.to_json(stamped)
 
     def to_event(self) -> dict[str, Any]:

@@ -25,6 +25,9 @@ STAGES = ("route", "apply")
 PROBE_RESULTS = ("passed", "failed")
 
 _API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TO_FINAL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                     1800.0, 3600.0, 4 * 3600.0)
+LANES = ("interactive", "bulk")
 _PROCESSING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                        60.0, 300.0)
 
@@ -68,6 +71,10 @@ class Metrics:
         self.event_processing = Histogram(
             "jasper_event_processing_seconds", "Time from receiving a message to acking it",
             ["stage"], buckets=_PROCESSING_BUCKETS, registry=r)
+        self.time_to_final = Histogram(
+            "jasper_time_to_final_seconds", "Time from the router receiving an event to its "
+            "final signal being confirmed, per lane (interactive: a technician waits)",
+            ["communicator_type", "lane"], buckets=_TO_FINAL_BUCKETS, registry=r)
         self.communicator_up = Gauge(
             "jasper_communicator_up", "1 while the communicator type is accepting calls",
             ["communicator_type"], registry=r)
@@ -132,5 +139,7 @@ class Metrics:
             for result in PROBE_RESULTS:
                 self.echo_probes.labels(ct.name, result)
             self.delayed.labels(ct.name)
+            for lane in LANES:
+                self.time_to_final.labels(ct.name, lane)
             self.coalesced.labels(ct.name)
             self.inflight.labels(ct.name)
