@@ -9,7 +9,13 @@ import shlex
 import pytest
 import yaml
 
-from jasper_consumer.config import CommunicatorType, RetrySettings, Settings, parse_settings
+from jasper_consumer.config import (
+    CommunicatorType,
+    LaneSettings,
+    RetrySettings,
+    Settings,
+    parse_settings,
+)
 from jasper_consumer.tools import mixin
 from jasper_consumer.tools.mixin.alerts import alerts
 from jasper_consumer.topology import Names
@@ -38,11 +44,14 @@ def _table_keys(text: str) -> set[str]:
 
 
 def test_readme_config_table_lists_every_setting():
-    """Each key of Settings, RetrySettings and CommunicatorType has a row, and no row more."""
+    """Each key of Settings, LaneSettings, RetrySettings, LaneSettings and CommunicatorType has a row, and
+    no row more."""
     documented = _table_keys(_section(README, "Configuration reference"))
     expected = (
-        {name for name in Settings.model_fields if name not in ("retry", "communicator_types")}
+        {name for name in Settings.model_fields
+         if name not in ("retry", "lanes", "communicator_types")}
         | {f"retry.{name}" for name in RetrySettings.model_fields}
+        | {f"lanes.{name}" for name in LaneSettings.model_fields}
         | {"communicator_types[]"}
         | set(CommunicatorType.model_fields)
     )
