@@ -44,7 +44,7 @@ def _table_keys(text: str) -> set[str]:
 
 
 def test_readme_config_table_lists_every_setting():
-    """Each key of Settings, LaneSettings, RetrySettings, LaneSettings and CommunicatorType has a row, and
+    """Each key of Settings, RetrySettings, LaneSettings and CommunicatorType has a row, and
     no row more."""
     documented = _table_keys(_section(README, "Configuration reference"))
     expected = (
