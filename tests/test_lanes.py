@@ -14,8 +14,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from jasper_consumer.config import Command
-from jasper_consumer.events import Job
-from jasper_consumer.lanes import Entry, Immediate, Lanes, Memory, Placed, State, identity
+from jasper_consumer.events import Job, Lane
+from jasper_consumer.lanes import (
+    Entry,
+    Immediate,
+    Lanes,
+    Memory,
+    Placed,
+    Share,
+    Source,
+    State,
+    identity,
+)
 from jasper_consumer.outcomes import ErrorInfo, Outcome, Result
 
 A, B = "89610185000000000001", "89610185000000000002"
@@ -23,10 +33,10 @@ ACT, DEACT = Command.ACTIVATE, Command.DEACTIVATE
 
 
 def job(event_id: str, iccid: str = A, command: Command = ACT, stamp: int = 0,
-        replayed: bool = False) -> Job:
+        replayed: bool = False, lane: Lane = Lane.INTERACTIVE) -> Job:
     return Job(event_id=event_id, event_code=65516 if command is ACT else 65517,
                client_id="c", command=command, iccid=iccid, communicator_type="T",
-               stamp=stamp, replayed=replayed)
+               stamp=stamp, replayed=replayed, lane=lane)
 
 
 def placed(lanes: Lanes[str], j: Job) -> Entry[str]:
@@ -172,19 +182,118 @@ def test_unknown_stamps_are_never_compared():
 
 
 def test_a_paused_call_waits_again_at_the_head_of_its_lane():
-    """unstart puts an entry back; take_lane moves a lane out whole, only when idle."""
+    """take_queued moves out what waits behind a call under way at once; the call's own
+    entry follows once unstarted."""
     lanes: Lanes[str] = Lanes()
     first = placed(lanes, job("e1", A, ACT, 1))
     placed(lanes, job("e2", A, DEACT, 2))
     lanes.start(lanes.next_ready())  # type: ignore[arg-type]
 
-    assert lanes.take_lane(A) == []
+    assert [e.leader.event_id for e in lanes.take_queued(A)] == ["e2"]
     lanes.unstart(first)
-    taken = lanes.take_lane(A)
+    taken = lanes.take_queued(A)
 
-    assert [e.leader.event_id for e in taken] == ["e1", "e2"]
+    assert [e.leader.event_id for e in taken] == ["e1"]
     assert lanes.next_ready() is None
     assert len(lanes) == 0
+
+
+def test_interactive_entries_start_before_older_bulk_ones():
+    """With bulk work queued first, an interactive job is the next to start."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("b1", A, DEACT, 1, lane=Lane.BULK))
+    placed(lanes, job("b2", B, DEACT, 2, lane=Lane.BULK))
+    interactive = placed(lanes, job("i1", "89610185000000000009", ACT, 3))
+
+    assert lanes.next_ready() is interactive
+    assert lanes.next_ready().leader.event_id == "b1"  # type: ignore[union-attr]
+
+
+def test_a_bulk_entry_in_the_way_of_an_interactive_one_is_served_as_interactive():
+    """An interactive job behind a bulk one for its SIM lends the bulk entry its turn."""
+    lanes: Lanes[str] = Lanes()
+    placed(lanes, job("other", B, DEACT, 1, lane=Lane.BULK))
+    blocking = placed(lanes, job("b", A, DEACT, 2, lane=Lane.BULK))
+    placed(lanes, job("i", A, ACT, 3))
+
+    assert lanes.next_ready(Lane.INTERACTIVE) is blocking
+
+
+def test_share_gives_bulk_its_minimum_while_both_wait_and_everything_else():
+    """At 0.1, bulk takes every tenth call while both wait, and every call alone."""
+    share = Share(0.1)
+    picks = [share.pick(interactive=True, bulk=True) for _ in range(100)]
+
+    assert picks.count(Lane.BULK) == 10
+    assert share.pick(interactive=False, bulk=True) is Lane.BULK
+    assert share.pick(interactive=True, bulk=False) is Lane.INTERACTIVE
+    assert share.pick(interactive=False, bulk=False) is None
+
+
+def test_an_entry_in_doubt_waits_until_resolved_or_guarded():
+    """A job that another source may still precede does not start until that source is
+    seen drained, or a guard for its SIM is written."""
+    lanes: Lanes[str] = Lanes()
+    first = placed(lanes, job("i1", A, ACT, 10))
+    lanes.deliver(job("i2", B, ACT, 11), "i2", doubts={Source.BULK})
+    first_doubt = first.doubts
+
+    assert not first_doubt
+    assert lanes.next_ready() is first
+    lanes.start(first)
+    assert lanes.next_ready() is None
+    lanes.resolve(Source.BULK, lanes.clock)
+    second = lanes.next_ready()
+    assert second is not None
+    assert second.leader.event_id == "i2"
+
+
+def test_a_guard_supersedes_an_older_job_that_comes_later_and_outlives_memory():
+    """After a guarded interactive job, an older bulk job for the SIM is SUPERSEDED even
+    when the outcome memory has forgotten everything."""
+    lanes: Lanes[str] = Lanes(Memory(max_bytes=64 * 1024))
+    entry = lanes.deliver(job("new", A, ACT, 50), "new", doubts={Source.BULK})
+    assert isinstance(entry, Placed)
+    lanes.guarded(entry.entry, *lanes.guard_for(entry.entry))
+    run(lanes)
+    for n in range(5000):  # fill the memory with other SIMs' outcomes
+        placed(lanes, job(f"x{n}", f"8961018599{n:010d}", ACT, 100 + n))
+        run(lanes)
+
+    late = lanes.deliver(job("old", A, DEACT, 40, lane=Lane.BULK), "old")
+
+    assert lanes.memory.newest(A) is None
+    assert isinstance(late, Immediate)
+    assert late.outcome.error is not None
+    assert late.outcome.error.code == "SUPERSEDED"
+
+
+def test_guards_go_once_every_source_drained_after_them():
+    """forget_guards drops the guards made up to the given clock, not later ones."""
+    lanes: Lanes[str] = Lanes()
+    first = lanes.deliver(job("g1", A, ACT, 5), "g1", doubts={Source.BULK})
+    assert isinstance(first, Placed)
+    lanes.guarded(first.entry, *lanes.guard_for(first.entry))
+    drained_at = lanes.clock
+    second = lanes.deliver(job("g2", B, ACT, 6), "g2", doubts={Source.BULK})
+    assert isinstance(second, Placed)
+    lanes.guarded(second.entry, *lanes.guard_for(second.entry))
+
+    assert lanes.forget_guards(drained_at) == 1
+    assert set(lanes.guards) == {B}
+
+
+def test_a_job_in_doubt_does_not_join_a_call_under_way():
+    """An identical command in doubt gets a call of its own after the one under way: the
+    guard must be in the broker before the call that serves it."""
+    lanes: Lanes[str] = Lanes()
+    first = placed(lanes, job("e1", A, ACT, 1))
+    lanes.start(lanes.next_ready())  # type: ignore[arg-type]
+
+    joined = lanes.deliver(job("e2", A, ACT, 2, lane=Lane.BULK), "e2", doubts={Source.WORK})
+
+    assert isinstance(joined, Placed)
+    assert joined.entry is not first
 
 
 def test_memory_is_bounded_in_bytes_and_forgets_the_oldest():
@@ -394,3 +503,220 @@ LanesAgainstABroker.TestCase.settings = settings(
     max_examples=600, stateful_step_count=50, deadline=None, derandomize=True,
     suppress_health_check=list(HealthCheck))
 test_lanes_against_a_broker = LanesAgainstABroker.TestCase
+
+
+# -- the model with two lanes -------------------------------------------------------------
+
+
+@dataclass
+class Copy:
+    """A message on a queue: a job, and whether it is a re-published copy of an older one
+    (a replay: the documented window of "Order and crashes" covers only those)."""
+
+    job: Job
+    source: Source
+    duplicate: bool = False
+
+
+@dataclass
+class Owner:
+    """The owning process: its lanes, a deliberately tiny memory, its unacked messages."""
+
+    lanes: Lanes[Copy]
+    held: dict[Source, list[Copy]] = field(
+        default_factory=lambda: {Source.WORK: [], Source.BULK: []})
+    pending: list[Copy] = field(default_factory=list)  # superseded/duplicates, not settled
+    drained_at: dict[Source, int] = field(default_factory=dict)
+
+
+SIMS = [A, B, "89610185000000000003"]
+PREFETCH = 2  # the owner's window on the work queue (saturates easily)
+
+
+def tiny_memory() -> Memory:
+    return Memory(max_bytes=64 * 1024)
+
+
+class TwoLanesAgainstABroker(RuleBasedStateMachine):
+    """Interactive jobs on the work queue (pushed, prefetch 2), bulk jobs on the bulk queue
+    (pulled), long bulk backlogs, replays, crashes that lose the process and its memory,
+    and a memory so small it forgets: no job is ever applied after a newer job for its SIM
+    (by the router's stamp), whichever lane each came by, except a replayed copy reaching
+    a process that forgot (the window named in the operator guide)."""
+
+    @initialize()
+    def start(self) -> None:
+        self.queues: dict[Source, list[Copy]] = {Source.WORK: [], Source.BULK: []}
+        self.ledger: list[tuple[str, int, str]] = []  # the guards in the broker
+        self.owner = Owner(Lanes(tiny_memory()))
+        self.published: list[Job] = []
+        self.stamp = 0
+        self.status: dict[str, Command] = {}
+        self.applied: dict[str, int] = {}  # newest stamp applied per SIM, by anyone
+        self.applied_ids: set[tuple[str, str, Command]] = set()
+        self.windows: set[str] = set()
+
+    # producers (the router: stamps grow; a lane per job)
+
+    def _publish(self, iccid: str, command: Command, lane: Lane) -> None:
+        self.stamp += 1
+        new = job(f"e{self.stamp}", iccid, command, self.stamp, lane=lane)
+        self.published.append(new)
+        source = Source.WORK if lane is Lane.INTERACTIVE else Source.BULK
+        self.queues[source].append(Copy(new, source))
+
+    @rule(iccid=st.sampled_from(SIMS), command=st.sampled_from([ACT, DEACT]),
+          lane=st.sampled_from([Lane.INTERACTIVE, Lane.BULK]))
+    def publish(self, iccid: str, command: Command, lane: Lane) -> None:
+        self._publish(iccid, command, lane)
+
+    @rule(data=st.data(), size=st.integers(5, 30))
+    def bulk_backlog(self, data: st.DataObject, size: int) -> None:
+        """A clean-up: many bulk jobs at once (some for SIMs that interactive jobs use)."""
+        for _ in range(size):
+            self._publish(data.draw(st.sampled_from(SIMS)), DEACT, Lane.BULK)
+
+    @precondition(lambda self: self.published)
+    @rule(data=st.data())
+    def replay(self, data: st.DataObject) -> None:
+        """An old job comes again at the back of its queue (a replay, a second publish)."""
+        old = data.draw(st.sampled_from(self.published))
+        source = Source.WORK if old.lane is Lane.INTERACTIVE else Source.BULK
+        self.queues[source].append(Copy(old, source, duplicate=True))
+
+    # the owner's shell: what the worker does
+
+    def _deliver(self, copy: Copy, doubts: set[Source]) -> None:
+        self.owner.held[copy.source].append(copy)
+        placed = self.owner.lanes.deliver(copy.job, copy, doubts)
+        if isinstance(placed, Immediate):
+            self.owner.pending.append(copy)
+
+    @precondition(lambda self: self.queues[Source.WORK]
+                  and len(self.owner.held[Source.WORK]) < PREFETCH)
+    @rule()
+    def push_work(self) -> None:
+        """The broker pushes the work queue's head while the owner has prefetch left; until
+        a pull proves the bulk queue drained, it may hold an older job for the SIM."""
+        self._deliver(self.queues[Source.WORK].pop(0), {Source.BULK})
+
+    @rule()
+    def pull_bulk(self) -> None:
+        """basic.get on the bulk queue; with the work queue's window full, an older
+        interactive job for the SIM may be waiting beyond it."""
+        if self.queues[Source.BULK]:
+            saturated = len(self.owner.held[Source.WORK]) >= PREFETCH
+            self._deliver(self.queues[Source.BULK].pop(0),
+                          {Source.WORK} if saturated else set())
+        elif not any(c.source is Source.BULK for c in self.owner.pending):
+            self._drained(Source.BULK)
+
+    @precondition(lambda self: not self.queues[Source.WORK]
+                  or len(self.owner.held[Source.WORK]) >= PREFETCH)
+    @rule()
+    def see_work_window(self) -> None:
+        """The owner sees its work window not full (the broker has pushed all it had)."""
+        if (len(self.owner.held[Source.WORK]) < PREFETCH
+                and not any(c.source is Source.WORK for c in self.owner.pending)):
+            self._drained(Source.WORK)
+
+    def _drained(self, source: Source) -> None:
+        lanes = self.owner.lanes
+        lanes.resolve(source, lanes.clock)
+        self.owner.drained_at[source] = lanes.clock
+        if len(self.owner.drained_at) == 2:
+            lanes.forget_guards(min(self.owner.drained_at.values()))
+            self.ledger = [(i, g.stamp, g.event_id) for i, g in lanes.guards.items()]
+
+    @rule(data=st.data())
+    def write_guard(self, data: st.DataObject) -> None:
+        waiting = self.owner.lanes.uncleared()
+        if not waiting:
+            return
+        entry = data.draw(st.sampled_from(waiting))
+        clock, stamp, event_id = self.owner.lanes.guard_for(entry)
+        self.ledger.append((entry.iccid, stamp, event_id))  # confirmed by the broker
+        self.owner.lanes.guarded(entry, clock, stamp, event_id)
+
+    @rule(lane=st.sampled_from([Lane.INTERACTIVE, Lane.BULK, None]))
+    def call(self, lane: Lane | None) -> None:
+        lanes = self.owner.lanes
+        entry = lanes.next_ready(lane)
+        if entry is None:
+            return
+        lanes.start(entry)
+        newest = self.applied.get(entry.iccid, 0)
+        for member in entry.members:
+            if member.job.stamp and member.job.stamp < newest:
+                # The window: a copy of a job already applied (returned unacked by a crash,
+                # or replayed) that the owner no longer remembers. Anything else is a bug.
+                assert member.payload.duplicate or identity(member.job) in self.applied_ids, (
+                    f"{member.job.event_id} (stamp {member.job.stamp}, {member.job.lane}) "
+                    f"applied after stamp {newest} for {entry.iccid}")
+                self.windows.add(entry.iccid)
+        self.applied_ids.update(entry.identities())
+        self.applied[entry.iccid] = max(newest, *(m.job.stamp for m in entry.members))
+        self.status[entry.iccid] = entry.command
+        lanes.finish(entry, Outcome.succeeded(entry.command.target_status, 1))
+
+    def _ack(self, copy: Copy) -> None:
+        self.owner.held[copy.source].remove(copy)
+
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        done = [(e, m) for e in self.owner.lanes.entries() if e.state is State.DONE
+                for m in e.members if not m.settled]
+        if done:
+            entry, member = data.draw(st.sampled_from(done))
+            self._ack(member.payload)
+            self.owner.lanes.settled(entry, member)
+
+    @precondition(lambda self: self.owner.pending)
+    @rule()
+    def settle_at_once(self) -> None:
+        self._ack(self.owner.pending.pop(0))
+
+    @rule(memory_lost=st.booleans())
+    def crash(self, memory_lost: bool) -> None:
+        """The owner dies (or hands over): what it held returns to the head of each queue,
+        in order; the next owner reads the guards back from the broker."""
+        for source, held in self.owner.held.items():
+            self.queues[source][:0] = [Copy(c.job, c.source, c.duplicate) for c in held]
+        memory = tiny_memory() if memory_lost else self.owner.lanes.memory
+        self.owner = Owner(Lanes(memory))
+        self.owner.lanes.load_guards(self.ledger)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "queues"):
+            return
+        for _ in range(20_000):
+            if not any(self.queues.values()) and not len(self.owner.lanes) \
+                    and not self.owner.pending:
+                break
+            if self.queues[Source.WORK] and len(self.owner.held[Source.WORK]) < PREFETCH:
+                self.push_work()
+            self.pull_bulk()
+            self.see_work_window()
+            for entry in self.owner.lanes.uncleared():
+                clock, stamp, event_id = self.owner.lanes.guard_for(entry)
+                self.ledger.append((entry.iccid, stamp, event_id))
+                self.owner.lanes.guarded(entry, clock, stamp, event_id)
+            self.call(None)
+            while self.owner.pending:
+                self.settle_at_once()
+            for entry in list(self.owner.lanes.entries()):
+                for member in list(entry.members):
+                    if entry.state is State.DONE and not member.settled:
+                        self._ack(member.payload)
+                        self.owner.lanes.settled(entry, member)
+        assert not any(self.queues.values()), "the drain did not finish"
+        for iccid in SIMS:
+            events = [j for j in self.published if j.iccid == iccid]
+            if events and iccid not in self.windows:
+                assert self.status[iccid] is max(events, key=lambda j: j.stamp).command, iccid
+
+
+TwoLanesAgainstABroker.TestCase.settings = settings(
+    max_examples=800, stateful_step_count=60, deadline=None, derandomize=True,
+    suppress_health_check=list(HealthCheck))
+test_two_lanes_against_a_broker = TwoLanesAgainstABroker.TestCase

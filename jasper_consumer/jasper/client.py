@@ -125,15 +125,19 @@ class JasperClient:
     # --- calls: one request each ----------------------------------------------------------
 
     async def put_status(
-        self, iccid: str, command: Command, *, admit: Callable[[], None] | None = None
+        self, iccid: str, command: Command, *, admit: Callable[[], None] | None = None,
+        granted: bool = False,
     ) -> str:
         """Edit Device Details: set the SIM to ``command.target_status``; return that status.
 
         ``admit`` runs once the limiter grants the start, right before the request: it may
-        raise (the type paused meanwhile) and the request is not sent.
+        raise (the type paused meanwhile) and the request is not sent. ``granted``: the
+        caller already holds a start of the limiter (:meth:`Limiter.acquire`); this call
+        uses it and gives it back.
         """
         answer = await self._call("PUT", f"/devices/{quote(iccid, safe='')}", command.value,
-                                  {"status": command.target_status}, admit=admit)
+                                  {"status": command.target_status}, admit=admit,
+                                  granted=granted)
         data = parse_json(answer.body)
         if answer.status in (200, 202) and isinstance(data, dict) and "iccid" in data:
             return command.target_status
@@ -201,8 +205,24 @@ class JasperClient:
     async def _call(
         self, method: str, path: str, label: str, payload: dict[str, str] | None = None,
         *, query: dict[str, str] | None = None, admit: Callable[[], None] | None = None,
+        granted: bool = False,
     ) -> Answer:
         """One HTTP call through the limiter; network failures become JasperUnreachable."""
+        if not granted:
+            await self.limiter.acquire()
+        try:
+            if admit is not None:
+                admit()
+        except BaseException:
+            self.limiter.discard()
+            raise
+        try:
+            return await self._request(method, path, label, payload, query)
+        finally:
+            self.limiter.release()
+
+    async def _request(self, method: str, path: str, label: str,
+                       payload: dict[str, str] | None, query: dict[str, str] | None) -> Answer:
         if self._api_key is None or self._session is None:
             await self.start()
         assert self._api_key is not None
@@ -215,28 +235,25 @@ class JasperClient:
         url = f"{self.ct.server_address}{path}"
         if query:
             url = f"{url}?{urlencode(query)}"
-        async with self.limiter:
-            if admit is not None:
-                admit()
-            self._inflight.inc()
-            started = time.perf_counter()
-            try:
-                async with self._session.request(
-                    method, url, json=payload, headers=headers, timeout=self._timeout,
-                    allow_redirects=False, trace_request_ctx=asyncio.current_task(),
-                ) as resp:
-                    body = await _read_capped(resp.content, MAX_BODY_BYTES)
-                    if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it
-                        body = body.replace(key.encode(), b"***")
-                    answer = Answer(resp.status, body,
-                                    resp.headers.get("Content-Type", "").split(";")[0].strip(),
-                                    resp.headers.get("Retry-After"))
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                err = transport_failure(exc, self._host, self.ct.request_timeout_seconds)
-                raise self._count(err) from None
-            finally:
-                self._durations[label].observe(time.perf_counter() - started)
-                self._inflight.dec()
+        self._inflight.inc()
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                method, url, json=payload, headers=headers, timeout=self._timeout,
+                allow_redirects=False, trace_request_ctx=asyncio.current_task(),
+            ) as resp:
+                body = await _read_capped(resp.content, MAX_BODY_BYTES)
+                if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it
+                    body = body.replace(key.encode(), b"***")
+                answer = Answer(resp.status, body,
+                                resp.headers.get("Content-Type", "").split(";")[0].strip(),
+                                resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            err = transport_failure(exc, self._host, self.ct.request_timeout_seconds)
+            raise self._count(err) from None
+        finally:
+            self._durations[label].observe(time.perf_counter() - started)
+            self._inflight.dec()
         return answer
 
 

@@ -4,6 +4,7 @@ apart, per Control Center account (SPEC §2)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from types import SimpleNamespace, TracebackType
@@ -17,10 +18,20 @@ class Limiter:
     ``1 / requests_per_second`` apart: no bursts, since the account may count calls in
     any one-second window (SPEC §2). Waiters get their start slots in FIFO order.
 
+    While calls wait, starts fall on a grid ``interval_s`` apart (``1/rps`` plus a 0.5 %
+    margin), so a loop that wakes a little late does not push every later start back:
+    the next one comes on the grid again, though never closer than ``min_gap_s`` (``1/rps``
+    plus 0.2 %) to the previous one. An idle account starts a new grid.
+
     With ``count_from_send`` a start counts from when the request is written
     (``mark_sent``, called from an aiohttp trace hook), not from when its slot was
     granted: the start lock is held in between, so a pause of the event loop (a GC pass,
     say) after a grant cannot let the next request leave right behind a late one.
+
+    :meth:`acquire` grants a slot without a ``with`` block, for a caller that decides what
+    to call only once its turn has come (the worker's runners); it then either makes the
+    call with the grant (:class:`~.client.JasperClient` methods take ``granted=True``),
+    which releases it, or gives the grant back unused with :meth:`discard`.
     """
 
     def __init__(
@@ -29,21 +40,25 @@ class Limiter:
         requests_per_second: float,
         *,
         clock: Callable[[], float] = time.monotonic,
-        margin: float = 0.01,
+        margin: float = 0.005,
         count_from_send: bool = False,
     ) -> None:
         if max_concurrency < 1 or requests_per_second <= 0 or margin < 0:
             raise ValueError("max_concurrency >= 1, requests_per_second > 0 and margin >= 0")
         self.interval_s = (1.0 / requests_per_second) * (1.0 + margin)
+        self.min_gap_s = (1.0 / requests_per_second) * (1.0 + min(margin, 0.002))
         self.count_from_send = count_from_send
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrency)
         self._start_lock = asyncio.Lock()  # FIFO: one waiter at a time owns the next start
-        self._last_start = float("-inf")
+        self._last_start = float("-inf")  # when the last request was sent
+        self._grid = float("-inf")  # the grid point of the last start
+        self._not_before = float("-inf")  # hold_off
         self._in_flight = 0
         self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
         self._abort: Exception | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
+        self.starts: collections.deque[float] = collections.deque(maxlen=256)
 
     @property
     def in_flight(self) -> int:
@@ -52,7 +67,7 @@ class Limiter:
     def hold_off(self, seconds: float) -> None:
         """No call starts before ``seconds`` from now (a new owner of the account waits for
         the previous owner's last request to end, SPEC §6)."""
-        self._last_start = max(self._last_start, self._clock() + seconds - self.interval_s)
+        self._not_before = max(self._not_before, self._clock() + seconds)
 
     def reopen(self) -> None:
         """Undo :meth:`abort_waiting`: calls may wait for their turn again."""
@@ -64,7 +79,14 @@ class Limiter:
         for task in self._waiting:
             task.cancel()
 
-    async def __aenter__(self) -> None:
+    def _next_slot(self) -> tuple[float, float]:
+        """(the earliest start allowed now, the grid point it would take)."""
+        on_grid = self._grid + self.interval_s
+        return max(on_grid, self._last_start + self.min_gap_s, self._not_before), on_grid
+
+    async def acquire(self) -> None:
+        """Wait for a slot and the next start time; the caller then sends its request
+        (or calls :meth:`discard`) and finally :meth:`release`."""
         if self._abort is not None:
             raise self._abort
         task = asyncio.current_task()
@@ -75,10 +97,15 @@ class Limiter:
             try:
                 await self._start_lock.acquire()
                 try:
-                    now = self._clock()
-                    slot = max(now, self._last_start + self.interval_s)
-                    if slot > now:
+                    while True:
+                        slot, on_grid = self._next_slot()
+                        now = self._clock()
+                        if slot <= now:
+                            break
                         await asyncio.sleep(slot - now)
+                    # Late by less than an interval: stay on the grid (the next start
+                    # catches up); idle or held off longer: a new grid from now.
+                    self._grid = on_grid if now - on_grid <= self.interval_s else now
                 except BaseException:
                     self._start_lock.release()
                     raise
@@ -102,8 +129,33 @@ class Limiter:
         task = task or asyncio.current_task()
         if self._unsent is not None and self._unsent is task:
             self._unsent = None
-            self._last_start = self._clock()
+            self._last_start = now = self._clock()
+            self.starts.append(now)
             self._start_lock.release()
+
+    def discard(self) -> None:
+        """Give back a grant of the current task without a request: no start counted."""
+        task = asyncio.current_task()
+        if self._unsent is not None and self._unsent is task:
+            self._unsent = None
+            self._grid -= self.interval_s  # the slot stays free for the next waiter
+            self._start_lock.release()
+        self._in_flight -= 1
+        self._slots.release()
+
+    def release(self) -> None:
+        """The request of the current task ended (or was never written: counted now)."""
+        self.mark_sent()
+        self._in_flight -= 1
+        self._slots.release()
+
+    def rate(self, window_s: float = 10.0) -> float:
+        """Calls started per second over the last ``window_s`` seconds."""
+        since = self._clock() - window_s
+        return sum(1 for t in self.starts if t >= since) / window_s
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
 
     async def __aexit__(
         self,
@@ -111,9 +163,7 @@ class Limiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.mark_sent()  # never written (refused, say) or no trace hook: count it now
-        self._in_flight -= 1
-        self._slots.release()
+        self.release()
 
     def trace_config(self) -> aiohttp.TraceConfig:
         """aiohttp hooks that tell :meth:`mark_sent` when a request is written.

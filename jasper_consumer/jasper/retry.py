@@ -59,20 +59,31 @@ async def change_status(
     on_retry: Callable[[JasperError, int, float], None] = lambda err, tries, wait: None,
     jitter: Callable[[float], float] = backoff.full_jitter,
     clock: Callable[[], float] = time.monotonic,
+    granted: bool = False,
 ) -> Outcome:
     """Set the SIM's status; the :class:`Outcome` says what came of it. Raises only
-    :class:`TypePaused` (with ``attempts`` set)."""
+    :class:`TypePaused` (with ``attempts`` set).
+
+    ``granted``: the caller holds the limiter's start for the first attempt. The retry
+    budget (``max_elapsed_seconds``) counts from the first attempt's start: time spent
+    waiting for the account (its limits, a new owner's wait) is not the event's."""
     attempts = 0
-    started = clock()
+    started: float | None = None
     waits = backoff_waits(policy.initial_delay_seconds, policy.max_delay_seconds, jitter)
     next(waits)
     try:
         while True:
-            gate.check()
             err: JasperError | None = None
+            if not granted:
+                gate.check()
+                await client.limiter.acquire()
+            granted = False
+            if started is None:
+                started = clock()
             try:
                 attempts += 1
-                status = await client.put_status(iccid, command, admit=gate.check)
+                status = await client.put_status(iccid, command, admit=gate.check,
+                                                 granted=True)
             except JasperError as exc:
                 err = exc
             except TypePaused:
@@ -83,6 +94,7 @@ async def change_status(
                 return Outcome.succeeded(status, attempts)
             if not isinstance(err, JasperRetryable):
                 return Outcome.failed(ErrorInfo.of(err), attempts)
+            assert started is not None
             elapsed = clock() - started
             wait = waits.send(err)
             if attempts >= policy.max_attempts or elapsed + wait > policy.max_elapsed_seconds:
