@@ -54,12 +54,22 @@ class _Consumer:
     """The router's consumer, with the shape the watchdog expects."""
 
     def __init__(self, queue: AbstractQueue, callback: Handler) -> None:
-        self.queue = queue
+        self.queue: AbstractQueue | None = queue
+        self._queue = queue
         self.callback = callback
         self.consumer_tag: str | None = None
 
     async def start(self) -> None:
-        self.consumer_tag = await self.queue.consume(self.callback)
+        self.consumer_tag = await self._queue.consume(self.callback)
+
+    async def restart(self) -> None:
+        """Register again on the same channel (the router keeps no owner state beyond the
+        channel it sees deliveries on)."""
+        tag, self.consumer_tag = self.consumer_tag, None
+        if tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(tag)
+        await self.start()
 
 
 class Service:
@@ -119,12 +129,11 @@ class Service:
         # queue declared on a robust channel is restored, with its consumer, when the
         # connection comes back (on another node too); the watchdog is the backstop.
         for ct in s.communicator_types:
-            channel = await self._channel(
-                work_prefetch(s, ct.max_concurrency, ct.requests_per_second))
             worker = Worker(
-                ct, s, self.clients[ct.name], History(channel, names, self.metrics),
-                self.metrics, queue=await channel.get_queue(names.work_queue(ct)),
+                ct, s, self.clients[ct.name],
+                History(await self._channel(), names, self.metrics), self.metrics,
                 names=names, open_channel=self._channel,
+                prefetch=work_prefetch(s, ct.max_concurrency, ct.requests_per_second),
                 parked_prefetch=parked_prefetch(s, ct.max_concurrency, ct.requests_per_second))
             self.workers[ct.name] = worker
             await worker.start()

@@ -14,6 +14,7 @@ broker (aio-pika can lose one silently across reconnects) and registers a lost o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -151,21 +152,26 @@ class Link:
 
 
 class Consumer(Protocol):
-    queue: AbstractQueue
+    queue: AbstractQueue | None
     consumer_tag: str | None
 
-    async def start(self) -> None: ...
+    async def restart(self) -> None: ...  # register again (a worker gives its type back)
 
 
 async def registered(consumer: Consumer) -> bool:
-    """Whether the consumer's tag is live on its channel as the client library sees it.
+    """Whether the consumer's tag is live on an open channel as the client library sees it
+    (aiormq keeps a closed channel's ``consumers``: the channel must be open too).
 
     On a single-active-consumer queue another replica's consumer keeps the broker's
     count above 0, so the count alone cannot tell that this one vanished.
     """
+    if consumer.queue is None or consumer.consumer_tag is None:
+        return False
     try:
         underlay = await asyncio.wait_for(consumer.queue.channel.get_underlay_channel(), 1)
     except Exception:  # channel closed or being restored
+        return False
+    if getattr(underlay, "is_closed", True):
         return False
     return consumer.consumer_tag in getattr(underlay, "consumers", {})
 
@@ -178,6 +184,7 @@ class Watchdog:
         self._connection = connection
         self._consumers = consumers
         self._missing: set[str] = set()  # seen missing once (a quorum queue's count can lag)
+        self._restarting: set[str] = set()
 
     async def check(self) -> str | None:
         """Ask the broker whether each queue we consume still has a consumer; repair."""
@@ -186,31 +193,37 @@ class Watchdog:
         channel = await self._connection.channel()
         try:
             for name, consumer in self._consumers():
-                if consumer.consumer_tag is None:
-                    continue
-                ok = await channel.declare_queue(consumer.queue.name, passive=True)
-                if ok.declaration_result.consumer_count and await registered(consumer):
+                queue = consumer.queue
+                ok = queue is not None and (await channel.declare_queue(
+                    queue.name, passive=True)).declaration_result.consumer_count
+                if ok and await registered(consumer):
                     self._missing.discard(name)
                 elif name not in self._missing:
                     self._missing.add(name)
-                else:
+                else:  # missing twice in a row: a quorum queue's count can lag once
                     log.error("consumer on %s vanished; registering it again", name,
-                              extra={"fields": {"queue": consumer.queue.name}})
+                              extra={"fields": {"queue": queue.name if queue else name}})
                     self._missing.discard(name)
-                    await _restart(consumer)
+                    self._restarting.add(name)
+                    _spawn_restart(consumer, functools.partial(self._restarting.discard, name))
+            if self._restarting:
+                return f"registering again: {', '.join(sorted(self._restarting))}"
         finally:
             await channel.close()
         return None
 
 
-async def _restart(consumer: Consumer) -> None:
-    tag, consumer.consumer_tag = consumer.consumer_tag, None
-    if tag is not None:
-        try:
-            await consumer.queue.cancel(tag)
-        except Exception as exc:  # the channel may be gone with it
-            log.debug("cancel of a vanished consumer failed: %r", exc)
-    await consumer.start()
+def _spawn_restart(consumer: Consumer, done: Callable[[], None]) -> None:
+    """Register a vanished consumer again. A worker gives its type back first (closes its
+    channel, dropping every bit of owner state), so that this process never goes on
+    calling an account while the broker has handed its queue to another replica."""
+    def finished(task: asyncio.Task[None]) -> None:
+        done()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("registering a consumer again failed", exc_info=task.exception())
+
+    asyncio.create_task(consumer.restart(), name="re-register a consumer").add_done_callback(
+        finished)
 
 
 async def publish_event(exchange: AbstractExchange, event: dict[str, Any]) -> None:

@@ -5,19 +5,22 @@ Why a queue of its own: the work queue has a single active consumer whose prefet
 fixed when it registers, and registering again hands the type to a standby replica.
 So the owner never holds a paused type's jobs: it moves each one, as it arrives, to the
 parked queue — the move *is* the delayed signal, one publish routed both to the history
-exchange and (by a ``BCC`` key) to the parked queue — and acks it on the work queue.
-Being in the parked queue is the fact "had its delayed signal": it survives a crash,
-a hand-over and a restart, and nobody holds a paused job past the consumer timeout.
+exchange and (by a ``BCC`` key) to the parked queue — and then acks it where it came
+from (the work queue or the bulk queue). Being in the parked queue is the fact "had its
+delayed signal": it survives a crash, a hand-over and a restart, and nobody holds a
+paused job past the consumer timeout. The only window: a crash after the publish is
+confirmed and before the ack reaches the broker (one publish) — the job comes back and
+is parked, and signalled, again.
 
 While the parked queue is not empty, later jobs of the type go there too (behind the
 ones held up), with a delayed signal that says they wait behind the pause's backlog;
 after the resume the owner drains it, oldest first, then takes jobs straight from the
-work queue again.
+work and bulk queues again.
 
-A standby learns that it has become the owner only from a delivery on the work queue.
-So while jobs are parked, the owner holds one *anchor* token taken from the work queue:
-if the owner dies, the anchor returns and wakes the next owner, which then drains the
-parked queue. The anchor is renewed before the broker's consumer timeout.
+:class:`ParkRules` holds the decisions and does no I/O (tests/test_parking.py drives it
+through pauses, resumes, re-pauses, crashes, hand-backs and failed publishes and acks);
+:class:`Parking` performs them on the broker; :class:`Parker` keeps the moves of each SIM
+in order.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -38,13 +41,12 @@ from prometheus_client import Gauge
 from .config import Command, CommunicatorType
 from .edge import ack
 from .errors import JasperConsumerError
-from .events import Job
+from .events import Job, Lane
 from .history import History, message_id, until_confirmed
-from .lanes import Lanes, identity
+from .lanes import Identity, Lanes, Source, identity
 from .outcomes import ErrorInfo
-from .pause import Pause
 from .signals import Kind
-from .topology import TOKEN_HEADER, Names
+from .topology import Names
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ STAMP_HEADER = "x-jasper-stamp"
 OCCURRED_HEADER = "x-jasper-occurred-at"
 REPLAYED_HEADER = "x-jasper-job-replayed"
 ORIGIN_HEADER = "x-jasper-origin"
+LANE_HEADER = "x-jasper-lane"
+RECEIVED_HEADER = "x-jasper-received-at"
+ATTEMPTS_HEADER = "x-jasper-attempts"  # calls made for the job before it was parked
 
 
 @dataclass(eq=False, slots=True)
@@ -59,8 +64,13 @@ class Delivery:
     """A job's message and where it came from."""
 
     message: AbstractIncomingMessage
-    parked: bool  # from the parked queue (else the work queue)
+    source: Source
     started: float  # perf_counter when it arrived
+    prior: int = 0  # calls made for it before it was parked (its signal counts them too)
+
+    @property
+    def parked(self) -> bool:
+        return self.source is Source.PARKED
 
 
 class NotAJob(JasperConsumerError, ValueError):
@@ -71,7 +81,8 @@ def job_headers(job: Job) -> dict[str, Any]:
     """What a parked job needs beyond its signal's fields to become the same job again."""
     return {STAMP_HEADER: job.stamp,
             OCCURRED_HEADER: job.occurred_at.isoformat() if job.occurred_at else "",
-            REPLAYED_HEADER: job.replayed, ORIGIN_HEADER: job.origin or ""}
+            REPLAYED_HEADER: job.replayed, ORIGIN_HEADER: job.origin or "",
+            LANE_HEADER: job.lane.value, RECEIVED_HEADER: str(job.received_at)}
 
 
 def read_parked(body: bytes, headers: dict[str, Any]) -> Job:
@@ -87,13 +98,94 @@ def read_parked(body: bytes, headers: dict[str, Any]) -> Job:
             stamp=int(headers.get(STAMP_HEADER) or 0),
             replayed=bool(headers.get(REPLAYED_HEADER)),
             origin=str(headers.get(ORIGIN_HEADER) or "") or None,
+            lane=Lane(str(headers.get(LANE_HEADER) or Lane.INTERACTIVE.value)),
+            received_at=float(headers.get(RECEIVED_HEADER) or 0.0),
         )
     except Exception as exc:  # any shape problem: the message cannot be a job
         raise NotAJob(f"parked message is not a job: {type(exc).__name__}") from None
 
 
+class BulkMode(Enum):
+    """What the owner does with its bulk queue (see :meth:`ParkRules.bulk_mode`)."""
+
+    PULL = "pull"  # take jobs for calls
+    PARK = "park"  # paused: move every job to the parked queue, each with its signal
+    HOLD = "hold"  # a pause's backlog drains: leave bulk jobs where they are, in order
+
+
+class ParkRules:
+    """The parking decisions of one owner; no I/O. The shell reports what happened
+    (:meth:`parked`, :meth:`read_back`, :meth:`acked`, :meth:`returned`) and asks."""
+
+    def __init__(self) -> None:
+        self.count = 0  # parked jobs not yet acked, as far as this owner knows
+        self.held = 0  # parked jobs delivered to this owner and not settled
+        self.draining = False  # consuming the parked queue
+        self._signalled: set[Identity] = set()  # parked with a signal, or read back
+
+    def active(self, paused: bool) -> bool:
+        """Jobs go to the parked queue: the type is paused, or others wait there."""
+        return paused or self.count > 0
+
+    def wants(self, job: Job, *, paused: bool, lane_here: bool, known: bool) -> bool:
+        """Whether a job from the work or bulk queue is parked: while :meth:`active`,
+        unless its SIM has work here from before the pause (``lane_here``: it joins that,
+        in order), or it needs no call (``known``: a remembered duplicate, a superseded
+        job)."""
+        if not self.active(paused):
+            self._signalled.clear()  # nothing parked: no duplicate of a parked job matters
+            return False
+        return not lane_here and not known
+
+    def needs_signal(self, job: Job) -> bool:
+        """A job parked again (a duplicate of a parked job) gets no second signal."""
+        return identity(job) not in self._signalled
+
+    def parked(self, job: Job) -> None:
+        """Its move was confirmed: it is in the parked queue, signalled."""
+        self.count += 1
+        self._signalled.add(identity(job))
+
+    def read_back(self, job: Job) -> None:
+        """A parked job was delivered to this owner (it had its delayed signal)."""
+        self._signalled.add(identity(job))
+        self.held += 1
+
+    def acked(self) -> None:
+        """A parked job was acked: it left the parked queue."""
+        self.count = max(0, self.count - 1)
+        self.held = max(0, self.held - 1)
+
+    def returned(self, jobs: int) -> None:
+        """``jobs`` parked deliveries went back to the queue (their channel closed)."""
+        self.held = max(0, self.held - jobs)
+
+    def should_drain(self, paused: bool) -> bool:
+        return not paused and self.count > 0 and not self.draining
+
+    def bulk_mode(self, paused: bool) -> BulkMode:
+        if paused:
+            return BulkMode.PARK
+        return BulkMode.HOLD if self.count > 0 else BulkMode.PULL
+
+    def drained(self) -> bool:
+        """No parked job is left here or in the queue (the parked queue is no source of
+        older jobs any more)."""
+        return self.count == 0 and self.held == 0
+
+    def more_behind(self) -> bool:
+        """The parked queue holds jobs beyond those delivered here."""
+        return self.count > self.held
+
+    def forget(self) -> None:
+        """Ownership lost: the broker keeps everything."""
+        self.count = self.held = 0
+        self.draining = False
+        self._signalled.clear()
+
+
 class Parking:
-    """The parked queue of one type, seen from its owner."""
+    """The parked queue of one type, seen from its owner: moves and draining."""
 
     def __init__(
         self,
@@ -104,139 +196,74 @@ class Parking:
         open_channel: Callable[[], Awaitable[AbstractChannel]],
         on_job: Callable[[Job, AbstractIncomingMessage], None],
         prefetch: int,
-        anchor_refresh_s: float,
         gauge: Gauge | None = None,
     ) -> None:
         self.ct = ct
+        self.rules = ParkRules()
         self.queue_name = names.parked_queue(ct)
-        self.work_queue = names.work_queue(ct)
         self._history = history
         self._open_channel = open_channel
         self._on_job = on_job
         self._prefetch = prefetch
-        self._refresh_s = anchor_refresh_s
         self._gauge = gauge
-        self._count = 0
         self._channel: AbstractChannel | None = None
-        self._anchor: AbstractIncomingMessage | None = None
-        self._anchor_since = 0.0
-        self._anchoring = False
-        self._renewal: asyncio.Task[None] | None = None
-        self.renewals = 0  # anchors renewed before the consumer timeout (for tests, logs)
+        self._tag: str | None = None
 
-    @property
-    def count(self) -> int:
-        """Parked messages not yet acked by us (as far as this owner knows)."""
-        return self._count
-
-    @count.setter
-    def count(self, value: int) -> None:
-        self._count = value
+    def _show(self) -> None:
         if self._gauge is not None:
-            self._gauge.set(value)
-
-    # -- ownership -------------------------------------------------------------------------
+            self._gauge.set(self.rules.count)
 
     async def take_over(self) -> int:
         """Read how many jobs wait in the parked queue (a new owner calls this first)."""
         channel = await self._open_channel()
         try:
             queue = await channel.declare_queue(self.queue_name, passive=True)
-            self.count = int(queue.declaration_result.message_count or 0)
+            self.rules.count = int(queue.declaration_result.message_count or 0)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
-        return self.count
+        self._show()
+        return self.rules.count
 
-    async def give_up(self) -> None:
-        """Ownership lost or shutting down: stop draining; the broker keeps everything."""
-        await self.stop_draining()
-        if self._renewal is not None:
-            self._renewal.cancel()
-            self._renewal = None
-        self._anchor = None
-        self.count = 0
-
-    # -- parking ---------------------------------------------------------------------------
-
-    async def park(self, job: Job, *, error: ErrorInfo, attempts: int, started: float,
-                   signalled: bool, paused: bool) -> None:
-        """Move ``job`` to the parked queue; unless ``signalled``, this publish is also its
-        delayed signal. Returns once the broker has confirmed it."""
-        self.count += 1
-        try:
-            if signalled:  # it had its delayed signal already (a duplicate of a parked job)
-                body = json.dumps({"event_id": job.event_id, "event_code": job.event_code,
-                                   "client_id": job.client_id, "command": job.command.value,
-                                   "iccid": job.iccid,
-                                   "communicator_type": job.communicator_type}).encode()
-                await self._history.to_queue(self.queue_name, body, message_id(),
-                                             job_headers(job))
-            else:
-                await self._history.report(
-                    job, Kind.DELAYED, type_label=self.ct.name, attempts=attempts,
-                    started=started, error=error, backlog=not paused,
-                    park_key=self.queue_name, park_headers=job_headers(job))
-        except BaseException:
-            self.count -= 1
-            raise
-        await self._ensure_anchor()
-
-    # -- the anchor ------------------------------------------------------------------------
-
-    async def _ensure_anchor(self) -> None:
-        if self._anchor is not None or self._anchoring or self.count <= 0:
-            return
-        self._anchoring = True
-        try:
-            await self._history.to_queue(self.work_queue, b"{}", message_id(),
-                                         {TOKEN_HEADER: "anchor"})
-        except Exception:
-            self._anchoring = False
-            raise
-
-    async def token(self, message: AbstractIncomingMessage) -> None:
-        """A token arrived on the work queue: keep it as the anchor while jobs are parked."""
-        self._anchoring = False
-        if self._anchor is None and self.count > 0:
-            self._anchor = message
-            self._anchor_since = time.monotonic()
-            if self._renewal is None or self._renewal.done():
-                self._renewal = asyncio.create_task(self._renew(), name=f"anchor {self.ct.name}")
-            return
-        await ack(message)
-        if self.count > 0:
-            await self._ensure_anchor()
-
-    async def _renew(self) -> None:
-        """Before the consumer timeout: put a fresh anchor in the queue, let the old go."""
-        while self._anchor is not None:
-            await asyncio.sleep(max(0.0, self._anchor_since + self._refresh_s - time.monotonic()))
-            old, self._anchor = self._anchor, None
-            if old is None:
-                return
-            try:
-                await self._ensure_anchor()
-            finally:
-                await ack(old)
-            self.renewals += 1
-
-    async def _release_anchor(self) -> None:
-        anchor, self._anchor = self._anchor, None
-        if anchor is not None:
-            await ack(anchor)
-
-    # -- draining --------------------------------------------------------------------------
+    async def move(self, job: Job, *, error: ErrorInfo, attempts: int, started: float,
+                   backlog: bool) -> None:
+        """Put ``job`` in the parked queue with its delayed signal (one publish), or without
+        one if it had it already; returns once the broker has confirmed it."""
+        headers = {**job_headers(job), ATTEMPTS_HEADER: attempts}
+        if not self.rules.needs_signal(job):
+            body = json.dumps({"event_id": job.event_id, "event_code": job.event_code,
+                               "client_id": job.client_id, "command": job.command.value,
+                               "iccid": job.iccid,
+                               "communicator_type": job.communicator_type}).encode()
+            await self._history.to_queue(self.queue_name, body, message_id(), headers)
+        else:
+            await self._history.report(
+                job, Kind.DELAYED, type_label=self.ct.name, attempts=attempts,
+                started=started, error=error, backlog=backlog, park_key=self.queue_name,
+                park_headers=headers)
+        self.rules.parked(job)
+        self._show()
 
     async def start_draining(self) -> None:
-        """Consume the parked queue (oldest first) and hand each job to ``on_job``."""
-        if self._channel is not None or self.count <= 0:
+        """Consume the parked queue (oldest first), handing each job to ``on_job``. On a
+        failure nothing is left half-open: the channel is closed and the error raised."""
+        if not self.rules.should_drain(paused=False):
             return
-        self._channel = channel = await self._open_channel()
-        await channel.set_qos(prefetch_count=self._prefetch)
-        queue = await channel.get_queue(self.queue_name, ensure=False)
-        await queue.consume(self._delivered)
-        await self._ensure_anchor()  # also after a take-over: the next owner must wake up
+        self.rules.draining = True
+        try:
+            channel = await self._open_channel()
+            try:
+                await channel.set_qos(prefetch_count=self._prefetch)
+                queue = await channel.get_queue(self.queue_name, ensure=False)
+                self._tag = await queue.consume(self._delivered)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                raise
+        except BaseException:
+            self.rules.draining = False
+            raise
+        self._channel = channel
 
     async def _delivered(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -244,84 +271,92 @@ class Parking:
         except NotAJob as exc:
             await self._history.dead_letter(message.body, str(exc),
                                             message_id=message.message_id)
-            await self.acked(message)
+            with contextlib.suppress(Exception):
+                await message.ack()
+            self.rules.count = max(0, self.rules.count - 1)
+            self._show()
             return
+        self.rules.read_back(job)
         self._on_job(job, message)
 
     async def acked(self, message: AbstractIncomingMessage) -> bool:
-        """Ack a parked job that is done; the last one lets the anchor go."""
+        """Ack a parked job that is done."""
         try:
             await message.ack()
         except Exception:
             return False
-        self.count = max(0, self.count - 1)
-        if self.count == 0:
-            await self._release_anchor()
+        self.rules.acked()
+        self._show()
         return True
 
-    async def stop_draining(self) -> None:
-        """Close the parked queue's channel: jobs taken but not acked return to its head,
-        in order (RabbitMQ returns a closed channel's deliveries in delivery order)."""
-        channel, self._channel = self._channel, None
-        if channel is not None:
+    async def stop_draining(self, settled: Callable[[], Awaitable[None]] | None = None,
+                            returned: int = 0) -> None:
+        """Stop taking parked jobs; wait for ``settled`` (the parked jobs whose calls are
+        under way to settle, so that none is acked on a closed channel); then close the
+        channel: jobs taken but not acked return to its head, in order (RabbitMQ returns
+        a closed channel's deliveries in delivery order)."""
+        channel, tag, self._channel, self._tag = self._channel, self._tag, None, None
+        if channel is None:
+            self.rules.draining = False
+            return
+        with contextlib.suppress(Exception):
+            if tag is not None:
+                await (await channel.get_queue(self.queue_name, ensure=False)).cancel(tag)
+        try:
+            if settled is not None:
+                await settled()
+        finally:
             with contextlib.suppress(Exception):
                 await channel.close()
+            self.rules.returned(self.rules.held)
+            self.rules.draining = False
+
+    async def give_up(self) -> None:
+        """Ownership lost or shutting down: stop draining; the broker keeps everything."""
+        await self.stop_draining()
+        self.rules.forget()
+        self._show()
 
 
 class Parker:
     """Moves jobs to the parked queue in order per SIM, for the owner of a type: a job that
-    arrives while jobs are parked, and — when the type pauses — every lane whose call is not
-    under way, whole (a lane with a call under way follows once the call ends)."""
+    arrives while jobs are parked, and — when the type pauses — every entry whose call has
+    not started (an entry whose call is under way follows once the call ends, if it did
+    not apply)."""
 
-    def __init__(self, lanes: Lanes[Delivery], pause: Pause, parking: Parking,
-                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    def __init__(self, lanes: Lanes[Delivery], parking: Parking,
+                 spawn: Callable[[Coroutine[Any, Any, None]], None],
+                 error: Callable[[], ErrorInfo | None], last_error: Callable[[], ErrorInfo],
+                 on_moved: Callable[[Delivery], None]) -> None:
         self._lanes = lanes
-        self._pause = pause
+        self._on_moved = on_moved
         self._parking = parking
         self._spawn = spawn
+        self._error = error  # the pause's error, None while running
+        self._last_error = last_error
         self._chains: dict[str, asyncio.Future[None]] = {}
-        self._signalled: set[tuple[str, str, str]] = set()  # parked with a signal, or seen there
-
-    @property
-    def active(self) -> bool:
-        """Jobs go to the parked queue: the type is paused, or others wait there."""
-        return self._pause.error is not None or self._parking.count > 0
 
     def wants(self, job: Job) -> bool:
-        """A job from the work queue is parked while :attr:`active`, unless its SIM has
-        work here from before the pause (it joins that, in order), or it needs no call
-        (a remembered duplicate, a superseded job)."""
-        if not self.active:
-            self._signalled.clear()  # nothing parked: no duplicate of a parked job can matter
-            return False
         lane = self._lanes.lane(job.iccid)
-        if lane and not any(m.payload.parked for e in lane for m in e.members):
-            return False
-        return self._lanes.known(job) is None
+        lane_here = bool(lane) and not any(m.payload.parked for e in lane for m in e.members)
+        return self._parking.rules.wants(job, paused=self._error() is not None,
+                                         lane_here=lane_here,
+                                         known=self._lanes.known(job) is not None)
 
-    def seen(self, job: Job) -> None:
-        """A job read back from the parked queue had its delayed signal."""
-        self._signalled.add(identity(job))
+    def park(self, job: Job, delivery: Delivery, attempts: int = 0) -> None:
+        self._spawn(self._chain(job.iccid, self._park(job, delivery, attempts)))
 
-    def park(self, job: Job, delivery: Delivery) -> None:
-        self._spawn(self._chain(job.iccid, self._park(job, delivery, 0)))
+    def park_queued(self, iccid: str) -> None:
+        """While paused, move the SIM's entries whose call has not started."""
+        if self._error() is not None:
+            self._spawn(self._chain(iccid, self._park_queued(iccid)))
 
-    def park_lane(self, iccid: str) -> None:
-        """While paused, move the SIM's lane once no call of it is under way."""
-        if self._pause.error is not None:
-            self._spawn(self._chain(iccid, self._park_lane(iccid)))
-
-    async def paused(self) -> None:
-        """The type paused: parked jobs taken but not started go back to the head of their
-        queue (closing its channel), every other lane is moved."""
-        await self._parking.stop_draining()
-        self._lanes.drop(lambda delivery: not delivery.parked)
+    def park_all(self) -> None:
         for iccid in self._lanes.iccids():
-            self.park_lane(iccid)
+            self.park_queued(iccid)
 
     def clear(self) -> None:
         self._chains.clear()
-        self._signalled.clear()
 
     async def _chain(self, iccid: str, step: Awaitable[None]) -> None:
         """Run ``step`` after every parking step already chained for the SIM."""
@@ -337,20 +372,21 @@ class Parker:
             if self._chains.get(iccid) is mine:
                 del self._chains[iccid]
 
-    async def _park_lane(self, iccid: str) -> None:
-        if self._pause.error is None:
+    async def _park_queued(self, iccid: str) -> None:
+        if self._error() is None:
             return
-        for entry in self._lanes.take_lane(iccid):
+        for entry in self._lanes.take_queued(iccid):
             for i, member in enumerate(entry.members):
-                await self._park(member.job, member.payload, entry.attempts if i == 0 else 0)
+                await self._park(member.job, member.payload,
+                                 member.payload.prior + (entry.attempts if i == 0 else 0))
 
     async def _park(self, job: Job, delivery: Delivery, attempts: int) -> None:
         if delivery.parked:
-            return  # a parked job not started: its channel closed and returned it
-        key = identity(job)
-        await until_confirmed(lambda: self._parking.park(
-            job, error=self._pause.error or self._pause.last_error, attempts=attempts,
-            started=delivery.started, signalled=key in self._signalled,
-            paused=self._pause.error is not None), f"parking a job of {job.communicator_type}")
-        self._signalled.add(key)
+            return  # a parked job not started: its channel closes and returns it
+        error = self._error()
+        await until_confirmed(lambda: self._parking.move(
+            job, error=error or self._last_error(), attempts=attempts,
+            started=delivery.started, backlog=error is None),
+            f"parking a job of {job.communicator_type}")
         await ack(delivery.message)
+        self._on_moved(delivery)

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from enum import Enum
+from typing import Any
 
 from .errors import JasperError, TypePaused
 from .metrics import Metrics
@@ -136,6 +137,7 @@ class Pause:
         self._pausing = asyncio.Event()  # set while the type is paused
         self._echo_lock = asyncio.Lock()
         self._probing: asyncio.Task[None] | None = None
+        self._resuming: asyncio.Task[Any] | None = None
         self._since = 0.0
         self._last: ErrorInfo | None = None
         self._up.set(1)
@@ -215,15 +217,24 @@ class Pause:
         self.rules.resumed()
         self._pausing.clear()
         self._up.set(1)
-        await self._on_resume()
+        # From here this task is no longer the prober: a pause that lands while the hook
+        # runs starts a prober of its own (it would wait for this one otherwise, for ever).
+        self._probing, self._resuming = None, asyncio.current_task()
+        try:
+            await self._on_resume()
+        except Exception:  # the hook gives the type back itself; this is a backstop
+            log.exception("resuming %s failed", self.name)
+        finally:
+            self._resuming = None
 
     async def stop(self) -> None:
         """No more probes (ownership lost, or shutting down); the pause is forgotten."""
-        task, self._probing = self._probing, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._probing, self._resuming):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._probing = self._resuming = None
         self.rules = PauseRules(self.rules.outage_streak)
         self._pausing.clear()
         self._up.set(1)

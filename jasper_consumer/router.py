@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from .config import Settings
 from .edge import ACKS, settle
 from .errors import HandBack, UnreadableMessage
-from .events import Job, Rejected, parse_event
+from .events import Job, Lane, Rejected, lane_of, parse_event
 from .history import History, message_id
 from .metrics import Metrics
 from .outcomes import ErrorInfo
@@ -53,6 +53,8 @@ class Router:
         self._names = Names.from_settings(settings)
         self._work_queues = {ct.name: self._names.work_queue(ct)
                              for ct in settings.communicator_types}
+        self._bulk_queues = {ct.name: self._names.bulk_queue(ct)
+                             for ct in settings.communicator_types}
         self._tails: dict[str, asyncio.Future[bool]] = {}
         self._received = {code: metrics.events_received.labels(str(code))
                           for code in settings.commands}
@@ -75,6 +77,7 @@ class Router:
             self._owner = message.channel
             self._epoch = None
         started = time.perf_counter()
+        received = time.time()
         try:
             job = parse_event(message.body, self._settings)
         except UnreadableMessage as exc:
@@ -100,9 +103,12 @@ class Router:
         try:
             in_order = previous is None or await previous
             replayed = REPLAYED_HEADER in (message.headers or {})
+            lane = lane_of(job.model_copy(update={"origin": "replay"}) if replayed else job,
+                           self._settings.lanes, message.priority)
             acked = await settle(
                 message,
-                lambda m: self._forward(job, replayed=replayed) if in_order else _behind(),
+                lambda m: self._forward(job, replayed=replayed, lane=lane, received=received)
+                if in_order else _behind(),
                 self._metrics, "route")
         finally:
             mine.set_result(acked)
@@ -139,14 +145,14 @@ class Router:
         self._counter = itertools.count(1)
         return epoch
 
-    async def _forward(self, job: Job, *, replayed: bool) -> None:
+    async def _forward(self, job: Job, *, replayed: bool, lane: Lane, received: float) -> None:
         if self._epoch is None or (self._epoch.done() and self._epoch.exception()):
             self._epoch = asyncio.ensure_future(self._next_epoch())  # (again, if it failed)
         epoch = await asyncio.shield(self._epoch)
         body = job.work_item(stamp=epoch * EPOCH_SCALE + next(self._counter),
-                             replayed=replayed)
-        await self._history.to_queue(self._work_queues[job.communicator_type], body,
-                                     job.event_id)
+                             replayed=replayed, lane=lane, received_at=received)
+        queues = self._work_queues if lane is Lane.INTERACTIVE else self._bulk_queues
+        await self._history.to_queue(queues[job.communicator_type], body, job.event_id)
 
     async def _reject(
         self, message: AbstractIncomingMessage, exc: Rejected, started: float

@@ -8,8 +8,13 @@
                                                DLX <p>.dlx, work delivery limit)
     patriot.history (topic) ──jasper.#──▶ <p>.history (quorum)
     <p>.dlx (fanout) ────────────────────▶ <p>.dead (quorum)
+    (default exchange)     ──────────────▶ <p>.bulk.<slug> (quorum): bulk jobs (reconcile's,
+                                               replays, decommissions), pulled by the type's
+                                               owner after interactive ones (bulk.py)
     patriot.history ──<p>.parked.<slug> (BCC only)──▶ <p>.parked.<slug> (quorum): jobs that
                                                wait for a paused type, with their delayed signal
+    (default exchange)     ──────────────▶ <p>.owner.<slug> (quorum): the type's ownership
+                                               log: clean hand-overs and guards (ownerlog.py)
     (default exchange)     ──────────────▶ <p>.router-epoch (quorum): the router's epoch
     (default exchange)     ──────────────▶ <p>.calls.<slug> (quorum, message TTL 60 s):
                                                operator tools' Control Center calls, made
@@ -69,6 +74,14 @@ class Names:
     def work_queue(self, ct: CommunicatorType) -> str:
         return f"{self.prefix}.work.{ct.slug}"
 
+    def bulk_queue(self, ct: CommunicatorType) -> str:
+        """Bulk jobs, pulled by the type's owner after interactive ones."""
+        return f"{self.prefix}.bulk.{ct.slug}"
+
+    def owner_queue(self, ct: CommunicatorType) -> str:
+        """The type's ownership log (ownerlog.py)."""
+        return f"{self.prefix}.owner.{ct.slug}"
+
     def parked_queue(self, ct: CommunicatorType) -> str:
         """Jobs of a paused type (also the BCC routing key that reaches it)."""
         return f"{self.prefix}.parked.{ct.slug}"
@@ -80,6 +93,7 @@ class Names:
     @property
     def epoch_queue(self) -> str:
         return f"{self.prefix}.router-epoch"
+
     def calls_queue(self, ct: CommunicatorType) -> str:
         return f"{self.prefix}.calls.{ct.slug}"
 
@@ -163,10 +177,17 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
             # owner's anchor tokens during a pause: this limit must outlast long pauses.
             arguments=_quorum(settings, settings.work_delivery_limit,
                               **{"x-single-active-consumer": True}))
+        # Pulled with basic.get by the type's owner only (no single active consumer: that
+        # rules consumers); a job returned by a crash counts as a delivery, as on work.
+        await channel.declare_queue(
+            names.bulk_queue(ct), durable=True,
+            arguments=_quorum(settings, settings.work_delivery_limit))
         parked = await channel.declare_queue(
             names.parked_queue(ct), durable=True,
             arguments=_quorum(settings, settings.work_delivery_limit))
         await parked.bind(history_x, routing_key=names.parked_queue(ct))
+        await channel.declare_queue(
+            names.owner_queue(ct), durable=True, arguments={"x-queue-type": "quorum"})
     calls: dict[str, AbstractQueue] = {}
     for ct in settings.communicator_types:
         # Requests from operator tools (reconcile) that the type's owner makes through its
@@ -184,7 +205,8 @@ def all_queues(settings: Settings) -> list[str]:
     names = Names.from_settings(settings)
     queues = [names.events_queue, names.history_queue, names.dead_queue, names.epoch_queue]
     for ct in settings.communicator_types:
-        queues += [names.work_queue(ct), names.parked_queue(ct), names.calls_queue(ct)]
+        queues += [names.work_queue(ct), names.bulk_queue(ct), names.parked_queue(ct),
+                   names.owner_queue(ct), names.calls_queue(ct)]
     return queues
 
 

@@ -27,6 +27,7 @@ class FakeMessage:
         self.message_id = None if isinstance(body, bytes) else body["event_id"]
         self.headers: dict[str, Any] = {}
         self.routing_key = "event.65516"
+        self.priority: int | None = None
         self.content_type = "application/json"
         self.answers: list[str] = []
 

@@ -280,7 +280,7 @@ async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
         lambda: all(any(s["event_id"] == e and s["outcome"] == "delayed" for s in broker.signals)
                     for e in ids), "a delayed signal for every event")
     async with asyncio.timeout(10):  # renewing the anchor publishes no signal: poll it
-        while worker.parking.renewals < 2:  # noqa: ASYNC110
+        while worker.renewals < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     channel = await connection.channel()
     parked = await channel.declare_queue(broker.names.parked_queue(ct), passive=True)
