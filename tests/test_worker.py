@@ -1,4 +1,5 @@
-"""The worker (stage 2) with the broker, history and Control Center replaced by fakes."""
+"""The worker (stage 2) on an in-memory broker (tests/fakebroker.py) with Control Center
+replaced by a script: ownership, lanes, the pause, the take-over."""
 
 from __future__ import annotations
 
@@ -7,268 +8,365 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import aiormq
 import pytest
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer import calls
-from jasper_consumer.config import Command, Settings, parse_settings
-from jasper_consumer.errors import CommunicatorMisconfigured, JasperError
+from jasper_consumer.config import Command, RetrySettings, Settings, parse_settings
+from jasper_consumer.errors import CommunicatorMisconfigured, JasperError, JasperRetryable
 from jasper_consumer.jasper.limiter import Limiter
 from jasper_consumer.metrics import Metrics
+from jasper_consumer.ownerlog import owned_record, released_record
 from jasper_consumer.signals import Kind
 from jasper_consumer.topology import Names
 from jasper_consumer.worker import Worker
 
+from .fakebroker import Broker, History, Message
+
 ICCID = "89610185002345678901"
-
-
-class Channel:
-    def __init__(self) -> None:
-        self.close_callbacks: set[Callable[..., None]] = set()
-        self.parked = 0
-
-    async def declare_queue(self, name: str, passive: bool = False) -> Any:
-        return type("Declared", (), {"declaration_result": type(
-            "Ok", (), {"message_count": self.parked, "consumer_count": 1})()})()
-
-    async def close(self) -> None:
-        pass
-
-    async def set_qos(self, prefetch_count: int) -> None:
-        pass
-
-    async def get_queue(self, name: str, ensure: bool = True) -> Any:
-        channel = self
-
-        class Q:
-            async def consume(self, callback: Any) -> str:
-                return "tag"
-        del channel
-        return Q()
-
-
-class Message:
-    def __init__(self, body: dict[str, Any], channel: object, headers: dict[str, Any] | None
-                 = None) -> None:
-        self.body = json.dumps(body).encode()
-        self.channel = channel
-        self.delivery_tag = None
-        self.headers = headers or {}
-        self.message_id = body.get("event_id")
-        self.acked = False
-
-    async def ack(self) -> None:
-        self.acked = True
-
-
-class Queue:
-    def __init__(self) -> None:
-        self.channel = Channel()
-        self.callback: Any = None
-
-    async def consume(self, callback: Any) -> str:
-        self.callback = callback
-        return "ctag"
-
-
-class History:
-    """Records every publish; ``hold`` keeps publishes waiting (an unconfirmed publish)."""
-
-    def __init__(self) -> None:
-        self.signals: list[tuple[str, Kind, dict[str, Any]]] = []
-        self.queued: list[tuple[str, dict[str, Any]]] = []
-        self.hold = asyncio.Event()
-        self.hold.set()
-
-    async def report(self, subject: Any, kind: Kind, **fields: Any) -> None:
-        await self.hold.wait()
-        self.signals.append((subject.event_id, kind, fields))
-
-    async def final(self, job: Any, outcome: Any, **fields: Any) -> None:
-        await self.hold.wait()
-        self.signals.append((job.event_id, Kind(outcome.result.value), fields))
-
-    async def to_queue(self, queue: str, body: bytes, message_id: Any,
-                       headers: Any = None) -> None:
-        self.queued.append((queue, dict(headers or {})))
-
-    async def dead_letter(self, body: bytes, reason: str, **_: Any) -> None:
-        self.queued.append(("dead", {"reason": reason}))
+OTHER = "89610185002345678902"
 
 
 class Client:
-    """Control Center: answers each PUT from a script (default: success)."""
+    """Control Center: answers each PUT from a script (default: success); ``gate`` holds
+    the calls of one ICCID until set."""
 
     def __init__(self, settings: Settings, *answers: JasperError | None) -> None:
         self.ct = settings.communicator_types[0]
-        self.limiter = Limiter(1, 1000)
+        self.limiter = Limiter(self.ct.max_concurrency, self.ct.requests_per_second)
         self.answers = list(answers)
         self.calls: list[tuple[str, Command]] = []
         self.called_at: list[float] = []  # loop time of each call, at the call
+        self.gates: dict[str, asyncio.Event] = {}
 
-    async def put_status(self, iccid: str, command: Command, *, admit: Any = None) -> str:
-        async with self.limiter:
+    async def put_status(self, iccid: str, command: Command, *, admit: Any = None,
+                         granted: bool = False) -> str:
+        if not granted:
+            await self.limiter.acquire()
+        try:
             if admit is not None:
                 admit()
+        except BaseException:
+            self.limiter.discard()
+            raise
+        try:
             self.calls.append((iccid, command))
             self.called_at.append(asyncio.get_running_loop().time())
+            if iccid in self.gates:
+                await self.gates[iccid].wait()
             answer = self.answers.pop(0) if self.answers else None
             if answer is not None:
                 raise answer
             return command.target_status
+        finally:
+            self.limiter.release()
 
     async def probe(self) -> None:
         await asyncio.sleep(3600)
 
 
-@pytest.fixture
-def settings() -> Settings:
+def make_settings(**type_fields: Any) -> Settings:
     return parse_settings({"communicator_types": [{
         "name": "T", "server_address": "https://j.example/rws/api/v1", "username": "u",
-        "api_key": "k", "request_timeout_seconds": 0.01, "requests_per_second": 1000}]}, {})
+        "api_key": "k", "request_timeout_seconds": 0.5, "requests_per_second": 1000,
+        **type_fields}]}, {})
 
 
-def make(settings: Settings, client: Client) -> tuple[Worker, Queue, History]:
-    queue, history = Queue(), History()
-
-    async def open_channel() -> Any:
-        return queue.channel
-
-    worker = Worker(settings.communicator_types[0], settings, client,  # type: ignore[arg-type]
-                    history, Metrics(CollectorRegistry()), queue=queue,  # type: ignore[arg-type]
-                    names=Names.from_settings(settings), open_channel=open_channel,
-                    parked_prefetch=4)
-    return worker, queue, history
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
 
 
-def job(n: int, command: str = "activate") -> dict[str, Any]:
-    return {"event_id": f"e{n}", "event_code": 65516, "client_id": "c", "command": command,
-            "iccid": ICCID, "communicator_type": "T", "stamp": n}
+class Rig:
+    """A worker on the fake broker, with names of its queues."""
+
+    def __init__(self, settings: Settings, client: Client, broker: Broker | None = None,
+                 prefetch: int = 64) -> None:
+        self.settings, self.client = settings, client
+        self.broker = broker or Broker()
+        self.history = History(self.broker)
+        names = Names.from_settings(settings)
+        ct = settings.communicator_types[0]
+        self.work, self.bulk = names.work_queue(ct), names.bulk_queue(ct)
+        self.parked, self.owner_log = names.parked_queue(ct), names.owner_queue(ct)
+        self.worker = Worker(ct, settings, client,  # type: ignore[arg-type]
+                             self.history, Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+                             names=names,
+                             open_channel=self.broker.open_channel,  # type: ignore[arg-type]
+                             prefetch=prefetch, parked_prefetch=4)
+
+    def job(self, n: int, command: str = "activate", iccid: str = ICCID,
+            lane: str = "interactive") -> None:
+        body = json.dumps({"event_id": f"e{n}", "event_code": 65516, "client_id": "c",
+                           "command": command, "iccid": iccid, "communicator_type": "T",
+                           "stamp": n, "lane": lane}).encode()
+        self.broker.publish(self.work if lane == "interactive" else self.bulk,
+                            Message(body, message_id=f"e{n}"))
+
+    def finals(self) -> list[str]:
+        return [e for e, k, _ in self.history.signals if k is not Kind.DELAYED]
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(5):
+async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
 async def test_a_job_is_acked_only_after_its_signal_is_confirmed(settings: Settings):
     """The message stays unacked while its signal is not confirmed; then it is acked."""
-    client = Client(settings)
-    worker, queue, history = make(settings, client)
-    await worker.start()
-    history.hold.clear()
-    message = Message(job(1), "channel-1")
+    rig = Rig(settings, Client(settings))
+    await rig.worker.start()
+    rig.history.hold.clear()
+    rig.job(1)
 
-    await queue.callback(message)
-    await until(lambda: bool(client.calls))
+    await until(lambda: bool(rig.client.calls))
     await asyncio.sleep(0.02)
-    assert not message.acked
-    history.hold.set()
-    await until(lambda: message.acked)
+    assert rig.broker.channels[0].unacked  # the job (and the anchor) still held
+    held = [m for m in rig.broker.channels[0].unacked if not m.headers]
+    assert held
+    rig.history.hold.set()
+    await until(lambda: all(m.acked for m in held))
 
-    assert history.signals[0][:2] == ("e1", Kind.SUCCEEDED)
-    await worker.stop(1)
+    assert rig.history.signals[0][:2] == ("e1", Kind.SUCCEEDED)
+    await rig.worker.stop(1)
+
+
+async def test_the_first_owner_ever_calls_at_once(settings: Settings):
+    """With an empty ownership log (a first start) there is no wait before the first call,
+    however long the request timeout."""
+    settings = make_settings(request_timeout_seconds=30)
+    rig = Rig(settings, Client(settings))
+    await rig.worker.start()
+    started = asyncio.get_running_loop().time()
+    rig.job(1)
+
+    await until(lambda: bool(rig.client.calls), timeout=2)
+
+    assert rig.client.called_at[0] - started < 1.0
+    await rig.worker.stop(1)
+
+
+async def test_after_a_clean_hand_over_the_new_owner_calls_at_once(settings: Settings):
+    """A log whose last owner recorded that it released the type: no wait."""
+    settings = make_settings(request_timeout_seconds=30)
+    rig = Rig(settings, Client(settings))
+    rig.broker.publish(rig.owner_log, Message(owned_record("old")))
+    rig.broker.publish(rig.owner_log, Message(released_record("old")))
+    await rig.worker.start()
+    started = asyncio.get_running_loop().time()
+    rig.job(1)
+
+    await until(lambda: bool(rig.client.calls), timeout=2)
+
+    assert rig.client.called_at[0] - started < 1.0
+    await rig.worker.stop(1)
+
+
+async def test_after_a_crash_the_new_owner_waits_before_its_first_call(settings: Settings):
+    """A previous owner that did not record a release may have a request open: the first
+    call waits one interval plus the request timeout."""
+    settings = make_settings(request_timeout_seconds=0.3)
+    rig = Rig(settings, Client(settings))
+    rig.broker.publish(rig.owner_log, Message(owned_record("crashed")))
+    await rig.worker.start()
+    started = asyncio.get_running_loop().time()
+    rig.job(1)
+
+    await until(lambda: bool(rig.client.calls))
+
+    assert rig.client.called_at[0] - started >= 0.3
+    await rig.worker.stop(1)
+
+
+async def test_a_clean_stop_records_the_release_once_its_calls_ended(settings: Settings):
+    """SIGTERM: after the last call, the log gets ``released`` for this ownership."""
+    rig = Rig(settings, Client(settings))
+    await rig.worker.start()
+    rig.job(1)
+    await until(lambda: bool(rig.finals()))
+
+    await rig.worker.stop(1)
+
+    kinds = [json.loads(m.body)["kind"] for m in rig.broker.queues[rig.owner_log]]
+    assert kinds == ["owned", "released"]
+
+
+async def test_interactive_jobs_go_before_bulk_jobs_waiting(settings: Settings):
+    """With bulk jobs waiting, a commission takes the next call."""
+    settings = make_settings(requests_per_second=20)
+    rig = Rig(settings, Client(settings))
+    for n in range(1, 21):
+        rig.job(n, "deactivate", iccid=f"8961018500{n:010d}", lane="bulk")
+    await rig.worker.start()
+    await until(lambda: len(rig.client.calls) >= 2)
+    rig.job(100, iccid=ICCID)
+
+    await until(lambda: (ICCID, Command.ACTIVATE) in rig.client.calls)
+
+    assert rig.client.calls.index((ICCID, Command.ACTIVATE)) <= 4
+    await rig.worker.stop(1)
+
+
+async def test_an_older_bulk_job_after_a_newer_commission_is_superseded(settings: Settings):
+    """A bulk decommission (older) still queued when a commission of the same SIM is applied
+    is SUPERSEDED; the SIM ends ACTIVATED."""
+    rig = Rig(settings, Client(settings))
+    for n in range(1, 11):  # a bulk backlog in front
+        rig.job(n, "deactivate", iccid=f"8961018500{n:010d}", lane="bulk")
+    rig.job(11, "deactivate", iccid=ICCID, lane="bulk")
+    rig.job(12, "activate", iccid=ICCID)
+    await rig.worker.start()
+
+    await until(lambda: {"e11", "e12"} <= set(rig.finals()))
+
+    calls_for_sim = [c for c in rig.client.calls if c[0] == ICCID]
+    assert calls_for_sim[-1] == (ICCID, Command.ACTIVATE)
+    outcomes = {e: f.get("error") for e, k, f in rig.history.signals if e in ("e11", "e12")}
+    if (ICCID, Command.DEACTIVATE) not in calls_for_sim:  # not applied first: superseded
+        assert outcomes["e11"] is not None
+        assert outcomes["e11"].code == "SUPERSEDED"
+    await rig.worker.stop(1)
 
 
 async def test_jobs_of_a_paused_type_are_parked_with_their_delayed_signal(settings: Settings):
     """A wrong key pauses the type: the job that hit it and those behind it each get one
-    delayed signal that also parks them (BCC key), and are acked; one anchor goes to the
-    work queue; no further call is made."""
+    delayed signal that also parks them (BCC key), and are acked; no further call."""
     client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid credentials", 401))
-    worker, queue, history = make(settings, client)
-    await worker.start()
-    messages = [Message(job(n, "activate" if n % 2 else "deactivate"), "channel-1")
-                for n in range(1, 6)]
+    rig = Rig(settings, client)
+    await rig.worker.start()
+    for n in range(1, 6):
+        rig.job(n, "activate" if n % 2 else "deactivate")
 
-    for message in messages:
-        await queue.callback(message)
-    await until(lambda: all(m.acked for m in messages))
+    await until(lambda: len(rig.broker.queues.get(rig.parked, [])) == 5)
 
-    delayed = [(e, f["park_key"], f["attempts"]) for e, k, f in history.signals
+    delayed = [(e, f["park_key"], f["attempts"]) for e, k, f in rig.history.signals
                if k is Kind.DELAYED]
-    parked = f"{settings.queue_prefix}.parked.t"
-    assert delayed == [("e1", parked, 1)] + [(f"e{n}", parked, 0) for n in range(2, 6)]
-    assert [q for q, headers in history.queued if headers.get("x-jasper-token")] == \
-        [f"{settings.queue_prefix}.work.t"]
+    assert sorted(delayed) == sorted([("e1", rig.parked, 1)]
+                                     + [(f"e{n}", rig.parked, 0) for n in range(2, 6)])
     assert client.calls == [(ICCID, Command.ACTIVATE)]
-    assert worker.parking.count == 5
-    await worker.stop(1)
+    assert rig.worker.parking.rules.count == 5
+    await rig.worker.stop(1)
 
 
-def slower(settings: Settings, timeout_s: float) -> Settings:
-    """The same settings with another request timeout (the new owner's wait)."""
-    ct = settings.communicator_types[0].model_copy(update={"request_timeout_seconds": timeout_s})
-    return settings.model_copy(update={"communicator_types": [ct]})
+async def test_a_failing_token_publish_never_signals_a_parked_job_twice(settings: Settings):
+    """Parking is one publish; a token that cannot be published (the anchor's renewal)
+    costs no second delayed signal (issue #16, defect 3)."""
+    settings = settings.model_copy(update={"hold_refresh_seconds": 0.05})
+    client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid credentials", 401))
+    rig = Rig(settings, client)
+    await rig.worker.start()
+    await until(lambda: rig.worker.owner)
+    rig.history.fail = lambda queue, headers: "x-jasper-token" in headers
+    for n in range(1, 4):
+        rig.job(n)
+
+    await until(lambda: len(rig.broker.queues.get(rig.parked, [])) == 3)
+    await asyncio.sleep(0.2)  # several renewals fail meanwhile
+
+    delayed = [e for e, k, _ in rig.history.signals if k is Kind.DELAYED]
+    assert sorted(delayed) == ["e1", "e2", "e3"]
+    await rig.worker.stop(1)
 
 
-async def test_a_new_owner_waits_before_its_first_call(settings: Settings):
-    """The first delivery on a new channel holds calls back one interval plus the request
-    timeout (the previous owner's last request may still be open)."""
-    settings = slower(settings, 0.2)
-    client = Client(settings)
-    worker, queue, _ = make(settings, client)
-    await worker.start()
-    started = asyncio.get_running_loop().time()
+async def test_a_pause_parks_what_waits_behind_a_call_under_way_at_once(settings: Settings):
+    """With max_concurrency 2, a pause that hits another SIM parks the jobs queued behind a
+    call still under way without waiting for that call (issue #16, defect 5)."""
+    settings = make_settings(max_concurrency=2)
+    client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid", 401))
+    client.gates[ICCID] = asyncio.Event()
+    rig = Rig(settings, client)
+    await rig.worker.start()
+    rig.job(1, iccid=ICCID)  # its call hangs
+    await until(lambda: len(client.calls) == 1)
+    rig.job(2, "deactivate", iccid=ICCID)
+    rig.job(3, iccid=OTHER)  # its call pauses the type
+    await until(lambda: len(client.calls) == 2)
 
-    await queue.callback(Message(job(1), "channel-1"))
-    await until(lambda: bool(client.calls))
+    await until(lambda: any(e == "e2" and k is Kind.DELAYED
+                            for e, k, _ in rig.history.signals), timeout=2)
 
-    assert client.called_at[0] - started >= 0.2
-    await worker.stop(1)
+    client.gates[ICCID].set()
+    await rig.worker.stop(1)
+
+
+async def test_the_retry_budget_does_not_count_the_wait_for_the_account(settings: Settings):
+    """The first event after a crash take-over meets one 500: it is retried, though the
+    take-over's wait was longer than its whole retry budget."""
+    settings = make_settings(request_timeout_seconds=0.4).model_copy(update={
+        "retry": RetrySettings(max_attempts=3, initial_delay_seconds=0.01,
+                               max_delay_seconds=0.02, max_elapsed_seconds=0.3)})
+    client = Client(settings, JasperRetryable("30000001", "Unknown server error", 500))
+    rig = Rig(settings, client)
+    rig.broker.publish(rig.owner_log, Message(owned_record("crashed")))
+    await rig.worker.start()
+    rig.job(1)
+
+    await until(lambda: bool(rig.finals()))
+
+    assert [k for e, k, _ in rig.history.signals] == [Kind.SUCCEEDED]
+    assert len(client.calls) == 2
+    await rig.worker.stop(1)
 
 
 async def test_losing_the_channel_stops_every_call(settings: Settings):
     """When the work queue's channel closes during the new owner's wait, the job waiting
     here is dropped (the broker returns it) and no call starts, also after the wait."""
-    settings = slower(settings, 0.1)
-    client = Client(settings)
-    worker, queue, history = make(settings, client)
-    await worker.start()
-    await queue.callback(Message(job(1), "channel-1"))
-    await asyncio.sleep(0.01)
+    settings = make_settings(request_timeout_seconds=0.1)
+    rig = Rig(settings, Client(settings))
+    rig.broker.publish(rig.owner_log, Message(owned_record("crashed")))
+    await rig.worker.start()
+    rig.job(1)
+    await until(lambda: len(rig.worker.lanes) == 1)
 
-    for callback in queue.channel.close_callbacks:
-        callback(None)
+    await rig.broker.channels[0].close()
     await asyncio.sleep(0.3)  # well past the 0.1 s wait
 
-    assert client.calls == []
-    assert len(worker.lanes) == 0
-    assert history.signals == []
-    await worker.stop(1)
+    assert rig.client.calls == []
+    assert len(rig.worker.lanes) == 0
+    assert rig.history.signals == []
+    await rig.worker.stop(1)
+
+
+async def test_a_failed_take_over_gives_the_type_back(settings: Settings,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    """A side channel that fails during the take-over does not leave the type stalled: the
+    worker closes its channel (the broker returns the jobs) and consumes again; the job is
+    then applied (issue #16, defect 2)."""
+    rig = Rig(settings, Client(settings))
+    failures = [RuntimeError("channel closed by the broker")]
+    real = rig.worker.owner_log.take_over
+
+    async def take_over(keep: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(keep)
+
+    monkeypatch.setattr(rig.worker.owner_log, "take_over", take_over)
+    monkeypatch.setattr("jasper_consumer.worker.GIVE_BACK_WAIT_S", 0.01)
+    rig.job(1)
+    await rig.worker.start()
+
+    await until(lambda: rig.finals() == ["e1"])
+
+    assert len(rig.client.calls) == 1
+    await rig.worker.stop(1)
 
 
 async def test_an_unreachable_calls_queue_holds_up_no_job(settings: Settings,
                                                          monkeypatch: pytest.MonkeyPatch):
-    """A calls queue that cannot be consumed (its cluster nodes are down)
-    delays no job of the type; it is consumed once it can be."""
-    client = Client(settings)
-    worker, queue, _ = make(settings, client)
+    """A calls queue that cannot be consumed (its cluster nodes are down) delays no job of
+    the type; it is consumed once it can be."""
+    rig = Rig(settings, Client(settings))
     calls_queue = f"{settings.queue_prefix}.calls.t"
-    consumed: list[str] = []
-    reachable = asyncio.Event()
-
-    async def get_queue(name: str, ensure: bool = True) -> Any:
-        class Q:
-            async def consume(self, callback: Any) -> str:
-                if name == calls_queue and not reachable.is_set():
-                    raise aiormq.exceptions.ChannelNotFoundEntity(
-                        f"NOT_FOUND - home node of durable queue '{name}' is down")
-                consumed.append(name)
-                return "tag"
-        return Q()
-
-    monkeypatch.setattr(queue.channel, "get_queue", get_queue)
+    rig.broker.unreachable.add(calls_queue)
     monkeypatch.setattr(calls, "CONSUME_RETRY_MIN_S", 0.01)
-    await worker.start()
-    message = Message(job(1), "channel-1")
+    await rig.worker.start()
+    rig.job(1)
 
-    await queue.callback(message)
-    await until(lambda: message.acked)
-    assert calls_queue not in consumed
-    reachable.set()
-    await until(lambda: calls_queue in consumed)
+    await until(lambda: rig.finals() == ["e1"])
+    assert calls_queue not in rig.broker.consumers
+    rig.broker.unreachable.clear()
+    await until(lambda: calls_queue in rig.broker.consumers)
 
-    assert client.calls == [(ICCID, Command.ACTIVATE)]
-    await worker.stop(1)
+    await rig.worker.stop(1)

@@ -100,6 +100,16 @@ class Broker:
                 f"{[(s['event_id'], s['outcome']) for s in self.signals][-20:]}"
             ) from None
 
+    async def wait_for_async(self, predicate: Callable[[], Awaitable[bool]], what: str,
+                             timeout: float = WAIT_S) -> None:
+        """Poll ``predicate`` (bounded) until it holds; for facts no signal announces."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not await predicate():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
+
     def final(self, event_id: str) -> list[dict[str, Any]]:
         return [s for s in self.signals
                 if s["event_id"] == event_id and s["outcome"] in ("succeeded", "failed")]

@@ -309,11 +309,13 @@ async def test_watchdog_registers_a_vanished_consumer(
     router = service._router_consumer
     assert router is not None
     assert router.consumer_tag is not None
-    await router.queue.cancel(router.consumer_tag)  # behind the service's back
+    assert router.queue is not None
+    queue = router.queue
+    await queue.cancel(router.consumer_tag)  # behind the service's back
 
     async def consumers() -> int:
         channel = await connection.channel()  # a fresh channel: no cached declaration
-        ok = await channel.declare_queue(router.queue.name, passive=True)
+        ok = await channel.declare_queue(queue.name, passive=True)
         await channel.close()
         return int(ok.declaration_result.consumer_count or 0)
 
@@ -325,6 +327,38 @@ async def test_watchdog_registers_a_vanished_consumer(
     assert signal["outcome"] == "succeeded"
     assert await consumers() == 1
     assert service.readiness()[0]
+
+
+async def test_a_vanished_work_consumer_gives_its_type_back_and_comes_back(
+    run_service: RunService, connection: AbstractRobustConnection, sim: Simulator
+):
+    """A work-queue consumer cancelled behind the service's back: /readyz says so while the
+    watchdog registers it again, the worker lets go of the type first (no calls on a type
+    it may no longer own), and jobs are applied again afterwards (issue #16, defect 1)."""
+    service, broker = await run_service(watchdog_interval_seconds=0.1)
+    worker = service.workers["M2MOne NZ"]
+    first = make_event(iccid(13))
+    await broker.publish(first)
+    await broker.signal_for(first["event_id"], timeout=10)
+    assert worker.queue is not None
+    assert worker.consumer_tag is not None
+    await worker.queue.cancel(worker.consumer_tag)  # behind the service's back
+    not_ready: list[str] = []
+
+    async def said_so() -> bool:
+        ready, why = service.readiness()
+        if not ready:
+            not_ready.append(why)
+        return bool(not_ready)
+
+    await broker.wait_for_async(said_so, "readiness to tell that a consumer is re-registered")
+    event = make_event(iccid(14))
+    await broker.publish(event)
+    signal = await broker.signal_for(event["event_id"], timeout=15)
+
+    assert signal["outcome"] == "succeeded"
+    assert any("work M2MOne NZ" in why for why in not_ready), not_ready
+    await broker.wait_for(lambda: service.readiness()[0], "ready again")
 
 
 async def test_unroutable_signal_is_not_a_success(
