@@ -31,6 +31,8 @@ import aiohttp
 import yaml
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from jasper_consumer.broker import event_message
+
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 HOST = "127.0.0.1"
 PREFIX = "jcbench"
@@ -86,8 +88,7 @@ def event_bodies(count: int, communicator_type: str, series: int = 0) -> list[by
 
 
 def message(body: bytes, message_id: str | None = None) -> aio_pika.Message:
-    return aio_pika.Message(body, content_type="application/json", message_id=message_id,
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    return event_message(body, message_id=message_id)
 
 
 # --- the service's settings and broker objects ---------------------------------------------

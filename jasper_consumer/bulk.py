@@ -1,6 +1,6 @@
 """The bulk queue of a communicator type, ``<prefix>.bulk.<slug>``, pulled by its owner.
 
-Bulk jobs (SPEC §3: reconcile's and replay's, decommissions, a producer's priority 0-4)
+Bulk jobs (reconcile's and replay's, decommissions, a producer's priority 1-4)
 wait here instead of in the work queue, so that an operator's commission never waits
 behind them (operator guide, "Interactive first"). Only the process that owns the type
 — the active consumer of its work queue — takes from this queue, and it *pulls*

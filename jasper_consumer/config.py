@@ -85,8 +85,8 @@ class LaneSettings(_Strict):
     """Which jobs are *bulk* (served after interactive ones, with a guaranteed share).
 
     A job is bulk when its ``origin`` is in ``bulk_origins``, its command is in
-    ``bulk_commands``, or the producer set the AMQP ``priority`` to 0-4; every other job
-    (an operator's commission) is interactive (operator guide, "Interactive first").
+    ``bulk_commands``, or the producer set the AMQP ``priority`` to 1-4; every other job
+    (an operator's commission) is interactive (operator guide, section 13).
     """
 
     bulk_origins: list[str] = Field(default_factory=lambda: ["reconcile", "replay"])

@@ -75,10 +75,13 @@ class Lane(StrEnum):
 
 def lane_of(job: Job, lanes: LaneSettings, priority: int | None = None) -> Lane:
     """Bulk when the job's origin or command is a bulk one, or the producer set the AMQP
-    ``priority`` to 0-4 (operator guide, "Interactive first"); else interactive."""
+    ``priority`` to 1-4 (operator guide, section 13); else interactive.
+
+    A priority of 0 does not count: it is what aio-pika sends when a producer gives none,
+    and how it reports a message without one, so 0 cannot tell "bulk" from "not set"."""
     if ((job.origin is not None and job.origin in lanes.bulk_origins)
             or job.command in lanes.bulk_commands
-            or (priority is not None and 0 <= priority <= 4)):
+            or (priority is not None and 1 <= priority <= 4)):
         return Lane.BULK
     return Lane.INTERACTIVE
 

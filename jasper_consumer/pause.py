@@ -232,7 +232,9 @@ class Pause:
         for task in (self._probing, self._resuming):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A probe whose Echo was refused a start (the limiter is aborted when the
+                # type is let go) ends with that refusal: it is over either way.
+                with contextlib.suppress(asyncio.CancelledError, TypePaused):
                     await task
         self._probing = self._resuming = None
         self.rules = PauseRules(self.rules.outage_streak)

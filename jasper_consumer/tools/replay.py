@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange
 
+from ..broker import event_message
 from ..config import Settings
 from ..topology import REPLAYED_HEADER, Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
@@ -153,10 +153,8 @@ def _stop_if_cancelled() -> None:
 
 async def _publish(exchange: AbstractExchange, replay: Replay, reason: str) -> bool:
     """Publish a copy with confirms; False if the broker returned it as unroutable."""
-    message = aio_pika.Message(
-        replay.body, content_type="application/json", message_id=replay.event_id,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers={REPLAYED_HEADER: reason},
-    )
+    message = event_message(replay.body, message_id=replay.event_id,
+                            headers={REPLAYED_HEADER: reason})
     try:
         await exchange.publish(message, replay.routing_key, mandatory=True,
                                timeout=_CONFIRM_TIMEOUT_S)

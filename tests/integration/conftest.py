@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.app import Service
+from jasper_consumer.broker import event_message
 from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
@@ -63,8 +64,7 @@ class Broker:
             raw = body
         exchange = await self.channel.get_exchange(self.settings.events_exchange)
         await exchange.publish(
-            aio_pika.Message(raw, content_type="application/json", message_id=message_id,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            event_message(raw, message_id=message_id),
             routing_key=f"event.{code or 65516}",
         )
 

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from jasper_consumer.broker import event_message
 from jasper_consumer.config import parse_settings, slugify
 from jasper_consumer.topology import remove_topology
 
@@ -427,9 +428,7 @@ class Harness:
             if message_ids:
                 mid = message_ids[i]
             await exchange.publish(
-                aio_pika.Message(body, content_type="application/json", message_id=mid,
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                 headers=headers[i] if headers else None),
+                event_message(body, message_id=mid, headers=headers[i] if headers else None),
                 routing_key=routing_key or f"event.{code if isinstance(code, int) else 65516}")
             confirmed.append(time.monotonic())
         await channel.close()
