@@ -105,7 +105,7 @@ class Broker:
         """Poll ``predicate`` (bounded) until it holds; for facts no signal announces."""
         try:
             async with asyncio.timeout(timeout):
-                while not await predicate():
+                while not await predicate():  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
         except TimeoutError:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
