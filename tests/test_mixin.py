@@ -376,7 +376,7 @@ def defined_sample_names(registry: CollectorRegistry) -> set[str]:
 
 
 ALLOWED_LABELS = {"event_code", "communicator_type", "command", "outcome", "code", "reason",
-                  "stage", "result", "queue", "role", "version", "le"}
+                  "stage", "result", "queue", "role", "version", "le", "lane"}
 
 
 def test_artefacts_name_only_metrics_the_service_defines():

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .conftest import Harness, iccid, make_event, type_, wait_until
+from .conftest import Harness, iccid, make_event, require_rabbitmqctl, type_, wait_until
 
 
 async def publish_when_possible(harness: Harness, events: list[dict[str, Any]]) -> None:
@@ -249,6 +249,7 @@ async def test_two_processes_share_the_account_limit(harness: Harness):
 
 async def test_broker_connection_loss_is_survived(harness: Harness):
     """close_all_connections twice and a stop_app/start_app: no restart, consuming again, 0 lost."""
+    require_rabbitmqctl()
     await harness.setup([type_("a", 2, 300)])
     service = await harness.start_service()
     port = harness.ports[-1]
