@@ -190,7 +190,8 @@ def type_(letter: str, max_concurrency: int = 1, requests_per_second: float = 50
     """Communicator type "Type <LETTER>" on simulator account <letter> with key k<letter>.
 
     The request timeout is 2 s: a process that takes a type over waits one call interval
-    plus the request timeout before its first call (SPEC §6), 10 s at the default."""
+    plus the request timeout before its first call (operator guide, section 13), 10 s at the
+    default."""
     return {"name": f"Type {letter.upper()}", "username": letter, "api_key": f"k{letter}",
             "max_concurrency": max_concurrency, "requests_per_second": requests_per_second,
             "request_timeout_seconds": 2, **extra}

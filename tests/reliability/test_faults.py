@@ -180,7 +180,7 @@ async def test_down_type_does_not_delay_another(harness: Harness):
     await harness.start_service()
     await harness.read_signals()
     first = make_event(iccid(4999), "Type B")  # type B's owner waits once before its first
-    await harness.publish([first])             # call (SPEC §6): not what is measured here
+    await harness.publish([first])             # call (operator guide, section 13): not timed
     await harness.wait_final([first["event_id"]], 20)
     await sim.account("a", down="html503")
     a_events = [make_event(iccid(n), "Type A") for n in range(1000)]
