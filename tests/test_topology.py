@@ -68,8 +68,7 @@ class RecordingChannel:
                             auto_delete: bool = False, arguments: dict[str, Any] | None = None,
                             **_: Any) -> _Handle:
         assert not self.closed
-        if name in self.refuse and arguments != {"x-queue-type": "quorum"} and \
-                "x-delivery-limit" in (arguments or {}):
+        if name in self.refuse and "x-delivery-limit" in (arguments or {}):
             self.closed = True
             raise aiormq.exceptions.ChannelPreconditionFailed(
                 f"PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue '{name}'")
