@@ -397,8 +397,9 @@ def assemble(
     types = []
     for ct in settings.communicator_types:
         owner = owners.get(ct.name)
-        standbys = [Process(host=r.host, pid=r.pid) for r, _ in live
-                    if owner is None or r.instance != owner[0].instance]
+        standbys = sorted((Process(host=r.host, pid=r.pid) for r, _ in live
+                           if owner is None or r.instance != owner[0].instance),
+                          key=lambda p: (p.host, p.pid))
         if owner is None:
             q = queues.get(ct.name, TypeQueues())
             gone = no_owner_s.get(ct.name, 0.0)
