@@ -50,6 +50,7 @@ tr.warn td{color:#b33c00;font-weight:700}
 table.failures{font-size:13px}
 table.failures th{border-bottom:1px solid #c9ced6}
 table.failures td{border-bottom:1px solid #eceef1}
+table.failures td.nw{white-space:nowrap}
 h3{font-size:15px;margin:12px 0 2px}
 .muted{color:#5f6b7a}.mono{font-family:ui-monospace,"DejaVu Sans Mono",monospace}
 footer{padding:0 20px 20px;font-size:13px;color:#4a5563}
@@ -222,8 +223,9 @@ def _failures(failures: list[Failure], state: str) -> str:
     rows = ["<h3>Last failures</h3>", '<table class="failures"><thead><tr><th>Time</th>'
             "<th>Client</th><th>ICCID</th><th>Code</th><th>Meaning</th></tr></thead><tbody>"]
     for f in failures:
-        rows.append(f"<tr><td>{e(f.at.strftime('%H:%M:%S'))}</td><td>{e(f.client_id)}</td>"
-                    f"<td class=\"mono\">{e(f.iccid or '-')}</td><td>{e(f.code)}</td>"
+        rows.append(f'<tr><td class="nw">{e(f.at.strftime("%H:%M:%S"))}</td>'
+                    f'<td class="nw">{e(f.client_id)}</td>'
+                    f'<td class="nw mono">{e(f.iccid or "-")}</td><td class="nw">{e(f.code)}</td>'
                     f"<td>{e(f.message)}</td></tr>")
     rows.append("</tbody></table>")
     return "\n".join(rows)
