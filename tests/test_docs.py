@@ -16,6 +16,7 @@ from jasper_consumer.config import (
     Settings,
     parse_settings,
 )
+from jasper_consumer.status import TypeStatus
 from jasper_consumer.tools import mixin
 from jasper_consumer.tools.mixin.alerts import alerts
 from jasper_consumer.topology import Names
@@ -88,17 +89,20 @@ def names() -> tuple[Names, list[str]]:
 
 def test_documented_permissions_cover_what_the_service_does(names):
     """The guide's permissions allow every declare, publish, bind and consume the service
-    and its tools do: parked, calls, router-epoch and the tools' reply queues included."""
+    and its tools do: parked, calls, router-epoch, the tools' reply queues and the status
+    page's exchange and queues included."""
     n, per_type = names
-    reply = n.reply_queue()
-    queues = [n.events_queue, *per_type, n.history_queue, n.dead_queue, n.epoch_queue, reply]
-    exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange]
+    reply, status = n.reply_queue(), n.status_queue()
+    queues = [n.events_queue, *per_type, n.history_queue, n.dead_queue, n.epoch_queue, reply,
+              status]
+    exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange, n.status_exchange]
     needs = {
         "configure": [*queues, *exchanges],
         "write": [n.history_exchange, "amq.default", n.dead_exchange, n.events_exchange,
                   n.events_queue, n.history_queue, n.dead_queue, *per_type, n.epoch_queue,
-                  reply],
-        "read": [n.events_queue, *per_type, n.dead_queue, n.epoch_queue, reply, *exchanges],
+                  reply, n.status_exchange, status],
+        "read": [n.events_queue, *per_type, n.dead_queue, n.epoch_queue, reply, status,
+                 *exchanges],
     }
     patterns = _permissions()
 
@@ -139,3 +143,11 @@ def test_links_into_the_operator_guide_resolve():
 
     assert links
     assert set(links) <= anchors
+
+
+def test_the_status_page_section_explains_every_field():
+    """Section 12 names every field a communicator type has in /status.json."""
+    text = _section(GUIDE, "12. The status page")
+
+    missing = [f for f in TypeStatus.model_fields if f != "name" and f"`{f}" not in text]
+    assert missing == []
