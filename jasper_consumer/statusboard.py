@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from pydantic import ValidationError
 
@@ -121,19 +122,31 @@ class StatusBoard:
                     await channel.close()
 
     async def _run(self) -> None:
+        failing = False
         while True:
             try:
                 await self.tick()
             except Exception as exc:  # the broker away, say: the next tick tries again
                 self.connected = False
-                log.warning("status report not published: %s: %s", type(exc).__name__, exc)
+                if not failing:  # once per outage, not every 2 s
+                    log.warning("status report not published (the status page shows only "
+                                "this process until it is): %s: %s", type(exc).__name__, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("status report published again")
+                failing = False
             await asyncio.sleep(self.interval_s)
 
     # -- reporting -------------------------------------------------------------------------
 
     async def tick(self) -> None:
         """Read the queues, collect the owned types' facts, publish this process's report."""
-        queues, dead = await self._depths()
+        try:
+            queues, dead = await self._depths()
+        except Exception:  # the broker away: this process's own facts are still worth showing
+            queues, dead = {}, None
+            self._declarer = None
         owned = [self._scrubbed(collect(worker, self.finals, queues.get(name, TypeQueues()),
                                         self._backlogs[name]))
                  for name, worker in self._workers.items() if owns(worker)]
@@ -184,7 +197,7 @@ class StatusBoard:
             self._declarer = await self._connection.channel()
         try:
             queue = await self._declarer.declare_queue(name, passive=True)
-        except aio_pika.exceptions.ChannelClosed:  # NOT_FOUND closes the channel
+        except aiormq.exceptions.ChannelNotFoundEntity:  # NOT_FOUND closes the channel
             self._missing[name] = time.monotonic()
             with contextlib.suppress(Exception):
                 await self._declarer.close()
