@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 WINDOW_S = 600.0  # publish -> final percentiles over the last 10 minutes
-MAX_SAMPLES = 20_000  # per lane and type: at most this many finals in the window
+MAX_SAMPLES = 10_000  # per lane and type: percentiles of at most the last 10,000 finals
 FAILURES_KEPT = 20
 CALLS_WINDOW_S = 10.0  # calls per second "now": over the last 10 s
 TREND_WINDOW_S = 30.0  # a backlog grows when it is larger than 30 s ago ...

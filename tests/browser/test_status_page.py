@@ -2,7 +2,8 @@
 
 Two communicator types, one with a wrong key in its ``api_key_file``: within 10 s the page
 shows that one paused and why, the other running; once the key is fixed, running again.
-With two replicas, the standby's page shows the owner's figures. No page logs a console
+With two replicas, the standby's page shows the owner's figures; an idle owner is found
+without any event, and a killed owner's facts age out of the page. No page logs a console
 error, and neither the page nor ``/status.json`` holds a secret.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from jasper_consumer.status import PAUSE_WORDS
+from jasper_consumer.statusboard import TTL_S
 
 from ..reliability.conftest import Harness, iccid, make_event, type_, wait_until
 from .conftest import Browser
@@ -182,3 +184,40 @@ async def test_the_standby_shows_the_owners_figures(harness: Harness, browser: B
     assert "<script>alert" not in loaded.source  # escaped in the DOM too
     assert browser.errors() == []
     assert_no_secret([loaded.source, str(await page_json(harness, pids[standby_pid]))], s)
+
+
+async def test_an_idle_owner_is_found_and_a_dead_one_ages_out(harness: Harness) -> None:
+    """Two replicas and no event: the page names the owner all the same (a wake token tells
+    the idle owner). After kill -9 of the owner its facts are never shown older than the
+    TTL, and the standby's page then shows the standby as the owner."""
+    await harness.setup([type_("n", 1, 20, name="M2MOne NZ")])
+    first = await harness.start_service()
+    second = await harness.start_service()
+    procs = {first.popen.pid: (first, harness.ports[0]),
+             second.popen.pid: (second, harness.ports[1])}
+
+    async def owner_on_both() -> bool:
+        owners = {str(by_name(await page_json(harness, port))["M2MOne NZ"]["owner"])
+                  for _, port in procs.values()}
+        return len(owners) == 1 and owners != {"None"}
+
+    await wait_until(owner_on_both, "both pages to name the idle type's owner", 15, poll=0.25)
+    owner = by_name(await page_json(harness, harness.ports[0]))["M2MOne NZ"]["owner"]["pid"]
+    standby = next(pid for pid in procs if pid != owner)
+    procs[owner][0].kill9()
+    killed = time.monotonic()
+    ages: list[float] = []
+
+    async def standby_owns() -> bool:
+        t = by_name(await page_json(harness, procs[standby][1]))["M2MOne NZ"]
+        if t["owner"] is not None and t["owner"]["pid"] == owner:
+            ages.append(t["facts_age_s"])
+        return t["owner"] is not None and t["owner"]["pid"] == standby
+
+    await wait_until(standby_owns, "the standby's page to show it owns the type", 30, poll=0.2)
+    data = await page_json(harness, procs[standby][1])
+    print(f"status page: dead owner gone after {time.monotonic() - killed:.1f} s, its facts "
+          f"shown at most {max(ages, default=0):.1f} s old")
+    assert max(ages, default=0.0) <= TTL_S
+    assert [p["pid"] for p in data["processes"]] == [standby]
+    assert by_name(data)["M2MOne NZ"]["standbys"] == []
