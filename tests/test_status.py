@@ -382,3 +382,20 @@ def test_no_secret_of_the_config_reaches_the_facts():
     for secret in ("user-0", "secret-key-0", "user-1", "amqp-pass-9", "svc-user"):
         assert secret not in text
     assert "user *** with key *** refused (***)" in text
+
+
+def test_the_board_forgets_a_silent_process_and_counts_since_its_owner_was_heard():
+    """A report not refreshed within the TTL is dropped; its type shows no owner for the
+    time since the report came; a stopping report removes its process at once."""
+    board = StatusBoard(two_types(), Finals())
+    now = time.monotonic()
+    board._listening_since = now - 60  # listening for a minute
+    board._remember(report("pod-a", 1, [owner_facts("M2MOne NZ")]), now - 12)
+    board._remember(report("pod-b", 7, [owner_facts("M2MOne AU")]), now - 1)
+
+    nz, au = board.snapshot().communicator_types
+
+    assert (nz.state, au.state) == ("no_owner", "running")
+    assert 12 <= (nz.no_owner_for_s or 0) < 13
+    board._remember(report("pod-b", 7, [], stopping=True), time.monotonic())
+    assert board.snapshot().processes == []
