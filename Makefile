@@ -16,7 +16,7 @@ PROMTOOL ?= $(or $(shell command -v promtool 2>/dev/null),$(TOOLS)/promtool)
 export PROMTOOL
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench mixin lock
+.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench mixin lock chromium
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,7 +53,7 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check jasper_consumer tests
 	$(BIN)/mypy
 
-test: $(STAMP) $(PROMTOOL) lint ## lint, then every test (needs RabbitMQ on 127.0.0.1:5672); ends with what was not checked
+test: $(STAMP) $(PROMTOOL) chromium lint ## lint, then every test (needs RabbitMQ on 127.0.0.1:5672); ends with what was not checked
 	@scripts/check-rabbitmq || exit 1
 	$(BIN)/pytest -q
 
@@ -85,6 +85,20 @@ $(TOOLS)/promtool:
 	chmod +x "$@.part" && mv "$@.part" "$@" || { \
 	  echo "could not fetch Debian's prometheus package (apt-get update needs root): put" \
 	    "promtool on PATH or set PROMTOOL=/path" >&2; exit 1; }
+
+# tests/browser drives the status page in Debian's headless Chromium; browsers downloaded at
+# run time are not reachable in a closed network. Installed once (as root, with apt-get);
+# where that cannot be done, those tests skip and say why.
+chromium: ## Debian's chromium and chromium-driver for tests/browser (as root; else they skip)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium is not installed and cannot be here (needs root and apt-get): tests/browser will skip"; \
+	  exit 0; fi; \
+	echo "installing Debian's chromium and chromium-driver for tests/browser"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	timeout 900 apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	{ timeout 300 apt-get update -qq && timeout 900 apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	echo "could not install chromium: tests/browser will skip"
 
 unit: $(STAMP) $(PROMTOOL) ## only the tests that need no broker (not integration/, not reliability/)
 	$(BIN)/pytest -q --ignore=tests/integration --ignore=tests/reliability

@@ -14,6 +14,9 @@
     (default exchange)     ──────────────▶ <p>.calls.<slug> (quorum, message TTL 60 s):
                                                operator tools' Control Center calls, made
                                                by the process that owns the type (calls.py)
+    <p>.status (fanout) ─────────────────▶ <p>.status.<hex> (one per process, exclusive,
+                                               auto-delete): every process's status report,
+                                               for the status page (statusboard.py)
 
 Declaring is idempotent; the same arguments are used every time so a redeclare on
 an existing broker never fails with PRECONDITION_FAILED.
@@ -97,6 +100,16 @@ class Names:
     @property
     def epoch_queue(self) -> str:
         return f"{self.prefix}.router-epoch"
+
+    @property
+    def status_exchange(self) -> str:
+        """Fanout of every process's status report (the status page)."""
+        return f"{self.prefix}.status"
+
+    def status_queue(self) -> str:
+        """A process's own queue of status reports (exclusive; a new name each time)."""
+        return f"{self.prefix}.status.{uuid.uuid4().hex}"
+
     def calls_queue(self, ct: CommunicatorType) -> str:
         return f"{self.prefix}.calls.{ct.slug}"
 
@@ -212,6 +225,8 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
             names.parked_queue(ct), durable=True,
             arguments=_quorum(settings, settings.work_delivery_limit))
         await parked.bind(history_x, routing_key=names.parked_queue(ct))
+    await channel.declare_exchange(
+        names.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
     calls: dict[str, AbstractQueue] = {}
     for ct in settings.communicator_types:
         # Requests from operator tools (reconcile) that the type's owner makes through its
@@ -238,6 +253,7 @@ async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
     for q in all_queues(settings):
         await channel.queue_delete(q)
     await channel.exchange_delete(Names.from_settings(settings).dead_exchange)
+    await channel.exchange_delete(Names.from_settings(settings).status_exchange)
 
 
 async def remove_topology(connection: AbstractConnection, settings: Settings) -> None:

@@ -26,6 +26,7 @@ from jasper_consumer.config import (
 )
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.probes import ProbeServer
+from jasper_consumer.status import TypeStatus
 from jasper_consumer.tools import mixin
 from jasper_consumer.tools.mixin.alerts import alerts
 from jasper_consumer.tools.mixin.dashboard import rows
@@ -99,17 +100,20 @@ def names() -> tuple[Names, list[str]]:
 
 def test_documented_permissions_cover_what_the_service_does(names):
     """The guide's permissions allow every declare, publish, bind and consume the service
-    and its tools do: parked, calls, router-epoch and the tools' reply queues included."""
+    and its tools do: parked, calls, router-epoch, the tools' reply queues and the status
+    page's exchange and queues included."""
     n, per_type = names
-    reply = n.reply_queue()
-    queues = [n.events_queue, *per_type, n.history_queue, n.dead_queue, n.epoch_queue, reply]
-    exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange]
+    reply, status = n.reply_queue(), n.status_queue()
+    queues = [n.events_queue, *per_type, n.history_queue, n.dead_queue, n.epoch_queue, reply,
+              status]
+    exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange, n.status_exchange]
     needs = {
         "configure": [*queues, *exchanges],
         "write": [n.history_exchange, "amq.default", n.dead_exchange, n.events_exchange,
                   n.events_queue, n.history_queue, n.dead_queue, *per_type, n.epoch_queue,
-                  reply],
-        "read": [n.events_queue, *per_type, n.dead_queue, n.epoch_queue, reply, *exchanges],
+                  reply, n.status_exchange, status],
+        "read": [n.events_queue, *per_type, n.dead_queue, n.epoch_queue, reply, status,
+                 *exchanges],
     }
     patterns = _permissions()
 
@@ -412,3 +416,9 @@ def test_runbooks_name_dashboard_panels_that_exist():
 
     assert named
     assert named - panels == set()
+def test_the_status_page_section_explains_every_field():
+    """Section 12 names every field a communicator type has in /status.json."""
+    text = _section(GUIDE, "14. The status page")
+
+    missing = [f for f in TypeStatus.model_fields if f != "name" and f"`{f}" not in text]
+    assert missing == []

@@ -4,7 +4,9 @@ apart, per Control Center account (SPEC §2)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace, TracebackType
 from typing import Any
@@ -44,10 +46,17 @@ class Limiter:
         self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
         self._abort: Exception | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
+        # Recent call starts (clock times), enough for calls/s over 10 s (the status page).
+        self._starts: deque[float] = deque(maxlen=math.ceil(10.0 / self.interval_s) + 1)
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def calls_per_second(self, window_s: float = 10.0) -> float:
+        """Calls started per second over the last ``window_s`` (at most 10 s)."""
+        since = self._clock() - window_s
+        return sum(1 for t in self._starts if t > since) / window_s
 
     def hold_off(self, seconds: float) -> None:
         """No call starts before ``seconds`` from now (a new owner of the account waits for
@@ -103,6 +112,7 @@ class Limiter:
         if self._unsent is not None and self._unsent is task:
             self._unsent = None
             self._last_start = self._clock()
+            self._starts.append(self._last_start)
             self._start_lock.release()
 
     async def __aexit__(
