@@ -45,9 +45,9 @@ def build(src: str, dst: str, work: str, base_url: str,
                        ack_policy=AckPolicy.REJECT_ON_ERROR)
     async def route(event: dict[str, Any]) -> None:
         # One type here; the service picks the work queue by event["device"]["communicator_type"].
-        # The message id is the event id (SPEC §3), taken from the body: a handler parameter
-        # for the message itself (RabbitMessage, Context) is a FastDepends custom field, which
-        # FastDepends resolves in a worker thread, one hop per message.
+        # The message id is the event id (docs/asyncapi.yaml), taken from the body: a handler
+        # parameter for the message itself (RabbitMessage, Context) is a FastDepends custom
+        # field, which FastDepends resolves in a worker thread, one hop per message.
         await to_work.publish(event, message_id=event["event_id"],
                               correlation_id=event["event_id"])
 

@@ -16,7 +16,7 @@ queue, each with a publisher confirm) as well as the service.
 In both, a warm-up (one event of the healthy type; the idle type's ``warmup`` events) goes
 through and its signal is awaited before the measured events are published: a process
 that becomes a type's owner waits ``1 / rps`` + the request timeout before its first call
-(SPEC §6), and that start-up wait is not what these scenarios measure.
+(operator guide, section 13), and that start-up wait is not what these scenarios measure.
 """
 
 from __future__ import annotations

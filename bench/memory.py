@@ -75,7 +75,8 @@ async def run_memory(conn: AbstractRobustConnection, sim: c.Sim, *, backlog: int
     try:
         channel = await conn.channel()
         await c.declare_service_topology(channel, raw)
-        queue = await channel.declare_queue(sink, durable=False,
+        # Durable: RabbitMQ 4.3 refuses transient queues that are not exclusive.
+        queue = await channel.declare_queue(sink, durable=True,
                                             arguments={"x-max-length": 1000})
         await queue.bind(topo.history_exchange, "jasper.#")
         await channel.close()

@@ -1,9 +1,10 @@
 """A paused type with N jobs waiting: how soon each gets its ``jasper.delayed`` signal.
 
-SPEC §5: every waiting job gets one delayed signal within 5 s of the pause, however many
-wait (10,000 at least) and at the default limits (one call at a time, 1 call/s). One type
-at those limits; the simulator's account expects another key than the service's config
-gives, so every call is answered 401 ``10000001`` and the first one pauses the type.
+The pause's promise (operator guide, section 4): every waiting job gets one delayed signal
+within 5 s of the pause, however many wait (10,000 at least) and at the default limits (one
+call at a time, 1 call/s). One type at those limits; the simulator's account expects
+another key than the service's config gives, so every call is answered 401 ``10000001``
+and the first one pauses the type.
 
 A round: the bench first takes the work queue's single-active-consumer place with a token
 of its own (prefetch 1, so it is given nothing else); ``N`` events are published to

@@ -31,6 +31,9 @@ from .jasper.client import JasperClient
 from .metrics import Metrics
 from .probes import ProbeServer
 from .router import Router
+from .status import Finals
+from .statusboard import StatusBoard
+from .statuspage import routes as status_routes
 from .topology import Names, declare
 from .worker import Worker
 
@@ -86,7 +89,10 @@ class Service:
         self.workers: dict[str, Worker] = {}
         self.router: Router | None = None
         self._router_consumer: _Consumer | None = None
-        self.probes = ProbeServer(self.metrics.registry, self.readiness)
+        self.finals = Finals()  # every final signal, for the status page
+        self.status = StatusBoard(settings, self.finals)
+        self.probes = ProbeServer(self.metrics.registry, self.readiness,
+                                  status_routes(self.status.snapshot))
         self._connection: AbstractRobustConnection | None = None
         self._link: broker.Link | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -131,7 +137,8 @@ class Service:
         for ct in s.communicator_types:
             worker = Worker(
                 ct, s, self.clients[ct.name],
-                History(await self._channel(), names, self.metrics), self.metrics,
+                History(await self._channel(), names, self.metrics,
+                        on_final=self.finals.record_final), self.metrics,
                 names=names, open_channel=self._channel,
                 prefetch=work_prefetch(s, ct.max_concurrency, ct.requests_per_second),
                 parked_prefetch=parked_prefetch(s, ct.max_concurrency, ct.requests_per_second))
@@ -143,6 +150,7 @@ class Service:
         queue = await channel.get_queue(names.events_queue)
         self._router_consumer = _Consumer(queue, self._tracked(self.router.on_message))
         await self._router_consumer.start()
+        await self.status.start(connection, self.workers)
 
         self._last_ok = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch(), name="consumer watchdog")
@@ -188,6 +196,7 @@ class Service:
             asyncio.wait(routing, timeout=grace) if routing else asyncio.sleep(0))
         for task in self._routing:
             task.cancel()
+        await self.status.stop()
         await ACKS.flush_all()
         await self.probes.stop()
         if self._link is not None:

@@ -74,10 +74,12 @@ async def until_confirmed(publish: Callable[[], Awaitable[object]], what: str) -
 class History:
     """Publishes on one channel opened with ``publisher_confirms`` and ``on_return_raises``."""
 
-    def __init__(self, channel: AbstractChannel, names: Names, metrics: Metrics) -> None:
+    def __init__(self, channel: AbstractChannel, names: Names, metrics: Metrics, *,
+                 on_final: Callable[[Job, Signal], None] | None = None) -> None:
         self._names = names
         self._metrics = metrics
         self._channel = channel
+        self._on_final = on_final  # told of every confirmed final signal (the status page)
 
     async def _send(self, exchange: str, routing_key: str, body: bytes,
                     properties: spec.Basic.Properties) -> None:
@@ -161,9 +163,12 @@ class History:
                 content_type="application/json")
             self._metrics.child(self._metrics.dead_lettered, "retries_exhausted").inc()
         kind = Kind.SUCCEEDED if outcome.result is Result.SUCCEEDED else Kind.FAILED
-        return await self.report(job, kind, type_label=type_label, attempts=attempts,
-                                 started=started, sim_status=outcome.sim_status,
-                                 error=outcome.error)
+        signal = await self.report(job, kind, type_label=type_label, attempts=attempts,
+                                   started=started, sim_status=outcome.sim_status,
+                                   error=outcome.error)
+        if self._on_final is not None:
+            self._on_final(job, signal)
+        return signal
 
     def _count(self, signal: Signal, type_label: str) -> None:
         m = self._metrics

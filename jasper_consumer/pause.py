@@ -139,6 +139,8 @@ class Pause:
         self._probing: asyncio.Task[None] | None = None
         self._resuming: asyncio.Task[Any] | None = None
         self._since = 0.0
+        self._since_unix: float | None = None  # the status page's "paused since"
+        self._next_probe_unix: float | None = None
         self._last: ErrorInfo | None = None
         self._up.set(1)
 
@@ -146,6 +148,16 @@ class Pause:
     def error(self) -> ErrorInfo | None:
         """The error that paused the type; None while it runs."""
         return self.rules.error
+
+    @property
+    def since(self) -> float | None:
+        """Unix time the current pause began; None while the type runs."""
+        return self._since_unix if self.rules.error is not None else None
+
+    @property
+    def next_probe_at(self) -> float | None:
+        """Unix time of the next Echo probe while paused; None otherwise."""
+        return self._next_probe_unix if self.rules.error is not None else None
 
     @property
     def last_error(self) -> ErrorInfo:
@@ -192,6 +204,7 @@ class Pause:
         if self._probing is not None and not self._probing.done():
             return
         self._since = time.monotonic()
+        self._since_unix = time.time()
         self._last = error
         self._pausing.set()
         self._up.set(0)
@@ -203,6 +216,7 @@ class Pause:
 
     async def _probe(self) -> None:
         for wait in self.rules.probe_waits():
+            self._next_probe_unix = time.time() + wait
             await asyncio.sleep(wait)
             err = await self._try_echo()
             if err is None:

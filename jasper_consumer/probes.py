@@ -1,4 +1,5 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` on ``http_port`` (SPEC §9).
+"""``/healthz``, ``/readyz`` and ``/metrics`` on ``http_port`` (SPEC §9), and whatever
+other routes the service adds (the status page, :mod:`.statuspage`).
 
 ``/healthz`` answers while the event loop does; ``/readyz`` asks the service
 whether it is connected and its consumers are registered. Neither depends on Jasper.
@@ -6,7 +7,7 @@ whether it is connected and its consumers are registered. Neither depends on Jas
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -14,10 +15,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 class ProbeServer:
     def __init__(
-        self, registry: CollectorRegistry, readiness: Callable[[], tuple[bool, str]]
+        self, registry: CollectorRegistry, readiness: Callable[[], tuple[bool, str]],
+        routes: Iterable[web.RouteDef] = (),
     ) -> None:
         self._registry = registry
         self._readiness = readiness
+        self._routes = list(routes)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -26,6 +29,7 @@ class ProbeServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_routes(self._routes)
         return app
 
     async def start(self, host: str, port: int) -> None:

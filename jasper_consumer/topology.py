@@ -19,13 +19,27 @@
     (default exchange)     ──────────────▶ <p>.calls.<slug> (quorum, message TTL 60 s):
                                                operator tools' Control Center calls, made
                                                by the process that owns the type (calls.py)
+    <p>.status (fanout) ─────────────────▶ <p>.status.<hex> (one per process, exclusive,
+                                               auto-delete): every process's status report,
+                                               for the status page (statusboard.py)
 
 Declaring is idempotent; the same arguments are used every time so a redeclare on
 an existing broker never fails with PRECONDITION_FAILED.
+
+What every queue gets, for RabbitMQ 3.10 to 4.3 alike (operator guide, section 12,
+RabbitMQ 4): it is a durable quorum queue with an explicit ``x-delivery-limit`` —
+RabbitMQ 4 gives quorum queues a default of 20 and, where no dead-letter exchange is set,
+drops a message past it. Queues whose returns are failures (events, work, parked) have the
+configured limits and dead-letter to ``<p>.dlx``; the others (history, dead, router-epoch,
+calls), whose messages come back for reasons that are not failures (a reader that stops, a
+``dead-letters list``), get :data:`UNBOUNDED_DELIVERIES`. No deprecated argument
+(``x-queue-mode``, ``x-queue-version``) is used. A queue an older version created with
+fewer arguments keeps them (:func:`_queue`), since RabbitMQ cannot change them.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
 
@@ -45,6 +59,12 @@ TOKEN_HEADER = "x-jasper-token"
 # job replayed, so the worker applies it even though it has seen the event before.
 REPLAYED_HEADER = "x-jasper-replayed-from"
 CALLS_TTL_MS = 60_000  # a tool's request waiting longer than this in <p>.calls.<slug> expires
+#: The delivery limit of queues whose returns are not failures. Not -1: RabbitMQ 4 reads -1
+#: as "no limit", but 3.x drops the message at its first return. A billion returns is more
+#: than any reader or ``dead-letters list`` makes in the life of a deployment.
+UNBOUNDED_DELIVERIES = 1_000_000_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,15 @@ class Names:
     def epoch_queue(self) -> str:
         return f"{self.prefix}.router-epoch"
 
+    @property
+    def status_exchange(self) -> str:
+        """Fanout of every process's status report (the status page)."""
+        return f"{self.prefix}.status"
+
+    def status_queue(self) -> str:
+        """A process's own queue of status reports (exclusive; a new name each time)."""
+        return f"{self.prefix}.status.{uuid.uuid4().hex}"
+
     def calls_queue(self, ct: CommunicatorType) -> str:
         return f"{self.prefix}.calls.{ct.slug}"
 
@@ -124,6 +153,33 @@ def _quorum(settings: Settings, delivery_limit: int, **extra: bool) -> FieldTabl
     }
 
 
+def _kept(**extra: int) -> FieldTable:
+    """A quorum queue whose messages come back for reasons that are not failures: no
+    dead-letter exchange, and a delivery limit no such return reaches."""
+    return {"x-queue-type": "quorum", "x-delivery-limit": UNBOUNDED_DELIVERIES, **extra}
+
+
+async def _queue(channel: AbstractChannel, name: str, arguments: FieldTable,
+                 legacy: FieldTable | None = None) -> AbstractQueue:
+    """Declare a durable queue. One that an older version declared with the ``legacy``
+    arguments (before the explicit delivery limit) is taken as it is, with a warning:
+    RabbitMQ refuses to change a queue's arguments, and deleting it would lose its messages
+    (the guide's RabbitMQ 4 section says how to give it the limit with a policy)."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        if legacy is None:
+            raise
+    await channel.reopen()  # the refusal closed the channel
+    queue = await channel.declare_queue(name, durable=True, arguments=legacy)
+    log.warning(
+        "queue %s was declared by an older version without an explicit delivery limit and "
+        "keeps its arguments; on RabbitMQ 4 it gets the broker's default limit (20) and "
+        "drops messages past it: give it a delivery-limit policy (operator guide, section "
+        "12, RabbitMQ 4)", name, extra={"fields": {"queue": name}})
+    return queue
+
+
 async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
     """Declare everything (idempotent) and return handles bound to ``channel``.
 
@@ -148,13 +204,15 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
     dead_x = await channel.declare_exchange(
         names.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 
-    dead_q = await channel.declare_queue(
-        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    # Every `dead-letters list` hands each dead letter back: on RabbitMQ before 4.3 each
+    # time counts as a delivery (4.3 counts only basic.reject; the tools return with
+    # basic.nack), hence an unbounded limit rather than RabbitMQ 4's default of 20.
+    legacy: FieldTable = {"x-queue-type": "quorum"}
+    dead_q = await _queue(channel, names.dead_queue, _kept(), legacy)
     await dead_q.bind(dead_x, routing_key="")
 
     if settings.history_queue:
-        history_q = await channel.declare_queue(
-            names.history_queue, durable=True, arguments={"x-queue-type": "quorum"})
+        history_q = await _queue(channel, names.history_queue, _kept(), legacy)
         await history_q.bind(history_x, routing_key=settings.history_binding)
 
     events_q = await channel.declare_queue(
@@ -166,8 +224,7 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
     for code in sorted(settings.commands):
         await events_q.bind(events_x, routing_key=f"event.{code}")
 
-    await channel.declare_queue(
-        names.epoch_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await _queue(channel, names.epoch_queue, _kept(), legacy)
 
     work: dict[str, AbstractQueue] = {}
     for ct in settings.communicator_types:
@@ -186,17 +243,20 @@ async def _declare(channel: AbstractChannel, settings: Settings) -> Topology:
             names.parked_queue(ct), durable=True,
             arguments=_quorum(settings, settings.work_delivery_limit))
         await parked.bind(history_x, routing_key=names.parked_queue(ct))
-        await channel.declare_queue(
-            names.owner_queue(ct), durable=True, arguments={"x-queue-type": "quorum"})
+        # Read whole by each new owner (basic.get, then acked): a crash in a take-over
+        # returns what it read, which must not count against a limit.
+        await _queue(channel, names.owner_queue(ct), _kept())
+    await channel.declare_exchange(
+        names.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
     calls: dict[str, AbstractQueue] = {}
     for ct in settings.communicator_types:
         # Requests from operator tools (reconcile) that the type's owner makes through its
         # own limiter; one nobody takes within a minute is dropped (the tool gave up).
-        calls[ct.name] = await channel.declare_queue(
-            names.calls_queue(ct), durable=True,
-            # Quorum, like every other queue: a classic queue lives on one node, and with
-            # that node down the service could not even start on a cluster.
-            arguments={"x-queue-type": "quorum", "x-message-ttl": CALLS_TTL_MS})
+        # Quorum, like every other queue: a classic queue lives on one node, and with
+        # that node down the service could not even start on a cluster.
+        calls[ct.name] = await _queue(
+            channel, names.calls_queue(ct), _kept(**{"x-message-ttl": CALLS_TTL_MS}),
+            {"x-queue-type": "quorum", "x-message-ttl": CALLS_TTL_MS})
     return Topology(names, events_x, history_x, dead_x, events_q, work, calls)
 
 
@@ -215,6 +275,7 @@ async def delete_all(channel: AbstractChannel, settings: Settings) -> None:
     for q in all_queues(settings):
         await channel.queue_delete(q)
     await channel.exchange_delete(Names.from_settings(settings).dead_exchange)
+    await channel.exchange_delete(Names.from_settings(settings).status_exchange)
 
 
 async def remove_topology(connection: AbstractConnection, settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""The owner's side of operator tools' calls: serve_call and the reply shapes (SPEC §6)."""
+"""The owner's side of operator tools' calls: serve_call and the reply shapes (operator
+guide, section 13)."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 BASE = K8S / "base"
 MONITORING = K8S / "components" / "monitoring"
+NETWORK_POLICY = K8S / "components" / "network-policy"
 OVERLAYS = K8S / "overlays"
 DOCKERFILE = DEPLOY / "Dockerfile"
 CRD_SCHEMAS = REPO / "tests" / "crd-schemas"
@@ -58,6 +59,7 @@ CORE_KINDS = {"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisrup
 COMBINATIONS: dict[str, tuple[list[Path], list[Path]]] = {
     "base": ([BASE], []),
     "base+monitoring": ([BASE], [MONITORING]),
+    "base+network-policy": ([BASE], [NETWORK_POLICY]),
     "overlays/production": ([OVERLAYS / "production"], []),
     "overlays/staging": ([OVERLAYS / "staging"], []),
 }
@@ -593,8 +595,66 @@ def test_production_overlay_sets_namespace_image_and_config(render):
     (image,) = kustomization["images"]
 
     assert {d["metadata"]["namespace"] for d in docs} == {kustomization["namespace"]}
-    assert _container(docs)["image"] == f"{image['newName']}:{image['newTag']}"
+    assert _container(docs)["image"] == \
+        f"{image['newName']}:{image['newTag']}@{image['digest']}"
     assert _config_text(docs) == (OVERLAYS / "production" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", ["overlays/production", "overlays/staging"])
+def test_the_overlays_pin_the_image_by_digest(render, name):
+    """The image is name:tag@sha256:<64 hex digits>: the bytes, not whatever the tag names."""
+    image = _container(render(name))["image"]
+
+    assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
+
+
+def test_replicas_spread_over_nodes_and_zones(rendered):
+    """Two spread constraints, by host and by zone, select the pods; both are preferences,
+    so a replacement can start while a zone is down."""
+    pod = _pod(rendered)
+    spread = {c["topologyKey"]: c for c in pod["spec"]["topologySpreadConstraints"]}
+
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread.values():
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["labelSelector"]["matchLabels"].items() <= \
+            pod["metadata"]["labels"].items()
+
+
+# -- network policy ----------------------------------------------------------------------------
+
+
+def _ports(rule: dict[str, Any]) -> set[tuple[str, int | str]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
+
+
+@pytest.mark.parametrize("name", ["base+network-policy", "overlays/production",
+                                  "overlays/staging"])
+def test_network_policy_lets_in_prometheus_only_and_out_what_the_service_needs(render, name):
+    """Ingress: the metrics port, from the monitoring namespace only. Egress: DNS (UDP and
+    TCP), the AMQP URL's port, and each communicator type's Control Center port; nothing
+    else."""
+    docs = render(name)
+    policy = _one(docs, "NetworkPolicy")["spec"]
+    pod = _pod(docs)
+    settings = _settings(docs)
+    http_port = next(p for p in _container(docs)["ports"] if p["name"] == "http")
+
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = policy["ingress"]
+    assert ingress["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    assert _ports(ingress) <= {("TCP", "http"), ("TCP", http_port["containerPort"])}
+    allowed = set().union(*(_ports(rule) for rule in policy["egress"]))
+    amqp = [urlsplit(u) for u in [*settings.amqp_urls, *(
+        s["stringData"]["amqp-url"] for s in _examples() if "amqp-url" in s["stringData"])]]
+    jasper = [urlsplit(ct.server_address) for ct in settings.communicator_types]
+    needed = {("UDP", 53), ("TCP", 53)}
+    needed |= {("TCP", u.port or (5671 if u.scheme == "amqps" else 5672)) for u in amqp}
+    needed |= {("TCP", u.port or (443 if u.scheme == "https" else 80)) for u in jasper}
+    assert needed <= allowed
+    assert allowed == needed | {("TCP", 5671), ("TCP", 5672)}, "nothing beyond these"
 
 
 def artefact_metric_names() -> set[str]:

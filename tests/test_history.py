@@ -82,7 +82,7 @@ async def test_a_lost_copy_sends_no_signal(names: Names):
 
 
 async def test_router_failures_count_in_commands_total_under_their_type(names: Names):
-    """A local failure is counted with its configured type, or "unknown" (SPEC §9)."""
+    """A local failure is counted with its configured type, or "unknown" (README, Metrics)."""
     metrics = Metrics(CollectorRegistry())
     history = History(Channel(), names, metrics)  # type: ignore[arg-type]
     error = ErrorInfo("UNKNOWN_COMMUNICATOR_TYPE", None, "not configured", False)

@@ -1,4 +1,5 @@
-"""The Control Center client: error mapping, retries, limits, secrets (SPEC §2, §5)."""
+"""The Control Center client: error mapping, retries, limits, secrets (operator guide,
+sections 5 and 13)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ RETRY = RetrySettings(
     max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=0.01, max_elapsed_seconds=5
 )
 
-# SPEC §5, written out independently of errors.py: code -> (HTTP status, fate).
-SPEC_TABLE: dict[str, tuple[int, str]] = {
+# The operator guide's section 5, written out independently of errors.py:
+# code -> (HTTP status, fate).
+GUIDE_TABLE: dict[str, tuple[int, str]] = {
     "10000001": (401, "pause"),
     "10000005": (400, "rejected"),
     "10000008": (400, "rejected"),
@@ -164,13 +166,13 @@ async def client(metrics: Metrics) -> AsyncIterator[JasperClient]:
 
 def test_spec_table_covers_every_documented_code() -> None:
     """The test table lists exactly the codes errors.py documents."""
-    assert set(SPEC_TABLE) == set(JASPER_ERROR_MEANINGS)
+    assert set(GUIDE_TABLE) == set(JASPER_ERROR_MEANINGS)
 
 
-@pytest.mark.parametrize("code", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("code", sorted(GUIDE_TABLE))
 def test_classify_maps_each_code_to_its_meaning_and_fate(code: str) -> None:
     """Each documented code gets its documented meaning and its retry decision."""
-    status, fate = SPEC_TABLE[code]
+    status, fate = GUIDE_TABLE[code]
     err = classify(status, b'{"errorMessage": "x", "errorCode": "%s"}' % code.encode(),
                    "application/json")
     assert type(err) is FATE_CLASS[fate]
@@ -178,12 +180,12 @@ def test_classify_maps_each_code_to_its_meaning_and_fate(code: str) -> None:
     assert err.pauses_type == (fate == "pause")
 
 
-@pytest.mark.parametrize("code", sorted(SPEC_TABLE))
+@pytest.mark.parametrize("code", sorted(GUIDE_TABLE))
 async def test_change_status_applies_each_codes_fate(
     code: str, client: JasperClient, http: aioresponses
 ) -> None:
     """A change that keeps getting one code is paused, failed at once, or retried to the end."""
-    status, fate = SPEC_TABLE[code]
+    status, fate = GUIDE_TABLE[code]
     http.put(DEVICE_URL, status=status, payload=jasper_error(code), repeat=True)
 
     if fate == "pause":

@@ -31,7 +31,8 @@ BASE_CONFIG = REPO / "deploy" / "k8s" / "base" / "config.yaml"
 REQUIRED_ALERTS = {
     "JasperConsumerDown", "JasperBacklogGrowing", "JasperQueueWithoutConsumer",
     "JasperFailureRatioHigh", "JasperCommunicatorTypeDown", "JasperDeadLettersPresent",
-    "JasperRateLimited", "JasperNoSuccessWhileEventsWait",
+    "JasperRateLimited", "JasperNoSuccessWhileEventsWait", "JasperQueueMetricsMissing",
+    "JasperInteractiveSlow",
 }
 #: Alerts about no deployment in particular (nothing is scraped at all).
 GLOBAL_ALERTS = {"JasperConsumerNotScraped"}
@@ -141,7 +142,7 @@ def aggregation_problems(expr: str) -> list[str]:
         labels = {label.strip() for label in match.group(2).split(",")}
         rest = expr[match.end():]
         rabbit_join = labels == {"queue"} and re.match(
-            r"\s*group_left \(\)\s*max by \(queue\) \((deriv\()?rabbitmq_", rest)
+            r"\s*(group_left \(\)\s*)?max by \(queue\) \((deriv\()?rabbitmq_", rest)
         if match.group(1) == "ignoring" or not ({"namespace", "job"} <= labels or rabbit_join):
             problems.append(match.group(0))
     return problems
@@ -195,16 +196,53 @@ def github_anchors(markdown: str) -> set[str]:
     return anchors
 
 
+def _mixin_settings() -> dict[str, Any]:
+    table: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for key in mixin.SETTINGS_TABLE:
+        table = table[key]
+    return table
+
+
 def test_runbook_urls_point_at_sections_of_the_operator_guide():
-    """Each runbook_url is the guide in this repository, at the heading named after the alert."""
-    source = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]["Source"]
+    """Each runbook_url is the documented setting (pyproject.toml, runbook_base) at the
+    guide's heading named after the alert."""
+    base = _mixin_settings()["runbook_base"]
     anchors = github_anchors(GUIDE.read_text())
 
+    assert base.endswith("docs/operator-guide.md")
     for alert in _alerts():
         url, _, anchor = alert["annotations"]["runbook_url"].partition("#")
-        assert url == f"{source}/blob/main/docs/operator-guide.md"
+        assert url == base
         assert anchor == alert["alert"].lower()
         assert anchor in anchors, f"docs/operator-guide.md has no heading {alert['alert']}"
+
+
+def test_every_alert_carries_the_routing_labels_set_in_one_place():
+    """alert_labels of pyproject.toml reach every alert, and the promtool cases expect them."""
+    labels = _mixin_settings()["alert_labels"]
+
+    assert labels
+    for alert in _alerts():
+        assert alert["labels"].items() >= labels.items(), alert["alert"]
+    for name, expected in _expected():
+        assert expected["exp_labels"].items() >= labels.items(), name
+
+
+def test_settings_come_from_pyproject(tmp_path):
+    """runbook_base and alert_labels of [tool.jasper-consumer.mixin] reach the rules; an
+    unknown key is an error that names it."""
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.jasper-consumer.mixin]\n'
+        'runbook_base = "https://gitlab.example/p/j/-/blob/main/docs/operator-guide.md"\n'
+        'alert_labels = {team = "noc"}\n')
+    config = mixin.default_config(tmp_path)
+    text = mixin.render(config)[mixin.RULES]
+
+    assert "runbook_url: https://gitlab.example/p/j/-/blob/main/docs/operator-guide.md#" in text
+    assert "team: noc" in text
+    (tmp_path / "pyproject.toml").write_text('[tool.jasper-consumer.mixin]\nrunbok_base = "x"\n')
+    with pytest.raises(ValueError, match="runbok_base"):
+        mixin.default_config(tmp_path)
 
 
 # -- dashboard ---------------------------------------------------------------------------------
@@ -376,7 +414,7 @@ def defined_sample_names(registry: CollectorRegistry) -> set[str]:
 
 
 ALLOWED_LABELS = {"event_code", "communicator_type", "command", "outcome", "code", "reason",
-                  "stage", "result", "queue", "role", "version", "le"}
+                  "stage", "result", "queue", "role", "version", "le", "lane"}
 
 
 def test_artefacts_name_only_metrics_the_service_defines():

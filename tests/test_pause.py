@@ -90,7 +90,8 @@ def test_a_repause_right_after_a_resume_probes_less_often():
 
 class PauseModel(RuleBasedStateMachine):
     """Any sequence of answers, Echo results and resumes keeps the probe schedule within
-    SPEC §5: at most one probe a second, at least one every 30 s (5 min after re-pauses)."""
+    operator guide, sections 4 and 5: at most one probe a second, at least one every 30 s
+    (5 min after re-pauses)."""
 
     @initialize()
     def start(self) -> None:

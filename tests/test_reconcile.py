@@ -1,5 +1,5 @@
 """``reconcile`` without a broker: the client list, classification, listing, output, exit
-codes and the --fix plan (SPEC §8)."""
+codes and the --fix plan (operator guide, section 7)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_commissioned_takes_yes_no_true_false_1_0(value: str, commissioned: bool
 
 
 def test_a_comma_separated_file_without_bom_is_read():
-    """A plain comma-separated file with the SPEC's column names is read."""
+    """A plain comma-separated file with the guide's column names is read."""
     clients = parse_clients(HEADER + f'1,{sim(1)},"{NZ}",1\n', [NZ])
 
     assert (clients.delimiter, clients.rows[0].communicator_type) == (",", NZ)
@@ -229,7 +229,8 @@ FOUND = [Mismatch(sim(2), Kind.MONITORED_NOT_LIVE, NZ, "DEACTIVATED", "b", ("a",
 
 
 def test_json_output_is_one_array_in_the_spec_shape():
-    """--format json prints one array of objects with exactly the SPEC §8 keys."""
+    """--format json prints one array of objects with exactly the keys of the guide's
+    section 7."""
     out = io.StringIO()
     write_report(FOUND, "json", out)
 

@@ -1,9 +1,8 @@
-"""The published contract: JSON Schemas from the models, and docs/asyncapi.yaml (SPEC §3, §4)."""
+"""The published contract: JSON Schemas from the models, and docs/asyncapi.yaml."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,6 @@ from jasper_consumer.tools import schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-SPEC = ROOT.parent / "shared" / "SPEC.md"
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -75,16 +73,6 @@ def refs(node: Any) -> Iterator[str]:
             yield from refs(value)
 
 
-def spec_example(section: str) -> dict[str, Any]:
-    """The first JSON example under ``## <section>`` in the SPEC."""
-    text = SPEC.read_text(encoding="utf-8")
-    start = text.index(f"\n## {section}")
-    match = re.compile(r"```json\n(.*?)```", re.S).search(text, start)
-    assert match is not None
-    example: dict[str, Any] = json.loads(match.group(1))
-    return example
-
-
 def test_schema_files_are_up_to_date() -> None:
     """docs/schemas/ holds exactly what the models generate (run `make schemas` if not)."""
     assert schemas.stale(DOCS / "schemas") == [], "stale: run `make schemas`"
@@ -97,25 +85,6 @@ def test_schemas_are_valid_draft_07(name: str) -> None:
     jsonschema.Draft7Validator.check_schema(schema)
     assert schema["$schema"] == schemas.DRAFT_07
     assert all("description" in p for p in schema["properties"].values())
-
-
-@pytest.mark.skipif(not SPEC.is_file(), reason="shared/SPEC.md is not beside the checkout")
-@pytest.mark.parametrize(("section", "name"), [
-    ("3.", "event.schema.json"), ("4.", "signal.schema.json"),
-])
-def test_spec_examples_match_the_schemas(section: str, name: str) -> None:
-    """The SPEC §3 event and §4 signal examples are valid under the published schemas."""
-    validator(name).validate(spec_example(section))
-
-
-@pytest.mark.skipif(not SPEC.is_file(), reason="shared/SPEC.md is not beside the checkout")
-def test_asyncapi_carries_the_spec_examples(asyncapi: dict[str, Any]) -> None:
-    """The AsyncAPI examples include the SPEC's, verbatim."""
-    messages = asyncapi["components"]["messages"]
-    events = [e["payload"] for e in messages["SystemEvent"]["examples"]]
-    results = [e["payload"] for e in messages["ResultSignal"]["examples"]]
-    assert spec_example("3.") in events
-    assert spec_example("4.") in results
 
 
 def test_event_schema_requires_what_the_service_requires() -> None:

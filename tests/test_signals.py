@@ -1,4 +1,5 @@
-"""The result signal's text: the line an operator reads in the client's history (SPEC §3, §4)."""
+"""The result signal's text: the line an operator reads in the client's history (operator
+guide, section 4)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_every_signal_of_an_event_with_origin_ends_with_it(make):
 
 
 def test_the_spec_example_text():
-    """A reconcile's deactivation reads as SPEC §3 shows it."""
+    """A reconcile's deactivation reads as the operator guide, section 7, shows it."""
     signal = signals.succeeded(job(origin="reconcile"), "DEACTIVATED", 1, 5.0)
 
     assert signal.text == f"SIM {ICCID} deactivated via M2MOne NZ (reconcile)"

@@ -99,13 +99,31 @@ def test_sim_table_shows_main_fields_and_the_status_meaning() -> None:
 
 
 def test_reason_comes_from_our_header_or_the_brokers() -> None:
-    """x-jasper-error wins (with the last error); else x-death says what the broker did."""
+    """x-jasper-error wins (with the last error); else the broker's delivery limit, with
+    the queue where x-death names it."""
     assert reason_of({"x-jasper-error": "RETRIES_EXHAUSTED",
                       "x-jasper-last-error": "30000001"}) == \
         "RETRIES_EXHAUSTED (last error 30000001)"
     assert reason_of({"x-death": [{"reason": "delivery_limit", "queue": "p.events"}]}) == \
         "delivery limit in p.events"
-    assert reason_of({}).startswith("unknown")
+    assert reason_of({}) == "delivery limit (dead-lettered by the broker)"
+
+
+@pytest.mark.parametrize("body", [
+    {"event_id": "e-9", "event_code": 65517, "client_id": "100234", "command": "deactivate",
+     "iccid": "89610185002345678901", "communicator_type": "M2MOne NZ", "occurred_at": None},
+    EVENT,
+    {**EVENT, "event_code": "65516"},
+], ids=["job", "event", "event-with-a-text-code"])
+def test_a_broker_dead_letter_reads_and_replays_without_x_death(settings: Settings,
+                                                               body: dict[str, Any]) -> None:
+    """Without x-death (RabbitMQ 4 keeps other records) a dead letter still has a reason
+    and replays to its event's routing key."""
+    letter = read(1, json.dumps(body).encode(), {}, None, None, settings)
+
+    assert letter.reason == "delivery limit (dead-lettered by the broker)"
+    assert letter.replay is not None
+    assert letter.replay.routing_key == f"event.{int(body['event_code'])}"
 
 
 def test_an_exhausted_event_reads_as_replayable(settings: Settings) -> None:
@@ -157,7 +175,7 @@ def test_a_work_item_replays_as_its_event(settings: Settings) -> None:
 
 def test_an_event_without_a_code_routes_by_the_brokers_record(settings: Settings) -> None:
     """An event with no usable event_code routes by the key x-death kept, else not at all."""
-    event: dict[str, Any] = {**EVENT, "event_code": "65516"}
+    event: dict[str, Any] = {**EVENT, "event_code": "sixty-five"}
     death = {"reason": "delivery_limit", "routing-keys": ["event.65516"]}
 
     routed = read(1, json.dumps(event).encode(), {"x-death": [death]}, None, None, settings)

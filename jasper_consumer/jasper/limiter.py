@@ -4,8 +4,9 @@ apart, per Control Center account (SPEC §2)."""
 from __future__ import annotations
 
 import asyncio
-import collections
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace, TracebackType
 from typing import Any
@@ -58,11 +59,17 @@ class Limiter:
         self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
         self._abort: Exception | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
-        self.starts: collections.deque[float] = collections.deque(maxlen=256)
+        # Recent call starts (clock times), enough for calls/s over 10 s (the status page).
+        self._starts: deque[float] = deque(maxlen=math.ceil(10.0 / self.interval_s) + 1)
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def calls_per_second(self, window_s: float = 10.0) -> float:
+        """Calls started per second over the last ``window_s`` (at most 10 s)."""
+        since = self._clock() - window_s
+        return sum(1 for t in self._starts if t > since) / window_s
 
     def hold_off(self, seconds: float) -> None:
         """No call starts before ``seconds`` from now (a new owner of the account waits for
@@ -129,8 +136,8 @@ class Limiter:
         task = task or asyncio.current_task()
         if self._unsent is not None and self._unsent is task:
             self._unsent = None
-            self._last_start = now = self._clock()
-            self.starts.append(now)
+            self._last_start = self._clock()
+            self._starts.append(self._last_start)
             self._start_lock.release()
 
     def discard(self) -> None:
@@ -148,11 +155,6 @@ class Limiter:
         self.mark_sent()
         self._in_flight -= 1
         self._slots.release()
-
-    def rate(self, window_s: float = 10.0) -> float:
-        """Calls started per second over the last ``window_s`` seconds."""
-        since = self._clock() - window_s
-        return sum(1 for t in self.starts if t >= since) / window_s
 
     async def __aenter__(self) -> None:
         await self.acquire()

@@ -5,9 +5,11 @@ Three kinds of message end up there (SPEC §4, §5):
 * **unreadable input** (router): the original bytes, the reason in ``x-jasper-error``;
 * **RETRIES_EXHAUSTED copies** (worker): the event as a producer publishes it,
   ``message_id`` = event id, the last error's code in ``x-jasper-last-error``;
-* messages the **broker** dead-lettered after ``delivery_limit`` deliveries: an
-  ``x-death`` header and no ``x-jasper-error``; the body is an event (from
-  ``.events``) or a job (from ``.work.<type>``, turned back into its event on replay).
+* messages the **broker** dead-lettered after ``delivery_limit`` deliveries (the only
+  reason the service's queues dead-letter for): no ``x-jasper-error``; the body is an event
+  (from ``.events``) or a job (from ``.work.<type>``, turned back into its event on
+  replay). The broker's ``x-death`` header, where it is there, only adds detail (which
+  queue, when): nothing here depends on it, since RabbitMQ 4 changed what it keeps there.
 
 This module reads dead letters (:func:`read`), walks the queue without losing or
 reordering anything (:class:`Snapshot`) and lists it (:func:`list_dead_letters`);
@@ -104,7 +106,7 @@ def _first_death(headers: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 def reason_of(headers: Mapping[str, Any]) -> str:
     """Why the message was dead-lettered: ``x-jasper-error`` (with the last error of an
-    exhausted retry), else what the broker wrote in ``x-death``."""
+    exhausted retry), else the broker's delivery limit (detailed by ``x-death`` if any)."""
     reason = headers.get(DEAD_REASON_HEADER)
     if reason:
         text = _text(reason)
@@ -115,7 +117,7 @@ def reason_of(headers: Mapping[str, Any]) -> str:
         why = _text(death.get("reason", "dead-lettered")).replace("_", " ")
         queue = death.get("queue")
         return f"{why} in {_text(queue)}" if queue else why
-    return "unknown (no x-jasper-error or x-death header)"
+    return "delivery limit (dead-lettered by the broker)"
 
 
 def _when(timestamp: datetime | None, headers: Mapping[str, Any]) -> datetime | None:
@@ -131,6 +133,8 @@ def _routing_key(data: Mapping[str, Any], headers: Mapping[str, Any]) -> str | N
     code = data.get("event_code")
     if isinstance(code, int) and not isinstance(code, bool):
         return f"event.{code}"
+    if isinstance(code, str) and code.isdigit():  # it fails again, with its signal
+        return f"event.{int(code)}"
     death = _first_death(headers)  # the broker kept the key it was published with
     keys = death.get("routing-keys") if death is not None else None
     for key in keys if isinstance(keys, list) else []:
@@ -225,8 +229,9 @@ class Snapshot:
     once more than a few dozen are in flight. So they go back with single nacks,
     :data:`_RETURN_BATCH` at a time, each batch applied (seen ready) before the next. And
     the pass goes to the end of the queue even when only the first few are wanted:
-    handing back only those would move them behind the rest. Each return counts as a
-    delivery: ``.dead`` must have no delivery limit.
+    handing back only those would move them behind the rest. Before RabbitMQ 4.3 each
+    return counts as a delivery (4.3 counts only ``basic.reject``, so these nacks do not):
+    ``.dead`` therefore has an unbounded delivery limit (topology.UNBOUNDED_DELIVERIES).
     """
 
     def __init__(self, connection: AbstractConnection, channel: AbstractChannel,

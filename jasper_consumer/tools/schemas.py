@@ -4,6 +4,7 @@
 ``event.schema.json``          a system event, as producers publish it (SPEC §3);
                                also the body of a ``RETRIES_EXHAUSTED`` dead letter
 ``signal.schema.json``         a result signal on the history exchange (SPEC §4)
+``status.schema.json``         ``GET /status.json``: the status page's facts
 =============================  ===================================================
 
 They are JSON Schema draft-07 (AsyncAPI 3.0 reads it as
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 
 from ..events import Event
 from ..signals import Signal
+from ..status import StatusReport
 
 DRAFT_07 = "http://json-schema.org/draft-07/schema#"
 DEFAULT_DIR = Path("docs/schemas")
@@ -86,6 +88,77 @@ _SIGNAL_FIELDS = {
 }
 
 
+_LANES = "per lane: interactive (a technician waits) and bulk"
+_STATUS_FIELDS = {
+    None: {
+        "queue_prefix": "The deployment's queue_prefix.",
+        "generated_at": "When the serving process built these facts.",
+        "served_by": "The process that answered this request.",
+        "broker_connected": "false when the serving process could not publish its report "
+                            "to RabbitMQ at its last try: it then sees no other process.",
+        "refresh_seconds": "How often the HTML page reloads itself.",
+        "facts_ttl_seconds": "A process not heard from for longer counts as gone; an owner's "
+                             "facts are never older than this.",
+        "dead_letters": "Messages in <queue_prefix>.dead (all types); null when unknown.",
+        "processes": "Every service process heard from within facts_ttl_seconds.",
+        "communicator_types": "One entry per configured communicator type, in config order.",
+    },
+    "TypeStatus": {
+        "name": "The communicator type's name, as configured.",
+        "state": "running; paused (see pause); no_owner (no process has reported owning it "
+                 "within facts_ttl_seconds).",
+        "attention": "What needs a look, in words (empty when nothing): paused, backlog "
+                     "growing, no owner for N s.",
+        "owner": "The process consuming the type's work queue (the only one that calls its "
+                 "Control Center account); null when there is none.",
+        "facts_age_s": "Seconds since the owner collected the facts shown.",
+        "no_owner_for_s": "With state no_owner: seconds since an owner was last heard (or "
+                          "since the serving process started listening).",
+        "standbys": "The other processes: one takes the type over if the owner goes.",
+        "pause": "Why the type is paused; null while it runs.",
+        "calls_per_second": "Calls started per second over the last 10 s (Echo probes "
+                            "and operator tools' calls included).",
+        "requests_per_second": "The configured limit on calls started per second.",
+        "in_flight": "Calls under way now.",
+        "max_concurrency": "The configured limit on calls under way at once.",
+        "waiting": f"Jobs without a final signal, {_LANES}: what the owner has taken from "
+                   "the queues plus what waits in them (the work queue counts as "
+                   "interactive, <queue_prefix>.bulk.<slug> as bulk). Parked jobs apart.",
+        "held": "Of waiting: jobs the owner has taken from the queues (in flight included).",
+        "queued": "The type's queues as the last passive declare saw them: ready messages "
+                  "and consumers; null for a queue that does not exist.",
+        "parked": "Jobs in the parked queue (the type is paused, or they wait behind those "
+                  "a pause held up), each with its delayed signal sent.",
+        "backlog": "waiting plus parked.",
+        "backlog_growing": "The backlog holds 10 or more and is larger than 30 s ago.",
+        "oldest_waiting_age_s": "Age of the oldest waiting job (from the router receiving "
+                                "its event); null when none waits or its age is unknown.",
+        "oldest_waiting_at_least": "true when jobs are parked: their own ages are not known, "
+                                   "the age given is a lower bound (the pause's length).",
+        "time_to_final": f"Publish → final signal over the last 10 minutes, {_LANES}; "
+                         "since the owner took the type over.",
+        "dead_lettered_10m": "Finals whose retries ran out (a copy went to the dead "
+                             "letters) in the last 10 minutes.",
+        "failures": "The last 20 failed final signals, newest first.",
+    },
+    "PauseFacts": {
+        "code": "The error that paused the type (Jasper's code or the service's own).",
+        "http_status": "Its HTTP status; null when no answer came.",
+        "message": "Its meaning or message, as in the delayed signals.",
+        "words": "What it means for the centre, and what to do.",
+        "since": "When the pause began.",
+        "next_probe_at": "When the next Echo probe runs (the type resumes when one passes).",
+    },
+    "Failure": {
+        "at": "When the failure signal was confirmed.",
+        "client_id": "The Patriot client.",
+        "iccid": "The SIM's ICCID, when the event had one.",
+        "code": "The error code, as in the signal.",
+        "message": "Its meaning, as in the signal.",
+    },
+}
+
+
 @dataclass(frozen=True)
 class _Spec:
     model: type[BaseModel]
@@ -109,6 +182,12 @@ SCHEMAS: dict[str, _Spec] = {
         "exchange with routing key jasper.<outcome>, persistent, correlation_id = event_id. "
         "Every field is always present; consumers should ignore fields they do not know.",
         _SIGNAL_FIELDS),
+    "status.schema.json": _Spec(
+        StatusReport, "serialization", "Status page facts",
+        "GET /status.json on http_port: the facts the status page (GET /) shows, for "
+        "scripts. Any replica answers for every communicator type (operator guide, "
+        "Status page). Consumers should ignore fields they do not know.",
+        _STATUS_FIELDS),
 }
 
 

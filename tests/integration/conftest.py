@@ -185,7 +185,8 @@ async def run_service(
                                 max_in_flight=t.get("max_concurrency", 1),
                                 requests_per_second=t.get("requests_per_second", 1.0))
             t.setdefault("api_key", "k")
-            # A new owner waits 1/rps + the request timeout before its first call (SPEC §6).
+            # A new owner waits 1/rps + the request timeout before its first call (operator
+            # guide, section 13).
             t.setdefault("request_timeout_seconds", 1)
         settings = parse_settings(raw_config(tag, types, **overrides), {})
         service = Service(settings, Metrics(CollectorRegistry()), http_host="127.0.0.1")

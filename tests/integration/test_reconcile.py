@@ -1,4 +1,5 @@
-"""``reconcile`` against the real broker and the simulator over real sockets (SPEC §8, §6).
+"""``reconcile`` against the real broker and the simulator over real sockets (operator guide,
+sections 7 and 13).
 
 Two communicator types of 1,200 SIMs each (24 pages each) with every kind of mismatch,
 linked areas sharing SIMs, a bad row and a row of a type not in the config. Most tests

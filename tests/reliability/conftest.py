@@ -191,7 +191,8 @@ def type_(letter: str, max_concurrency: int = 1, requests_per_second: float = 50
     """Communicator type "Type <LETTER>" on simulator account <letter> with key k<letter>.
 
     The request timeout is 2 s: a process that takes a type over waits one call interval
-    plus the request timeout before its first call (SPEC §6), 10 s at the default."""
+    plus the request timeout before its first call (operator guide, section 13), 10 s at the
+    default."""
     return {"name": f"Type {letter.upper()}", "username": letter, "api_key": f"k{letter}",
             "max_concurrency": max_concurrency, "requests_per_second": requests_per_second,
             "request_timeout_seconds": 2, **extra}
@@ -246,12 +247,34 @@ def vm_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024
 
 
+_RABBITMQCTL: list[str] = []  # why rabbitmqctl cannot be used here ("" once it could)
+
+
+def require_rabbitmqctl() -> None:
+    """Skip, saying why, where ``rabbitmqctl`` is missing or may not talk to the local node
+    (it needs the node's Erlang cookie: run as root, as the rabbitmq user, or with a copy of
+    the cookie in your home)."""
+    if not _RABBITMQCTL:
+        try:
+            done = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True,
+                                  text=True, timeout=60, check=False)
+            why = "" if done.returncode == 0 else done.stderr.strip().splitlines()[:1]
+        except FileNotFoundError:
+            why = ["rabbitmqctl is not installed"]
+        _RABBITMQCTL.append(" ".join(why) if why else "")
+    if _RABBITMQCTL[0]:
+        pytest.skip(f"needs rabbitmqctl allowed to talk to the local RabbitMQ (root, the "
+                    f"rabbitmq user, or its Erlang cookie in ~/.erlang.cookie): "
+                    f"{_RABBITMQCTL[0][:200]}")
+
+
 async def rabbitmqctl_table(command: str, *columns: str) -> list[dict[str, str]]:
     """Rows of ``rabbitmqctl <command> -p / <columns>`` (e.g. list_queues), one dict each.
 
     Read-only listings only: never stop, restart or reset the shared broker from a test.
     """
     assert command.startswith("list_"), command
+    require_rabbitmqctl()
     proc = await asyncio.create_subprocess_exec(
         "rabbitmqctl", "-q", command, "-p", "/", "--no-table-headers", *columns,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -1,4 +1,4 @@
-"""Node loss on a real 3-node RabbitMQ cluster (SPEC §7, §9; issue 10).
+"""Node loss on a real 3-node RabbitMQ cluster (operator guide, section 10, Cluster; issue 10).
 
 The cluster comes from ``../shared/rabbitmq-cluster/up`` beside the checkout: nodes
 ``jc1..jc3@localhost`` with AMQP on 127.0.0.1:5681 to 5683. A session fixture starts it
@@ -50,8 +50,9 @@ RESUME_BOUND_S = 15.0
 TYPES = "ab"
 MAX_CONCURRENCY = 2
 IN_FLIGHT = len(TYPES) * MAX_CONCURRENCY  # calls the service may have under way
-# A new owner waits the request timeout before its first call (SPEC §6): that wait is
-# part of "consuming again", so it is kept small here; the default (10 s) leaves ~5 s.
+# A new owner waits the request timeout before its first call (operator guide, section 13):
+# that wait is part of "consuming again", so it is kept small here; the default (10 s) leaves
+# ~5 s.
 REQUEST_TIMEOUT_S = 2.0
 # The watchdog re-registers lost consumers as a backstop only: moving to another node must
 # restore them by itself, so the watchdog's first check comes after the bound.

@@ -1,4 +1,4 @@
-"""Failover between two service processes on the real broker (SPEC §6, issue 10).
+"""Failover between two service processes on the real broker (operator guide, section 13; issue 10).
 
 Two processes consume the same single-active-consumer queues: one is active for every
 communicator type, the other stands by. Killing the active one with ``kill -9`` in the

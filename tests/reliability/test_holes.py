@@ -3,9 +3,10 @@ through the real broker and the simulator; each failed on the code before the re
 
 Every type here has ``request_timeout_seconds: 2``: a process that becomes a type's owner
 waits one ``1 / requests_per_second`` plus the request timeout before its first call
-(SPEC §6), and a 10 s default would slow every test. Times are compared on one clock:
-``time.monotonic()`` in this process and the simulator's ``RequestRecord.started`` (also
-``time.monotonic()``; on Linux CLOCK_MONOTONIC is shared by every process on the host).
+(operator guide, section 13), and a 10 s default would slow every test. Times are compared
+on one clock: ``time.monotonic()`` in this process and the simulator's
+``RequestRecord.started`` (also ``time.monotonic()``; on Linux CLOCK_MONOTONIC is shared by
+every process on the host).
 """
 
 from __future__ import annotations

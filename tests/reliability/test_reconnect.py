@@ -1,4 +1,5 @@
-"""Reconnection restores the consumers by itself (SPEC §9): the watchdog is only a backstop.
+"""Reconnection restores the consumers by itself (operator guide, section 11,
+JasperBrokerDisconnected): the watchdog is only a backstop.
 
 The broker closes the service's own connection (found by its connection name, which
 carries the test's unique queue prefix; no other client is touched). With the watchdog

@@ -37,7 +37,7 @@ class Alert:
         rule: dict[str, Any] = {"alert": self.name, "expr": self.expr}
         if self.for_:
             rule["for"] = self.for_
-        rule["labels"] = {"severity": self.severity}
+        rule["labels"] = {"severity": self.severity, **dict(config.alert_labels)}
         rule["annotations"] = {"summary": self.summary, "description": self.description,
                                "runbook_url": f"{config.runbook_base}#{self.name.lower()}"}
         return rule
@@ -92,6 +92,24 @@ def alerts(config: MixinConfig) -> list[Alert]:
                 "the pods says which consumer is missing; restart the pods."),
         ),
         Alert(
+            "JasperQueueMetricsMissing", "warning", for_="15m",
+            expr=(f"count {by()} (\n"
+                  + indent(f"max {by('queue')} ({s.jasper('jasper_queue_info')})\n"
+                           f"unless on (queue)\n"
+                           f"max by (queue) ({rabbit('rabbitmq_queue_messages')})")
+                  + "\n) > 0"),
+            summary=(f"RabbitMQ's per-queue metrics are missing for {{{{ $value }}}} queues "
+                     f"of {WHERE}"),
+            description=(
+                "Prometheus has no rabbitmq_queue_messages series for queues this deployment "
+                "consumes (jasper_queue_info), so JasperQueueWithoutConsumer, "
+                "JasperBacklogGrowing, JasperDeadLettersPresent and "
+                "JasperNoSuccessWhileEventsWait cannot fire, and the dashboard's queue panels "
+                "stay empty. Scrape RabbitMQ's /metrics/per-object endpoint (or set "
+                "prometheus.return_per_object_metrics = true), and evaluate these rules where "
+                "RabbitMQ's series are visible too (not confined to this namespace)."),
+        ),
+        Alert(
             "JasperBacklogGrowing", "warning", for_="15m",
             expr=(s.per_queue(rabbit("rabbitmq_queue_messages_ready"), "events", "work")
                   + " > 100\n"
@@ -123,9 +141,33 @@ def alerts(config: MixinConfig) -> list[Alert]:
             description=(
                 "More than a quarter of the final outcomes for communicator type "
                 "{{ $labels.communicator_type }} are failures. The failed signals in the "
-                "clients' history carry the error code; jasper_api_errors_total{code} shows "
-                "which (20000001: unknown ICCID, RETRIES_EXHAUSTED: Control Center "
-                "unreachable)."),
+                "clients' history carry the error code. "
+                '{{ if eq $labels.communicator_type "unknown" }}These are events the router '
+                "failed without an API call because they name a communicator type that is not "
+                "configured (UNKNOWN_COMMUNICATOR_TYPE): the dashboard panel \"Events received "
+                "and local failures\" (jasper_local_failures_total) shows them by code."
+                "{{ else }}Failures without an API call (INVALID_ICCID, MISSING_ICCID) are in "
+                "the dashboard panel \"Events received and local failures\"; Control Center's "
+                "in \"API errors by code\" (20000001: unknown ICCID, RETRIES_EXHAUSTED: "
+                "Control Center unreachable).{{ end }}"),
+        ),
+        Alert(
+            "JasperInteractiveSlow", "warning", for_="10m",
+            expr=("histogram_quantile(0.99,\n"
+                  + indent(f"sum {by('communicator_type', 'le')} (rate("
+                           + s.jasper("jasper_time_to_final_seconds_bucket",
+                                      'lane="interactive"') + "[10m]))")
+                  + "\n) > 60"),
+            summary=(f"Commissions via {{{{ $labels.communicator_type }}}} take "
+                     f"{{{{ $value | humanizeDuration }}}} (p99) to their final signal "
+                     f"({WHERE})"),
+            description=(
+                "For 10 minutes, more than 1 in 100 interactive jobs of "
+                "{{ $labels.communicator_type }} (commissions: a technician waits on site) "
+                "took over a minute from reaching the service to their final signal. A paused "
+                "type (JasperCommunicatorTypeDown) or rate limiting (JasperRateLimited) "
+                "explains it; else Control Center is slow (dashboard: API request duration) "
+                "or commissions arrive faster than the account's requests_per_second."),
         ),
         Alert(
             "JasperCommunicatorTypeDown", "critical", for_="5m",

@@ -126,6 +126,24 @@ def rows(config: MixinConfig) -> list[tuple[str, int, list[Panel]]]:
                          "{{communicator_type}}")],
                   kind="stat", unit="s", steps=[(None, "green")]),
         ]),
+        ("Time to final signal, per lane", 8, [
+            Panel("Time to live, interactive",
+                  "From the router receiving a commission (an interactive job: a technician "
+                  "waits on site) to its final signal being confirmed, per type: p50 and p99. "
+                  "Alert JasperInteractiveSlow: p99 above a minute for 10 minutes.",
+                  [Query(_quantile(q, s, "jasper_time_to_final_seconds_bucket",
+                                   "communicator_type", ct, 'lane="interactive"'),
+                         f"{{{{communicator_type}}}} p{p}") for q, p in ((0.5, 50), (0.99, 99))],
+                  unit="s"),
+            Panel("Time to final signal, bulk",
+                  "The same for bulk jobs (decommissions, reconcile's and replay's events), "
+                  "which take the calls interactive jobs leave: minutes behind a backlog are "
+                  "normal.",
+                  [Query(_quantile(q, s, "jasper_time_to_final_seconds_bucket",
+                                   "communicator_type", ct, 'lane="bulk"'),
+                         f"{{{{communicator_type}}}} p{p}") for q, p in ((0.5, 50), (0.99, 99))],
+                  unit="s"),
+        ]),
         ("Per communicator type: rate, errors, duration", 8, [
             Panel("Commands by outcome",
                   "Final outcomes per second (succeeded, failed). Delayed events are counted "
@@ -156,7 +174,8 @@ def rows(config: MixinConfig) -> list[tuple[str, int, list[Panel]]]:
                          "{{stage}} p95")], unit="s"),
             Panel("Events received and local failures",
                   "Events consumed by event code, and events failed without an API call "
-                  "(INVALID_ICCID, MISSING_ICCID, ...).",
+                  "(INVALID_ICCID, MISSING_ICCID, UNKNOWN_COMMUNICATOR_TYPE, ...): the "
+                  "failures of communicator_type \"unknown\" are all here.",
                   [Query(_rate(s, "rate", "jasper_events_received_total", "event_code"),
                          "received {{event_code}}"),
                    Query(_rate(s, "rate", "jasper_local_failures_total", "code"),

@@ -43,6 +43,8 @@ class MixinConfig:
     rabbitmq_selector: str = ""
     #: The operator guide; each alert's ``runbook_url`` is this plus ``#<alert name>``.
     runbook_base: str = "docs/operator-guide.md"
+    #: Labels every alert carries besides its severity, for Alertmanager's routes.
+    alert_labels: tuple[tuple[str, str], ...] = (("service", "jasper-consumer"),)
     #: uid and title of the Grafana dashboard.
     dashboard_uid: str = "jasper-consumer"
     dashboard_title: str = "jasper-consumer"
