@@ -2,7 +2,7 @@
 
 Bulk jobs (reconcile's and replay's, decommissions, a producer's priority 1-4)
 wait here instead of in the work queue, so that an operator's commission never waits
-behind them (operator guide, "Interactive first"). Only the process that owns the type
+behind them (operator guide, section 13, Interactive first). Only the process that owns the type
 — the active consumer of its work queue — takes from this queue, and it *pulls*
 (``basic.get``) one job at a time, when a call is about to be free for one. Pulling gives
 two things a pushing consumer cannot: the owner holds only the few bulk jobs it is about

@@ -1,6 +1,6 @@
 """The ownership log of a communicator type: ``<prefix>.owner.<slug>``, a quorum queue of
 small JSON records that only the type's owner writes. It holds two facts that must
-outlive a process (operator guide, "Order and crashes"):
+outlive a process (operator guide, section 4, Order and crashes):
 
 * **whether the previous owner let go cleanly.** A new owner writes ``owned`` before its
   first call; an owner that stops on SIGTERM writes ``released`` once its last call has

@@ -1,4 +1,4 @@
-"""What the status page shows (operator guide, "Status page"): the facts as frozen models,
+"""What the status page shows (operator guide, section 14): the facts as frozen models,
 the rolling trackers behind them, and :func:`collect`, which reads one type's facts off
 its owning :class:`~.worker.Worker`.
 

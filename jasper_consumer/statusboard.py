@@ -1,5 +1,5 @@
 """Every process's status, shared through the broker, so that any replica's status page
-shows every communicator type (operator guide, "Status page").
+shows every communicator type (operator guide, section 14).
 
 Every ``interval_s`` (2 s) each process reads its types' queue depths (passive declares:
 work, bulk, parked, dead letters), collects the facts of the types it owns
