@@ -126,8 +126,10 @@ class Pause:
         on_pause: Callable[[ErrorInfo], Awaitable[None]],
         on_resume: Callable[[], Awaitable[None]],
         rules: PauseRules | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.name = name
+        self._sleep = sleep  # the wait before each probe (a test drives it)
         self.rules = rules or PauseRules()
         self._echo = echo  # one Echo call with freshly read credentials; raises JasperError
         self._on_pause = on_pause
@@ -217,7 +219,7 @@ class Pause:
     async def _probe(self) -> None:
         for wait in self.rules.probe_waits():
             self._next_probe_unix = time.time() + wait
-            await asyncio.sleep(wait)
+            await self._sleep(wait)
             err = await self._try_echo()
             if err is None:
                 self._probes["passed"].inc()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,7 +23,6 @@ from jasper_consumer.errors import (
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.outcomes import ErrorInfo
 from jasper_consumer.pause import (
-    PROBE_CAP_S,
     PROBE_MIN_S,
     PROBE_REPAUSE_CAP_S,
     Pause,
@@ -88,40 +89,131 @@ def test_a_repause_right_after_a_resume_probes_less_often():
     assert next(rules.probe_waits()) == PROBE_MIN_S
 
 
-class PauseModel(RuleBasedStateMachine):
-    """Any sequence of answers, Echo results and resumes keeps the probe schedule within
-    operator guide, sections 4 and 5: at most one probe a second, at least one every 30 s
-    (5 min after re-pauses)."""
+class VirtualTime:
+    """The probes' waits on a clock the test moves: ``advance`` ends the earliest one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waiting: list[tuple[float, asyncio.Future[None]]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((self.now + seconds, future))
+        self.waiting.sort(key=lambda w: w[0])
+        await future
+
+    def advance(self) -> None:
+        self.waiting = [w for w in self.waiting if not w[1].done()]
+        if self.waiting:
+            at, future = self.waiting.pop(0)
+            self.now = max(self.now, at)
+            future.set_result(None)
+
+
+class PauseAgainstAnAccount(RuleBasedStateMachine):
+    """The real :class:`Pause`, on virtual time, against an account whose key breaks and is
+    fixed and which goes down and up; calls answer accordingly, probes come when the clock
+    says, the resume hook may fail or meet a new pause, ownership may be lost. Always: a
+    paused type has a probe coming (never paused for good), probes are 1 s to 30 s apart
+    (5 min after re-pauses), ``jasper_communicator_up`` says whether it is paused, and
+    the hooks run once per pause and once per resume."""
 
     @initialize()
     def start(self) -> None:
-        self.machine = PauseRules(outage_streak=3)
+        self.loop = asyncio.new_event_loop()
+        self.clock = VirtualTime()
+        self.key_ok, self.up = True, True
+        self.resume_hook = "ok"
+        self.echoes: list[float] = []
+        self.hooks: list[str] = []
+        self.metrics = Metrics(CollectorRegistry())
+        self.pause = Pause("T", self.metrics, echo=self._echo, on_pause=self._on_pause,
+                           on_resume=self._on_resume, sleep=self.clock.sleep)
 
-    @rule(err=st.sampled_from([None, WRONG_KEY, BUSY, NOT_FOUND]))
-    def answer(self, err: JasperError | None) -> None:
-        if self.machine.paused:
-            return  # no real call is made while paused
-        if self.machine.answered(err) is Verdict.ASK_ECHO:
-            assert err is not None
-            self.machine.echo_answered(BUSY if err is BUSY else None, err)
+    def _answer(self) -> JasperError | None:
+        if not self.key_ok:
+            return WRONG_KEY
+        return None if self.up else BUSY
+
+    async def _echo(self) -> None:
+        self.echoes.append(self.clock.now)
+        err = self._answer()
+        if err is not None:
+            raise err
+
+    async def _on_pause(self, _: ErrorInfo) -> None:
+        self.hooks.append("pause")
+
+    async def _on_resume(self) -> None:
+        self.hooks.append("resume")
+        if self.resume_hook == "fail":
+            raise RuntimeError("the parked queue cannot be consumed")
+        if self.resume_hook == "repause":  # a call during the hook meets the wrong key
+            with contextlib.suppress(TypePaused):
+                await self.pause.observe(WRONG_KEY)
+
+    def _run(self, coro: Any = None) -> None:
+        async def settle() -> None:
+            if coro is not None:
+                with contextlib.suppress(TypePaused):
+                    await coro
+            for _ in range(20):  # let every task that can run, run
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(settle())
 
     @rule()
-    def probe_passes(self) -> None:
-        if self.machine.paused:
-            self.machine.resumed()
+    def a_call_ends(self) -> None:
+        if self.pause.error is None:  # no real call is made while paused
+            self._run(self.pause.observe(self._answer()))
+
+    @rule(ok=st.booleans())
+    def the_key(self, ok: bool) -> None:
+        self.key_ok = ok
+
+    @rule(up=st.booleans())
+    def the_account(self, up: bool) -> None:
+        self.up = up
+
+    @rule(mode=st.sampled_from(["ok", "fail", "repause"]))
+    def the_resume_hook(self, mode: str) -> None:
+        self.resume_hook = mode
+
+    @rule()
+    def time_passes(self) -> None:
+        self.clock.advance()
+        self._run()
+
+    @rule()
+    def ownership_lost(self) -> None:
+        self._run(self.pause.stop())
+        self.echoes.clear()
+        self.hooks.clear()  # the pause is forgotten: the next owner starts afresh
 
     @invariant()
-    def probes_within_the_spec(self) -> None:
-        waits = list(itertools.islice(self.machine.probe_waits(), 12))
-        assert all(w >= PROBE_MIN_S for w in waits)
-        assert all(w <= max(PROBE_CAP_S, PROBE_REPAUSE_CAP_S) for w in waits)
-        assert waits[-1] <= max(PROBE_CAP_S, self.machine.floor_s)
-        assert (self.machine.error is None) or self.machine.error.retryable
+    def a_paused_type_has_a_probe_coming(self) -> None:
+        if self.pause.error is not None:
+            assert any(not f.done() for _, f in self.clock.waiting), "paused with no prober"
+
+    @invariant()
+    def the_gauge_says_it(self) -> None:
+        up = self.metrics.communicator_up.labels("T")._value.get()
+        assert up == (0 if self.pause.error is not None else 1)
+
+    @invariant()
+    def hooks_alternate(self) -> None:
+        assert all(a != b for a, b in itertools.pairwise(self.hooks)), self.hooks
+
+    def teardown(self) -> None:
+        if hasattr(self, "loop"):
+            self._run(self.pause.stop())
+            self.loop.close()
 
 
-PauseModel.TestCase.settings = settings(max_examples=200, deadline=None, derandomize=True,
-                                        suppress_health_check=list(HealthCheck))
-test_pause_model = PauseModel.TestCase
+PauseAgainstAnAccount.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None, derandomize=True,
+    suppress_health_check=list(HealthCheck))
+test_pause_against_an_account = PauseAgainstAnAccount.TestCase
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -237,4 +329,35 @@ async def test_a_back_off_wait_begun_after_the_pause_ends_at_once(metrics: Metri
     async with asyncio.timeout(1):
         with pytest.raises(TypePaused):
             await pause.sleep(30)
+    await pause.stop()
+
+
+async def test_a_pause_during_the_resume_hook_gets_a_prober_of_its_own(metrics: Metrics):
+    """The first call after a resume, made while the resume hook still runs, pauses the
+    type again: a new probe is scheduled (the type is not left paused for good)."""
+    clock = VirtualTime()
+    pause: Pause
+
+    async def on_resume() -> None:
+        with contextlib.suppress(TypePaused):
+            await pause.observe(WRONG_KEY)  # the role may call Echo, not change a SIM
+
+    async def echo() -> None:
+        return None
+
+    async def on_pause(_: ErrorInfo) -> None:
+        return None
+
+    pause = Pause("T", metrics, echo=echo, on_pause=on_pause, on_resume=on_resume,
+                  sleep=clock.sleep)
+    with contextlib.suppress(TypePaused):
+        await pause.observe(WRONG_KEY)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    clock.advance()  # the probe passes: resume, and the hook meets the wrong key
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+    assert pause.error is not None
+    assert any(not f.done() for _, f in clock.waiting), "paused with no probe coming"
     await pause.stop()
