@@ -102,7 +102,8 @@ class Worker:
         self._kick = asyncio.Event()  # a runner may have work
         self._progress = asyncio.Event()  # an entry settled or went back
         self._hooks = asyncio.Lock()  # the pause's hooks, one at a time
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # settles, moves: awaited at stop
+        self._loops: set[asyncio.Task[Any]] = set()  # feed, anchor, start: cancelled at stop
         self._runners: list[asyncio.Task[None]] = []
         self.held: collections.Counter[Source] = collections.Counter()  # unsettled deliveries
         self.pending: collections.Counter[Source] = collections.Counter()  # settled at once
@@ -192,7 +193,7 @@ class Worker:
                                        "wait_s": wait_s}})
             self._runners = [asyncio.create_task(self._run(), name=f"apply {self.ct.name}")
                              for _ in range(self.ct.max_concurrency)]
-            self._spawn(self._start_sources(channel, wait_s))
+            self._loop(self._start_sources(channel, wait_s))
             if self._anchor is None:  # one try: if it fails, the type is given back
                 self._anchor_wanted = True
                 await self._history.to_queue(self.work_queue, b"{}", message_id(),
@@ -217,8 +218,8 @@ class Worker:
         except Exception as exc:
             self._give_back(f"cannot drain its parked queue: {type(exc).__name__}: {exc}")
             return
-        self._spawn(self.feed.run())
-        self._spawn(self._keep_anchor())
+        self._loop(self.feed.run())
+        self._loop(self._keep_anchor())
         await self.calls.start()
 
     def _lost(self, *_: object) -> None:
@@ -232,10 +233,11 @@ class Worker:
         self._owner = None
         self._ready.clear()
         self._waiting.clear()
-        for task in [*self._runners, *self._tasks]:
+        for task in [*self._runners, *self._tasks, *self._loops]:
             task.cancel()
         self._runners.clear()
         self._tasks.clear()
+        self._loops.clear()
         self.parker.clear()
         self.lanes.clear()
         self.held.clear()
@@ -253,6 +255,10 @@ class Worker:
 
     def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
         spawn(coro, self._tasks if tracked else None)
+
+    def _loop(self, coro: Awaitable[Any]) -> None:
+        """A task of the ownership that runs until stopped (cancelled at stop and at loss)."""
+        spawn(coro, self._loops)
 
     def kick(self) -> None:
         """A runner may have work (an entry was cleared or settled)."""
@@ -474,6 +480,8 @@ class Worker:
         owned = self.owner
         self._kick.set()  # idle runners end; one applying finishes its job first
         self._client.limiter.abort_waiting(TypePaused("stopping"))
+        for task in self._loops:
+            task.cancel()
         pending = [t for t in (*self._tasks, *self._runners) if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=grace_s)
