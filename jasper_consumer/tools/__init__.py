@@ -7,6 +7,8 @@ returns the process exit status; a problem that stops it from doing its job at a
 * :mod:`.reconcile` — ``reconcile``: :mod:`.clientlist` (Patriot's CSV export),
   :mod:`.listing` (every SIM, Search Devices), :mod:`.mismatches` (what disagrees),
   :mod:`.fixes` (``--fix``: corrective events), :mod:`.report` (what it prints);
+* :mod:`.calls` — a tool's Control Center calls, made by the service process that owns
+  the type (the other side of :mod:`jasper_consumer.calls`);
 * :mod:`.tables` — plain-text tables; :mod:`.progress` — a bar or periodic lines;
 * :mod:`.demo` — ``make demo``; :mod:`.schemas` — ``make schemas``.
 """

@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry
 
 from .. import errors
 from ..broker import connect_once
-from ..calls import RemoteCalls, Replies, work_queue_consumers
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
@@ -34,6 +33,7 @@ from ..jasper import JasperClient
 from ..metrics import Metrics
 from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
+from .calls import RemoteCalls, Replies, work_queue_consumers
 from .tables import render_table
 
 # What an error means and what to check, per code: (short meaning, advice).

@@ -30,11 +30,11 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from ..broker import publish_event
-from ..calls import AccountCalls
 from ..config import Command, Settings
 from ..errors import JasperError
 from ..events import new_event
 from . import ToolError
+from .calls import AccountCalls
 from .check import explain
 from .listing import retrying
 from .mismatches import Kind, Mismatch

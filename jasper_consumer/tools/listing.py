@@ -4,7 +4,7 @@ Pages are asked for a few at a time (pages 1..k, then the next as each answers) 
 one says ``lastPage``; answers for pages after it are dropped. A page that fails with a
 transient error (rate limit, 5xx, network) is tried again with back-off within the
 config's ``retry`` budget; any other error stops that type's listing. Calls go through
-:class:`~jasper_consumer.calls.AccountCalls`: the owning service's limiter, or the
+:class:`~jasper_consumer.tools.calls.AccountCalls`: the owning service's limiter, or the
 tool's own client when no service runs.
 """
 
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
 from .. import errors
-from ..calls import AccountCalls
 from ..config import CommunicatorType, RetrySettings
 from ..errors import JasperError, JasperRejected, RetriesExhausted
 from ..jasper.answers import backoff_waits
+from .calls import AccountCalls
 from .progress import Progress
 
 PAGE_SIZE = 50

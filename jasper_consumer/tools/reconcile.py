@@ -10,7 +10,7 @@ for help (SPEC §8).
 
 Control Center calls keep the account within its limits together with the service
 (SPEC §6): when a service process owns the type (consumes its work queue), that process
-makes them through its own limiter (:class:`~jasper_consumer.calls.RemoteCalls`); when no
+makes them through its own limiter (:class:`~jasper_consumer.tools.calls.RemoteCalls`); when no
 service runs, the tool makes them itself within the type's configured limits.
 
 The report goes to stdout (a table, ``--format csv`` or ``--format json``); progress,
@@ -32,13 +32,13 @@ import aio_pika
 import aiormq
 from prometheus_client import CollectorRegistry
 
-from ..calls import AccountCalls, RemoteCalls, Replies, work_queue_consumers
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError
 from ..jasper import JasperClient
 from ..metrics import Metrics
 from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
+from .calls import AccountCalls, RemoteCalls, Replies, work_queue_consumers
 from .check import communicator
 from .clientlist import ClientList, read_clients
 from .deadletters import connect
