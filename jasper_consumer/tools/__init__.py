@@ -9,6 +9,7 @@ returns the process exit status; a problem that stops it from doing its job at a
   :mod:`.fixes` (``--fix``: corrective events), :mod:`.report` (what it prints);
 * :mod:`.calls` — a tool's Control Center calls, made by the service process that owns
   the type (the other side of :mod:`jasper_consumer.calls`);
+* :mod:`.reach` — what every tool reaches for: the broker, a type by name, its own client;
 * :mod:`.tables` — plain-text tables; :mod:`.progress` — a bar or periodic lines;
 * :mod:`.demo` — ``make demo``; :mod:`.schemas` — ``make schemas``.
 """

@@ -22,18 +22,16 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import aiormq
-from prometheus_client import CollectorRegistry
 
 from .. import errors
 from ..broker import connect_once
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
-from ..jasper import JasperClient
-from ..metrics import Metrics
 from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
 from .calls import RemoteCalls, Replies, work_queue_consumers
+from .reach import communicator, jasper_client
 from .tables import render_table
 
 # What an error means and what to check, per code: (short meaning, advice).
@@ -108,10 +106,6 @@ def explain(err: JasperError) -> str:
     return f"{text} — {advice}" if advice else text
 
 
-def _client(ct: CommunicatorType) -> JasperClient:
-    return JasperClient(ct, Metrics(CollectorRegistry()))
-
-
 # --- check-config --ping ------------------------------------------------------------------
 
 
@@ -135,7 +129,7 @@ async def ping_one(ct: CommunicatorType, settings: Settings) -> PingResult:
     started = time.perf_counter()
     problem: str | None = None
     try:
-        async with _client(ct) as client:
+        async with jasper_client(ct) as client:
             await client.echo()
     except JasperError as err:
         problem = explain(err)
@@ -158,15 +152,6 @@ async def ping(settings: Settings, out: TextIO) -> int:
 
 
 # --- sim-status ---------------------------------------------------------------------------
-
-
-def communicator(settings: Settings, name: str) -> CommunicatorType:
-    """The configured type called ``name``, or a ToolError naming the configured ones."""
-    ct = settings.communicator(name)
-    if ct is None:
-        known = ", ".join(repr(c.name) for c in settings.communicator_types)
-        raise ToolError(f"communicator type {name!r} is not configured (configured: {known})")
-    return ct
 
 
 def sim_table(details: Mapping[str, Any]) -> str:
@@ -205,7 +190,7 @@ async def _get_device(settings: Settings, ct: CommunicatorType, iccid: str) -> d
                     return await RemoteCalls(replies, names, ct).get_device(iccid)
                 finally:
                     await replies.close()
-    async with _client(ct) as client:
+    async with jasper_client(ct) as client:
         return await client.get_device(iccid)
 
 

@@ -24,18 +24,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
-from ..broker import connect_once
 from ..config import Settings
 from ..errors import UnreadableMessage
 from ..events import Job, parse_event
 from ..topology import DEAD_REASON_HEADER, Names
 from . import ToolError
+from .reach import connect
 from .tables import render_table
 
 LAST_ERROR_HEADER = "x-jasper-last-error"
@@ -199,19 +198,6 @@ def read_message(position: int, message: AbstractIncomingMessage, settings: Sett
 
 
 # --- walking the queue --------------------------------------------------------------------
-
-
-async def connect(settings: Settings) -> AbstractConnection:
-    """A plain connection for a tool; a clear :class:`ToolError` if the broker does not answer."""
-    try:
-        return await connect_once(settings.amqp_urls)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-    for url in settings.amqp_urls:
-        password = urlsplit(url).password
-        if password:
-            detail = detail.replace(password, "***")
-    raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
 
 
 class Snapshot:

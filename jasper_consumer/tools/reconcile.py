@@ -30,21 +30,17 @@ from typing import TextIO
 
 import aio_pika
 import aiormq
-from prometheus_client import CollectorRegistry
 
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError
-from ..jasper import JasperClient
-from ..metrics import Metrics
 from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
 from .calls import AccountCalls, RemoteCalls, Replies, work_queue_consumers
-from .check import communicator
 from .clientlist import ClientList, read_clients
-from .deadletters import connect
 from .fixes import EventPublisher, FixSummary, apply, plan, plan_table, print_fixes
 from .listing import Listing, list_all
 from .mismatches import Mismatch, TypeCounts, classify, report_order
+from .reach import communicator, connect, jasper_client
 from .report import Comparison, print_hint, print_reading, print_summary, write_report
 
 EXIT_ERROR = 2
@@ -179,7 +175,7 @@ async def _open_calls(settings: Settings, types: Sequence[CommunicatorType],
                   f"account's limits together with its own ({names.calls_queue(ct)})",
                   file=err)
         else:
-            client = JasperClient(ct, Metrics(CollectorRegistry()))
+            client = jasper_client(ct)
             await stack.enter_async_context(client)
             calls[ct.name] = client
             windows[ct.name] = min(REMOTE_WINDOW, ct.max_concurrency)

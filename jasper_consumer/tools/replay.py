@@ -25,7 +25,8 @@ from aio_pika.abc import AbstractExchange
 from ..config import Settings
 from ..topology import REPLAYED_HEADER, Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
-from .deadletters import DeadLetter, Replay, Snapshot, connect, matches, read_message
+from .deadletters import DeadLetter, Replay, Snapshot, matches, read_message
+from .reach import connect
 
 _CONFIRM_TIMEOUT_S = 30.0
 
