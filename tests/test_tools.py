@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiormq
 import pytest
 
 from jasper_consumer import cli, errors
@@ -17,6 +18,7 @@ from jasper_consumer.errors import (
     JasperRetryable,
     JasperUnreachable,
 )
+from jasper_consumer.tools import ToolError, reach
 from jasper_consumer.tools.check import explain, sim_table
 from jasper_consumer.tools.deadletters import Listing, format_age, print_listing, read, reason_of
 from jasper_consumer.tools.replay import Progress, ReplaySummary, print_summary
@@ -275,3 +277,26 @@ def test_parser_keeps_publish_command_and_adds_the_tools() -> None:
         ("dead-letters", "replay", "RETRIES", 5)
     with pytest.raises(SystemExit):
         parser.parse_args(["dead-letters", "replay", "--limit", "0"])
+
+
+async def test_a_broker_that_does_not_answer_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tool that cannot connect names the broker, and an error that repeats the URL
+    repeats it without the password."""
+    url = "amqp://jasper:s3cret-pw@rabbitmq.example:5672/"
+    settings = parse_settings({"amqp_url": url, "communicator_types": [{
+        "name": "M2MOne NZ", "server_address": "http://127.0.0.1:1/rws/api/v1",
+        "username": "u", "api_key": "k"}]}, {})
+
+    async def refused(urls: Any, **_: Any) -> Any:
+        raise aiormq.exceptions.AMQPConnectionError(f"cannot open {urls[0]}")
+
+    monkeypatch.setattr(reach, "connect_once", refused)
+
+    with pytest.raises(ToolError) as caught:
+        await reach.connect(settings)
+
+    assert str(caught.value) == (
+        "cannot connect to RabbitMQ at amqp://jasper:***@rabbitmq.example:5672/: "
+        "<AMQPConnectionError: ('cannot open amqp://jasper:***@rabbitmq.example:5672/',)>")

@@ -4,14 +4,12 @@ tool's own for that type (:func:`jasper_client`)."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import aiormq
 from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry
 
 from ..broker import connect_once
-from ..config import CommunicatorType, Settings
+from ..config import CommunicatorType, Settings, redact_url
 from ..jasper import JasperClient
 from ..metrics import Metrics
 from . import ToolError
@@ -23,10 +21,8 @@ async def connect(settings: Settings) -> AbstractConnection:
         return await connect_once(settings.amqp_urls)
     except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-    for url in settings.amqp_urls:
-        password = urlsplit(url).password
-        if password:
-            detail = detail.replace(password, "***")
+    for url in settings.amqp_urls:  # an error that names the URL names it without password
+        detail = detail.replace(url, redact_url(url))
     raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
 
 
