@@ -31,7 +31,8 @@ from jasper_consumer.config import Settings, parse_settings
 from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
-from jasper_consumer.tools import demo_reconcile, reconcile
+from jasper_consumer.tools import reconcile
+from jasper_consumer.tools.reconcile import demo as demo_reconcile
 from jasper_consumer.topology import TOKEN_HEADER, Names, declare, remove_topology
 
 from .conftest import AMQP_URL, Broker, make_event, raw_config

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ..errors import EventRejected
-from ..events import normalise_iccid
+from ...errors import EventRejected
+from ...events import normalise_iccid
 from .clientlist import ClientRow
 
 ACTIVATED = "ACTIVATED"

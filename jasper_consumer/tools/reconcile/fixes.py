@@ -29,17 +29,17 @@ from typing import Any, TextIO
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from ..broker import publish_event
-from ..config import Command, Settings
-from ..errors import JasperError
-from ..events import new_event
-from . import ToolError
-from .calls import AccountCalls
-from .check import explain
+from ...broker import publish_event
+from ...config import Command, Settings
+from ...errors import JasperError
+from ...events import new_event
+from .. import ToolError
+from ..calls import AccountCalls
+from ..check import explain
+from ..progress import Progress
+from ..tables import render_table
 from .listing import retrying
 from .mismatches import Kind, Mismatch
-from .progress import Progress
-from .tables import render_table
 
 ORIGIN = "reconcile"
 

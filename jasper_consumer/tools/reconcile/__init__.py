@@ -8,10 +8,15 @@ for help (SPEC §8).
     Control Center ──listing (Search Devices)──▶ SIMs ──┘        │          summary (stderr)
                                                                  └──▶ --fix: fixes (events)
 
+This package is the command; beside it :mod:`.clientlist` (Patriot's CSV export),
+:mod:`.listing` (every SIM, Search Devices), :mod:`.mismatches` (what disagrees, no I/O),
+:mod:`.fixes` (``--fix``: corrective events), :mod:`.report` (what it prints) and
+:mod:`.demo` (``make demo-reconcile``).
+
 Control Center calls keep the account within its limits together with the service
 (SPEC §6): when a service process owns the type (consumes its work queue), that process
-makes them through its own limiter (:class:`~jasper_consumer.tools.calls.RemoteCalls`); when no
-service runs, the tool makes them itself within the type's configured limits.
+makes them through its own limiter (:class:`~jasper_consumer.tools.calls.RemoteCalls`);
+when no service runs, the tool makes them itself within the type's configured limits.
 
 The report goes to stdout (a table, ``--format csv`` or ``--format json``); progress,
 summaries, the ``--fix`` plan and its question go to stderr. Exit status: 0 when all
@@ -31,16 +36,16 @@ from typing import TextIO
 import aio_pika
 import aiormq
 
-from ..config import CommunicatorType, Settings
-from ..errors import ConfigError
-from ..topology import Names
-from . import EXIT_FAILED, EXIT_OK, ToolError
-from .calls import AccountCalls, RemoteCalls, Replies, work_queue_consumers
+from ...config import CommunicatorType, Settings
+from ...errors import ConfigError
+from ...topology import Names
+from .. import EXIT_FAILED, EXIT_OK, ToolError
+from ..calls import AccountCalls, RemoteCalls, Replies, work_queue_consumers
+from ..reach import communicator, connect, jasper_client
 from .clientlist import ClientList, read_clients
 from .fixes import EventPublisher, FixSummary, apply, plan, plan_table, print_fixes
 from .listing import Listing, list_all
 from .mismatches import Mismatch, TypeCounts, classify, report_order
-from .reach import communicator, connect, jasper_client
 from .report import Comparison, print_hint, print_reading, print_summary, write_report
 
 EXIT_ERROR = 2

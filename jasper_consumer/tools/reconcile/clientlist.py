@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ToolError
+from .. import ToolError
 
 FIELDS = ("client_id", "ref_no", "communicator_type", "commissioned")
 _NAMES = {  # normalised header -> field

@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
-from .. import errors
-from ..config import CommunicatorType, RetrySettings
-from ..errors import JasperError, JasperRejected, RetriesExhausted
-from ..jasper.answers import backoff_waits
-from .calls import AccountCalls
-from .progress import Progress
+from ... import errors
+from ...config import CommunicatorType, RetrySettings
+from ...errors import JasperError, JasperRejected, RetriesExhausted
+from ...jasper.answers import backoff_waits
+from ..calls import AccountCalls
+from ..progress import Progress
 
 PAGE_SIZE = 50
 MAX_PAGES = 20_000  # a million SIMs: more means Control Center never says lastPage

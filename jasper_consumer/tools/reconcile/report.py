@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from .check import explain
+from ..check import explain
+from ..tables import render_table
 from .clientlist import ClientList
 from .fixes import plan
 from .listing import Listing
 from .mismatches import MEANINGS, Kind, Mismatch, TypeCounts
-from .tables import render_table
 
 MAX_BAD_ROWS_SHOWN = 20
 
