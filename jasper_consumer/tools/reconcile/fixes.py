@@ -33,12 +33,12 @@ from ...broker import publish_event
 from ...config import Command, Settings
 from ...errors import JasperError
 from ...events import new_event
+from ...jasper.retry import retrying
 from .. import ToolError
 from ..calls import AccountCalls
 from ..check import explain
 from ..progress import Progress
 from ..tables import render_table
-from .listing import retrying
 from .mismatches import Kind, Mismatch
 
 ORIGIN = "reconcile"
