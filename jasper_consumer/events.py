@@ -25,7 +25,7 @@ from .config import Command, LaneSettings, Settings
 from .errors import EventRejected, UnreadableMessage
 
 _ICCID_JUNK = re.compile(r"[\s\-]+")
-_ICCID = re.compile(r"^[0-9]{18,22}$")
+_ICCID = re.compile(r"[0-9]{18,22}")  # fullmatch: "$" would let a trailing "\n" through
 # Who raised an event that was not an operator's click (SPEC §3), e.g. "reconcile".
 ORIGIN_PATTERN = r"^[a-z0-9_-]{1,32}$"
 _ORIGIN = re.compile(ORIGIN_PATTERN)
@@ -36,7 +36,7 @@ def normalise_iccid(ref_no: str) -> str:
     iccid = _ICCID_JUNK.sub("", ref_no)
     if not iccid:
         raise EventRejected(errors.MISSING_ICCID, "the device has no Device Ref No (ICCID)")
-    if not _ICCID.match(iccid):
+    if not _ICCID.fullmatch(iccid):
         shown = ref_no if len(ref_no) <= 40 else ref_no[:37] + "..."
         raise EventRejected(
             errors.INVALID_ICCID,
@@ -206,7 +206,7 @@ def parse_event(body: bytes, settings: Settings) -> Job:
         return _parse_step_by_step(body, settings)
     ref_no = event.device.ref_no
     command = event.command or settings.commands.get(event.event_code)
-    if (ref_no is None or not _ICCID.match(ref_no) or command is None
+    if (ref_no is None or not _ICCID.fullmatch(ref_no) or command is None
             or event.device.communicator_type not in settings.type_names
             or not -_MAX_CODE < event.event_code < _MAX_CODE):
         return _parse_step_by_step(body, settings)
