@@ -12,10 +12,11 @@ calls through its own limiter, which gives them a share of the start slots::
 * **request**: on the default exchange to ``<prefix>.calls.<slug>`` (a quorum queue whose
   messages expire after 60 s), ``reply_to`` the tool's exclusive reply queue,
   ``correlation_id`` a uuid, body ``{"op": "search_devices", "page_number": N,
-  "page_size": 50, "modified_since": "...", "status": null}`` or ``{"op": "get_device",
-  "iccid": "..."}``;
-* **reply**: ``{"ok": true, "result": <Control Center's JSON object>}`` or ``{"ok": false,
-  "error": {"code", "http_status", "message", "retryable"}}`` (the signal's error shape);
+  "page_size": 50, "modified_since": "...", "status": null}``, ``{"op": "get_device",
+  "iccid": "..."}`` or ``{"op": "echo"}`` (``check-config --ping``);
+* **reply**: ``{"ok": true, "result": <Control Center's JSON object; {} for echo>}`` or
+  ``{"ok": false, "error": {"code", "http_status", "message", "retryable"}}`` (the signal's
+  error shape);
   a malformed request gets code :data:`INVALID_REQUEST`;
 * **wake**: after its first request for a type the tool puts one token on the type's work
   queue (header ``x-jasper-token:`` :data:`WAKE`, body ``{}``), so that an idle owner
@@ -47,7 +48,7 @@ CONSUME_RETRY_MIN_S = 1.0
 CONSUME_RETRY_MAX_S = 30.0
 
 WAKE = "wake"
-INVALID_REQUEST = "INVALID_REQUEST"  # the request is not one of the two shapes above
+INVALID_REQUEST = "INVALID_REQUEST"  # the request is not one of the shapes above
 CALL_FAILED = "CALL_FAILED"  # the owner could not make the call (not Control Center's answer)
 MAX_REQUEST_BYTES = 4096
 DEFAULT_MODIFIED_SINCE = "2000-01-01T00:00:00Z"
@@ -74,8 +75,14 @@ class GetDeviceRequest(_Request):
     iccid: str = Field(pattern=r"^[0-9]{18,22}$")
 
 
-CallRequest = Annotated[SearchDevicesRequest | GetDeviceRequest, Field(discriminator="op")]
-_REQUEST: TypeAdapter[SearchDevicesRequest | GetDeviceRequest] = TypeAdapter(CallRequest)
+class EchoRequest(_Request):
+    op: Literal["echo"]
+
+
+CallRequest = Annotated[SearchDevicesRequest | GetDeviceRequest | EchoRequest,
+                        Field(discriminator="op")]
+_REQUEST: TypeAdapter[SearchDevicesRequest | GetDeviceRequest | EchoRequest] = TypeAdapter(
+    CallRequest)
 
 
 def _error_reply(code: str, message: str, *, http_status: int | None = None,
@@ -111,8 +118,11 @@ async def serve_call(client: JasperClient, body: bytes) -> bytes:
             result = await client.search_devices(
                 request.page_number, page_size=request.page_size,
                 modified_since=request.modified_since, status=request.status)
-        else:
+        elif isinstance(request, GetDeviceRequest):
             result = await client.get_device(request.iccid)
+        else:
+            await client.echo()
+            result = {}
     except JasperError as err:
         return json.dumps({"ok": False, "error": err.as_dict()}).encode()
     except ConfigError as err:  # an unreadable api_key_file: the message names the file

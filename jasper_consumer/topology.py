@@ -77,6 +77,11 @@ class Names:
         """An operator tool's own reply queue (exclusive; a new name each time)."""
         return f"{self.prefix}.reply.{uuid.uuid4().hex}"
 
+    def direct_queue(self, ct: CommunicatorType) -> str:
+        """Held (exclusive, empty) by the one operator tool that calls the type's account
+        itself while no service runs (tools/calls.py)."""
+        return f"{self.prefix}.direct.{ct.slug}"
+
     @property
     def epoch_queue(self) -> str:
         return f"{self.prefix}.router-epoch"

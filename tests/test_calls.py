@@ -121,3 +121,11 @@ async def test_a_failing_call_never_raises(client, monkeypatch):
     assert reply["error"]["code"] == calls.CALL_FAILED
     assert "secret detail" not in reply["error"]["message"]
     assert "RuntimeError" in reply["error"]["message"]
+
+
+async def test_an_echo_request_is_one_echo_call(client, sim):
+    """An echo request (check-config --ping) is one Echo call; the reply is ok, empty."""
+    reply = await serve(client, {"op": "echo"})
+
+    assert reply == {"ok": True, "result": {}}
+    assert [r.path for r in sim.requests] == ["/rws/api/v1/echo/jasper-consumer"]

@@ -8,11 +8,9 @@ The wire format and the owner's side are in :mod:`jasper_consumer.calls`. Here:
   owner to make; after the first, a wake token on the type's work queue;
 * :func:`error_from_reply` — the :class:`~jasper_consumer.errors.JasperError` an error
   reply stands for;
-* :func:`work_queue_consumers` — whether a service owns the type. **No owner**: when
-  nothing consumes the type's work queue (no service runs), the tool calls Control Center
-  itself with its own :class:`~jasper_consumer.jasper.JasperClient`, whose limiter keeps
-  the account's limits;
-* :class:`AccountCalls` — what a tool calls, whichever of the two makes the call.
+* :func:`work_queue_consumers` — whether a service owns the type (when none does, the
+  tool calls Control Center itself: :mod:`.account` decides, call by call);
+* :class:`AccountCalls` — the calls reconcile makes of an account.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ NO_REPLY = "NO_REPLY"  # the tool heard nothing back in time
 
 
 class AccountCalls(Protocol):
-    """The calls a tool makes to one account: a :class:`JasperClient` or :class:`RemoteCalls`."""
+    """The calls reconcile makes of one account (:class:`~.account.Account` makes them)."""
 
     async def search_devices(
         self, page_number: int, *, page_size: int = 50,
@@ -165,6 +163,9 @@ class RemoteCalls:
 
     async def get_device(self, iccid: str) -> dict[str, Any]:
         return await self._call({"op": "get_device", "iccid": iccid})
+
+    async def echo(self) -> None:
+        await self._call({"op": "echo"})
 
     async def _call(self, body: dict[str, Any]) -> dict[str, Any]:
         try:

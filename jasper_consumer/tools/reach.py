@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from ..broker import connect_once
 from ..config import CommunicatorType, Settings, redact_url
-from ..jasper import JasperClient
+from ..jasper import JasperClient, Limiter
 from ..metrics import Metrics
 from . import ToolError
 
@@ -35,6 +35,6 @@ def communicator(settings: Settings, name: str) -> CommunicatorType:
     return ct
 
 
-def jasper_client(ct: CommunicatorType) -> JasperClient:
+def jasper_client(ct: CommunicatorType, *, limiter: Limiter | None = None) -> JasperClient:
     """A client of the tool's own for ``ct``: its own limiter, metrics nobody scrapes."""
-    return JasperClient(ct, Metrics(CollectorRegistry()))
+    return JasperClient(ct, Metrics(CollectorRegistry()), limiter=limiter)

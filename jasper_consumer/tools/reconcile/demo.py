@@ -139,7 +139,7 @@ async def run_demo(out: TextIO, amqp_url: str = AMQP_URL) -> list[str]:
         await service.start()
         await log.wait_count(2)
         # Stopped again, so that reconcile calls the simulator itself: the service's
-        # process would otherwise be asked to make the calls (see tools/calls.py).
+        # process would otherwise be asked to make the calls (see tools/account.py).
         await service.stop()
         print("Signals in the client history:", file=out)
         print(table(log.signals), file=out)
