@@ -109,7 +109,7 @@ demo: $(SERVICE) ## scripted run against the simulator: commission, decommission
 
 demo-reconcile: $(SERVICE) ## reconcile against the simulator: a report of each kind, --fix, a second report
 	@scripts/check-rabbitmq || exit 1
-	$(BIN)/python -m jasper_consumer.tools.demo_reconcile
+	$(BIN)/python -m jasper_consumer.tools.reconcile.demo
 
 schemas: $(SERVICE) ## regenerate docs/schemas/ (JSON Schemas of the messages) from the models
 	$(BIN)/python -m jasper_consumer.tools.schemas docs/schemas

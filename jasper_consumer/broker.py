@@ -1,11 +1,12 @@
 """The connection to RabbitMQ: one node or a cluster's nodes, reconnecting with back-off.
 
-``amqp_url`` may list a cluster's nodes (SPEC §7, §9). :func:`connect` tries them in
-order until one answers, backing off (1 s doubling to 30 s) after a round in which none
-did. The connection is aio-pika's robust one — after a loss it reconnects and restores
-channels and consumers by itself — with one change: each reconnection attempt goes to
-the *next* node, so when the node we were on stops, we move to one that is up instead
-of waiting for it. Quorum queues keep their messages on the remaining nodes.
+``amqp_url`` may list a cluster's nodes (README, Configuration reference; operator guide,
+section 10).
+:func:`connect` tries them in order until one answers, backing off (1 s doubling to 30 s) after
+a round in which none did. The connection is aio-pika's robust one — after a loss it reconnects
+and restores channels and consumers by itself — with one change: each reconnection attempt goes
+to the *next* node, so when the node we were on stops, we move to one that is up instead of
+waiting for it. Quorum queues keep their messages on the remaining nodes.
 
 :class:`Watchdog` checks every few seconds that each consumer is still registered on the
 broker (aio-pika can lose one silently across reconnects) and registers a lost one again.

@@ -1,4 +1,4 @@
-"""The ``jasper-consumer`` command line (SPEC §8)."""
+"""The ``jasper-consumer`` command line (README, Commands)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .config import Command, Settings, load_settings
 from .errors import ConfigError
 from .events import new_event
 from .tools import ToolError, check, deadletters, reconcile, replay
+from .tools.progress import Progress
 from .topology import Names
 
 ENV_CONFIG = "JASPER_CONSUMER_CONFIG"
@@ -230,7 +231,7 @@ async def _dead_letters_replay(args: argparse.Namespace, out: TextIO) -> int:
     with _first_ctrl_c_sets(stop):
         try:
             await replay.replay(settings, reason=args.reason, limit=args.limit,
-                                progress=replay.Progress(out), summary=summary, stop=stop)
+                                progress=Progress(out, "replay"), summary=summary, stop=stop)
         except BaseException:  # the broker failed, or a second Ctrl-C: say what was done
             if summary.seen:
                 replay.print_summary(summary, out, reason=args.reason, limit=args.limit)

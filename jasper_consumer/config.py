@@ -126,6 +126,18 @@ class CommunicatorType(_Strict):
             raise ValueError("api_key is empty (is its ${VAR} set?)")
         return self
 
+    @model_validator(mode="after")
+    def _usable_in_a_request(self) -> CommunicatorType:
+        # Checked on the whole type, so that the message does not echo the value: a query
+        # string may hold a key, and so may a username pasted as "user:key".
+        if urlsplit(self.server_address).query or "#" in self.server_address:
+            raise ValueError("server_address must not have a query string or a fragment "
+                             "('?...' or '#...'): each call adds its own path and query to it")
+        if ":" in self.username:
+            raise ValueError("username must not contain ':' (HTTP Basic authentication puts "
+                             "one between the user name and the API key)")
+        return self
+
     @property
     def slug(self) -> str:
         return slugify(self.name)
@@ -208,6 +220,14 @@ class Settings(_Strict):
                 )
             seen[ct.slug] = ct.name
         return self
+
+    @field_validator("commands")
+    @classmethod
+    def _some_command(cls, value: dict[int, Command]) -> dict[int, Command]:
+        if not value:
+            raise ValueError("must map at least one event code to a command (with none, no "
+                             "event is consumed)")
+        return value
 
     @cached_property
     def type_names(self) -> frozenset[str]:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from .errors import HandBack
 from .metrics import Metrics
@@ -50,30 +51,29 @@ class Acks:
         self._sending: dict[object, asyncio.Lock] = {}  # one flush at a time per channel
 
     def delivered(self, message: AbstractIncomingMessage) -> None:
-        if message.delivery_tag is None:
+        channel = _open_channel(message)
+        if message.delivery_tag is None or channel is None:
             return
-        tags = self._channels.get(message.channel)
+        tags = self._channels.get(channel)
         if tags is None:  # a new channel (start, reconnect): forget the closed ones
             for closed in [c for c in self._channels if c.is_closed]:  # type: ignore[attr-defined]
                 del self._channels[closed]
                 self._sending.pop(closed, None)
-            tags = self._channels[message.channel] = {}
+            tags = self._channels[channel] = {}
         tags[message.delivery_tag] = False
 
     def forget(self, message: AbstractIncomingMessage) -> None:
         """The message was answered otherwise (nacked): it no longer holds acks back."""
-        tags = self._channels.get(message.channel)
+        tags = self._channels.get(_open_channel(message))
         if tags is not None and message.delivery_tag is not None:
             tags.pop(message.delivery_tag, None)
 
     def settled(self, message: AbstractIncomingMessage) -> bool:
-        """Ack ``message`` soon; False if its channel is already gone."""
-        channel = message.channel
+        """Ack ``message`` soon; False if its channel is already gone (its deliveries are
+        dropped when the next channel appears, see :meth:`delivered`)."""
+        channel = _open_channel(message)
         tags = self._channels.get(channel)
-        if tags is None or message.delivery_tag not in tags:
-            return False
-        if channel.is_closed:
-            self._channels.pop(channel, None)
+        if channel is None or tags is None or message.delivery_tag not in tags:
             return False
         tags[message.delivery_tag] = True
         if channel not in self._scheduled:
@@ -121,6 +121,15 @@ class Acks:
                         extra={"fields": {"error": repr(exc)}})
         if channel.is_closed:
             self._channels.pop(channel, None)
+
+
+def _open_channel(message: AbstractIncomingMessage) -> object | None:
+    """The channel ``message`` came on, or None once it is closed (aio-pika raises
+    :class:`ChannelInvalidStateError` on reading a closed one)."""
+    try:
+        return message.channel
+    except ChannelInvalidStateError:
+        return None
 
 
 ACKS = Acks()

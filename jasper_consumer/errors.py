@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-# Jasper error code -> documented meaning (SPEC §5).
+# Jasper error code -> documented meaning (operator guide, section 5).
 JASPER_ERROR_MEANINGS: dict[str, str] = {
     "10000001": "Invalid credentials (also: caller IP outside the allowed range)",
     "10000005": "Invalid status",
@@ -56,7 +56,7 @@ RETRYABLE_CODES: frozenset[str] = frozenset({"30000001", "40000029"})
 # HTTP statuses that are transient whatever the body says.
 RETRYABLE_HTTP: frozenset[int] = frozenset({429, 500, 502, 503, 504})
 
-# The service's own error codes (SPEC §4).
+# The service's own error codes (docs/asyncapi.yaml).
 INVALID_EVENT = "INVALID_EVENT"
 MISSING_ICCID = "MISSING_ICCID"
 INVALID_ICCID = "INVALID_ICCID"
@@ -87,8 +87,8 @@ class HandBack(JasperConsumerError):
 
 
 class TypePaused(JasperConsumerError):
-    """The communicator type is paused (SPEC §5): the job is parked with its delayed
-    signal and applied after the resume. ``error`` is the pause's ``ErrorInfo``."""
+    """The communicator type is paused (operator guide, section 5): the job is parked with its
+    delayed signal and applied after the resume. ``error`` is the pause's ``ErrorInfo``."""
 
     def __init__(self, error: Any) -> None:
         self.error = error

@@ -1,4 +1,4 @@
-"""The inbound system event (SPEC §3), the job it becomes, and why a message is not one.
+"""The inbound system event (docs/asyncapi.yaml), the job it becomes, and why a message is not one.
 
 ``parse_event(body, settings)`` turns the bytes of a message into a :class:`Job` for a
 communicator type's work queue, or raises:
@@ -25,8 +25,8 @@ from .config import Command, LaneSettings, Settings
 from .errors import EventRejected, UnreadableMessage
 
 _ICCID_JUNK = re.compile(r"[\s\-]+")
-_ICCID = re.compile(r"^[0-9]{18,22}$")
-# Who raised an event that was not an operator's click (SPEC §3), e.g. "reconcile".
+_ICCID = re.compile(r"[0-9]{18,22}")  # fullmatch: "$" would let a trailing "\n" through
+# Who raised an event that was not an operator's click (docs/asyncapi.yaml), e.g. "reconcile".
 ORIGIN_PATTERN = r"^[a-z0-9_-]{1,32}$"
 _ORIGIN = re.compile(ORIGIN_PATTERN)
 
@@ -36,7 +36,7 @@ def normalise_iccid(ref_no: str) -> str:
     iccid = _ICCID_JUNK.sub("", ref_no)
     if not iccid:
         raise EventRejected(errors.MISSING_ICCID, "the device has no Device Ref No (ICCID)")
-    if not _ICCID.match(iccid):
+    if not _ICCID.fullmatch(iccid):
         shown = ref_no if len(ref_no) <= 40 else ref_no[:37] + "..."
         raise EventRejected(
             errors.INVALID_ICCID,
@@ -103,7 +103,7 @@ class Job(BaseModel):
     # recognise an older job that reached it after a newer one for the same SIM. 0: unknown.
     stamp: int = 0
     replayed: bool = False  # re-queued by an operator: apply even if this event was seen
-    origin: str | None = None  # who raised the event, when not an operator (SPEC §3)
+    origin: str | None = None  # who raised the event, when not an operator (docs/asyncapi.yaml)
     lane: Lane = Lane.INTERACTIVE  # decided by the router (:func:`lane_of`)
     # Unix time the router received the event (0: unknown): publish -> final signal.
     received_at: float = 0.0
@@ -209,7 +209,7 @@ def parse_event(body: bytes, settings: Settings) -> Job:
         return _parse_step_by_step(body, settings)
     ref_no = event.device.ref_no
     command = event.command or settings.commands.get(event.event_code)
-    if (ref_no is None or not _ICCID.match(ref_no) or command is None
+    if (ref_no is None or not _ICCID.fullmatch(ref_no) or command is None
             or event.device.communicator_type not in settings.type_names
             or not -_MAX_CODE < event.event_code < _MAX_CODE):
         return _parse_step_by_step(body, settings)
@@ -283,7 +283,7 @@ def _parse_step_by_step(body: bytes, settings: Settings) -> Job:
 def new_event(event_code: int, client_id: str, ref_no: str, communicator_type: str, *,
               command: str | None = None, origin: str | None = None,
               event_id: str | None = None) -> dict[str, Any]:
-    """An event as a producer publishes it (SPEC §3), occurring now: for ``publish``,
+    """An event as a producer publishes it (docs/asyncapi.yaml), occurring now: for ``publish``,
     reconcile's fixes and the demo."""
     event: dict[str, Any] = {
         "event_id": event_id or str(uuid.uuid4()),

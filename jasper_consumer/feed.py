@@ -2,9 +2,9 @@
 
 * **bulk** — while the type runs and no pause's backlog drains, keep a few bulk jobs in
   hand (``lookahead``: enough for the next bulk calls, never thousands); while it is
-  paused, pull every bulk job so that each is parked with its delayed signal (SPEC §5);
-  while a pause's backlog drains, leave the bulk queue alone (its jobs stay behind the
-  parked ones, in order). An empty bulk queue is polled every :data:`POLL_S`.
+  paused, pull every bulk job so that each is parked with its delayed signal (operator guide,
+  section 5); while a pause's backlog drains, leave the bulk queue alone (its jobs stay behind
+  the parked ones, in order). An empty bulk queue is polled every :data:`POLL_S`.
 * **doubts** (:mod:`.lanes`, *cleared*) — a job may start only when no other source can
   still deliver an older job for its SIM. An empty pull clears the bulk queue's doubts; a
   work-queue window that is not full clears the work queue's; an empty parked queue the

@@ -10,7 +10,7 @@ A delayed signal of a job that waits for a paused type is also the job's place i
 type's parked queue: it is published once, to the history exchange, with a ``BCC``
 routing key that only the parked queue is bound to (RabbitMQ's sender-selected
 distribution; the header is removed before delivery). One confirmed publish records
-both "this job had its delayed signal" and "this job waits here" (SPEC §5).
+both "this job had its delayed signal" and "this job waits here" (operator guide, section 5).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class History:
                     attempts: int) -> Signal:
         """The final signal of a job from its outcome; when retries ran out, a copy of the
         event goes to the dead-letter queue first (a confirmed signal must not outlive a
-        lost copy), so that it can be replayed (SPEC §5)."""
+        lost copy), so that it can be replayed (operator guide, section 5)."""
         error = outcome.error
         if error is not None and outcome.exhausted:
             await self.dead_letter(

@@ -14,7 +14,7 @@ call (a command for that SIM) and the jobs it serves (its *members*). The worker
   command and its call is queued or in flight: no other command for the SIM lies
   between them. A finished entry, a remembered outcome or a superseded job never takes
   followers; a duplicate of a job already in the lane (same identity) joins its entry;
-* **identity** — a job is (``event_id``, ICCID, command) (SPEC §3): an outcome is reused
+* **identity** — a job is (``event_id``, ICCID, command) (docs/asyncapi.yaml): an outcome is reused
   only for the same identity, never for another SIM or command;
 * **newer wins** — a job whose router stamp is older than one already applied or queued
   for its SIM is not applied (``SUPERSEDED``); stamps are compared only when both are

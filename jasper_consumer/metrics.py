@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the service, on one injected registry (SPEC §9).
+"""Every Prometheus metric of the service, on one injected registry (README, Metrics).
 
 Labels come only from closed sets: event codes, communicator type names from the
 config, commands, outcomes, reasons. Never an ICCID, a client id or a secret.

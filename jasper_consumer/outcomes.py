@@ -18,7 +18,7 @@ from .errors import JasperError
 
 
 class Result(StrEnum):
-    """The final outcome of a job, as a signal's ``outcome`` (SPEC §4)."""
+    """The final outcome of a job, as a signal's ``outcome`` (docs/asyncapi.yaml)."""
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -26,7 +26,7 @@ class Result(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """The ``error`` object of a signal (SPEC §4)."""
+    """The ``error`` object of a signal (docs/asyncapi.yaml)."""
 
     code: str
     http_status: int | None
@@ -69,7 +69,8 @@ class Outcome:
 
     @property
     def exhausted(self) -> bool:
-        """Retries ran out: the event also goes to the dead-letter queue (SPEC §5)."""
+        """Retries ran out: the event also goes to the dead-letter queue (operator guide,
+        section 5)."""
         return self.error is not None and self.error.code == errors.RETRIES_EXHAUSTED
 
     def size(self) -> int:

@@ -1,5 +1,5 @@
 """Where a paused type's jobs wait: ``<prefix>.parked.<slug>``, in order, each with its
-delayed signal already sent (SPEC §5).
+delayed signal already sent (operator guide, section 5).
 
 Why a queue of its own: the work queue has a single active consumer whose prefetch is
 fixed when it registers, and registering again hands the type to a standby replica.

@@ -1,6 +1,6 @@
-"""The whole pause of a communicator type (SPEC §5, §6): when to pause, how to probe, when
-to resume. The worker's side of it (parking waiting jobs with their delayed signal,
-draining them after the resume) comes in through two hooks; this module never imports
+"""The whole pause of a communicator type (operator guide, sections 5 and 13): when to pause,
+how to probe, when to resume. The worker's side of it (parking waiting jobs with their delayed
+signal, draining them after the resume) comes in through two hooks; this module never imports
 the worker.
 
 :class:`PauseRules` is the decision, with no I/O: fed every answer Control Center gives,
@@ -8,7 +8,7 @@ it says whether to go on, to ask Echo whether the account is down, or to pause; 
 paused, how long to wait between Echo probes. :class:`Pause` performs it: it runs the
 probes (re-reading ``api_key_file`` first), calls ``on_pause`` / ``on_resume``, and keeps
 ``jasper_communicator_up`` right. Only the process that owns the type runs a ``Pause``
-(SPEC §6): :meth:`Pause.stop` ends probing the moment ownership is lost.
+(operator guide, section 13): :meth:`Pause.stop` ends probing the moment ownership is lost.
 
 ::
 

@@ -1,4 +1,4 @@
-"""``/healthz``, ``/readyz`` and ``/metrics`` on ``http_port`` (SPEC §9), and whatever
+"""``/healthz``, ``/readyz`` and ``/metrics`` on ``http_port`` (README, Metrics), and whatever
 other routes the service adds (the status page, :mod:`.statuspage`).
 
 ``/healthz`` answers while the event loop does; ``/readyz`` asks the service

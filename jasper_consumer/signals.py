@@ -1,4 +1,5 @@
-"""The result signal written to the client's history (SPEC §4), and the line an operator reads."""
+"""The result signal written to the client's history (docs/asyncapi.yaml), and the line an
+operator reads."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .events import Job, Partial
 
 
 class Kind(StrEnum):
-    """A signal's ``outcome`` field and routing key (SPEC §4)."""
+    """A signal's ``outcome`` field and routing key (docs/asyncapi.yaml)."""
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -60,7 +61,7 @@ def _subject(command: Command | None, iccid: str | None) -> str:
 def _signal(job: Job | Partial, outcome: Kind, *, text: str, attempts: int,
             duration_ms: float, sim_status: str | None = None,
             error: SignalError | None = None) -> Signal:
-    if job.origin:  # an event not raised by an operator says who raised it (SPEC §3)
+    if job.origin:  # an event not raised by an operator says who raised it (docs/asyncapi.yaml)
         text = f"{text} ({job.origin})"
     # Every field comes from a validated job and this module: construct, do not validate
     # again (tests/test_signals.py checks the result against the model).
@@ -105,7 +106,8 @@ def failed(
 
 def delayed(job: Job, error: SignalError, attempts: int, duration_ms: float, *,
             backlog: bool = False) -> Signal:
-    """The interim signal of a job that waits for a paused type (SPEC §5); ``backlog`` when
+    """The interim signal of a job that waits for a paused type (operator guide, section 5);
+    ``backlog`` when
     the type is up again but the job waits behind those held up by the pause."""
     why = (f"{job.communicator_type} was paused ({error.message}, {error.code}) and the "
            "events held up meanwhile are applied first" if backlog else

@@ -43,7 +43,7 @@ CALLS_WINDOW_S = 10.0  # calls per second "now": over the last 10 s
 TREND_WINDOW_S = 30.0  # a backlog grows when it is larger than 30 s ago ...
 BACKLOG_MIN = 10  # ... and holds at least this many jobs
 
-#: Why a type paused, in an operator's words, by the pause error's code (SPEC §5).
+#: Why a type paused, in an operator's words, by the pause error's code (operator guide, section 5).
 #: A code not listed (a new pause reason) shows the generic words and its own message.
 PAUSE_WORDS: dict[str, str] = {
     "10000001": "Control Center refused the credentials: the API key or user name is "

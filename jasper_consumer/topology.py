@@ -1,4 +1,5 @@
-"""Exchanges, queues and bindings (SPEC §3, §4, §6), all named from ``queue_prefix``.
+"""Exchanges, queues and bindings (docs/asyncapi.yaml; operator guide, section 13), all named
+from ``queue_prefix``.
 
 ::
 
@@ -109,6 +110,11 @@ class Names:
     def reply_queue(self) -> str:
         """An operator tool's own reply queue (exclusive; a new name each time)."""
         return f"{self.prefix}.reply.{uuid.uuid4().hex}"
+
+    def direct_queue(self, ct: CommunicatorType) -> str:
+        """Held (exclusive, empty) by the one operator tool that calls the type's account
+        itself while no service runs (tools/calls.py)."""
+        return f"{self.prefix}.direct.{ct.slug}"
 
     @property
     def epoch_queue(self) -> str:

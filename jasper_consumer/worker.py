@@ -1,17 +1,16 @@
 """Stage 2, one per communicator type: take jobs from its queues, apply them, settle.
 
 The work queue has a single active consumer: the process whose consumer is active owns
-the type, and only it calls the account (SPEC §6). A process learns that it owns the type
-from a delivery on a channel it had not owned before (the owner always holds one *anchor*
-token from the work queue, so that a standby is woken when the owner goes). It then
-takes the type over (:meth:`Worker._take_over`): reads the ownership log (:mod:`.ownerlog`:
-did the previous owner let go cleanly? which guards hold?), writes its own ``owned``
-record, reads the parked queue's depth, and starts calling — at once after a clean
-hand-over or on a first start, else after one call interval plus the request timeout
-(the previous owner's last request may still be open). The take-over either finishes
-or gives the type back (closes its channel; a standby, or this process again, takes it).
-Losing the channel loses the type: calls stop, probing stops, the broker returns every
-unacked message.
+the type, and only it calls the account (operator guide, section 13). A process learns that it
+owns the type from a delivery on a channel it had not owned before (the owner always holds one
+*anchor* token from the work queue, so that a standby is woken when the owner goes). It then
+takes the type over (:meth:`Worker._take_over`): reads the ownership log (:mod:`.ownerlog`: did
+the previous owner let go cleanly? which guards hold?), writes its own ``owned`` record, reads
+the parked queue's depth, and starts calling — at once after a clean hand-over or on a first
+start, else after one call interval plus the request timeout (the previous owner's last request
+may still be open). The take-over either finishes or gives the type back (closes its channel; a
+standby, or this process again, takes it). Losing the channel loses the type: calls stop,
+probing stops, the broker returns every unacked message.
 
 Interactive jobs come from the work queue (pushed); bulk jobs from the bulk queue
 (:mod:`.bulk`, pulled by :mod:`.feed`); both go to :class:`~.lanes.Lanes` (order per SIM,
@@ -34,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
@@ -179,12 +179,15 @@ class Worker:
                 return
             self.lanes.load_guards((i, s, e) for i, (s, e) in reading.guards.items())
             parked = await self.parking.take_over()
+            tool = await self._tool_calls_directly()
             limiter = self._client.limiter
             wait_s = limiter.interval_s + self.ct.request_timeout_seconds \
-                if reading.must_wait else 0.0
+                if reading.must_wait or tool else 0.0
             limiter.reopen()
             limiter.hold_off(wait_s)
             log.info("took over %s (%s; %d jobs parked, %d guards)", self.ct.name,
+                     f"waiting {wait_s:.1f} s: an operator tool calls the account itself"
+                     if tool else
                      f"waiting {wait_s:.1f} s: {reading.previous or 'the previous owner'} "
                      "did not let go cleanly" if wait_s else
                      "first owner" if reading.first_ever else "clean hand-over",
@@ -206,6 +209,21 @@ class Worker:
         waiting, self._waiting = self._waiting, []
         for message in waiting:
             await self._arrived(message, Source.WORK)
+
+    async def _tool_calls_directly(self) -> bool:
+        """An operator tool holds ``<prefix>.direct.<slug>``: it calls the account itself (no
+        service ran when it started), and its last request may still be open."""
+        channel = await self._open_channel()
+        try:
+            await channel.declare_queue(self.names.direct_queue(self.ct), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except aiormq.exceptions.ChannelLockedResource:
+            return True  # exclusive to the tool's connection: it exists
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return True
 
     async def _start_sources(self, channel: object, wait_s: float) -> None:
         """After the wait (the previous owner's channels are closed by then, so what they

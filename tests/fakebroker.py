@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import aiormq
+
 from jasper_consumer.signals import Kind
 
 _TAGS = itertools.count(1)
@@ -82,6 +84,8 @@ class Channel:
         return Queue(self.broker, self, name)
 
     async def declare_queue(self, name: str, passive: bool = False, **_: Any) -> Any:
+        if passive and ".direct." in name and name not in self.broker.queues:
+            raise aiormq.exceptions.ChannelNotFoundEntity(f"NOT_FOUND - no queue '{name}'")
         count = len(self.broker.queues.get(name, []))
         consumers = len(self.broker.consumers.get(name, []))
         return type("Declared", (), {"name": name, "declaration_result": type(

@@ -72,6 +72,41 @@ def test_bad_server_address_names_type_and_value(address: str, expected: str):
     assert address in problem
 
 
+@pytest.mark.parametrize("address", [
+    "https://restapi1.jasper.com/rws/api/v1?apiKey=s3cret-in-query",
+    "https://restapi1.jasper.com/rws/api/v1/?apiKey=s3cret-in-query",
+    "https://restapi1.jasper.com/rws/api/v1#s3cret-in-query",
+])
+def test_a_server_address_with_a_query_string_is_refused(address: str):
+    """A query string or fragment after the API version is one line naming the key, without
+    echoing what follows the '?' (it may hold a key)."""
+    [problem] = _problems(_raw(server_address=address))
+
+    assert problem.startswith("communicator_types[0 'M2MOne NZ']")
+    assert "server_address must not have a query string or a fragment" in problem
+    assert "s3cret-in-query" not in problem
+
+
+def test_a_username_with_a_colon_is_refused():
+    """A username with ':' (HTTP Basic authentication's separator) is refused at start-up,
+    naming the key, without echoing it (it may be "user:key" pasted whole)."""
+    [problem] = _problems(_raw(username="patriot-api:s3cret-after-colon"))
+
+    assert problem.startswith("communicator_types[0 'M2MOne NZ']")
+    assert "username must not contain ':'" in problem
+    assert "s3cret-after-colon" not in problem
+
+
+def test_an_empty_commands_map_is_refused():
+    """A commands map without an event code would consume nothing: refused, naming the key."""
+    raw = _raw()
+    raw["commands"] = {}
+
+    assert _problems(raw) == [
+        "commands: must map at least one event code to a command (with none, no event is "
+        "consumed)"]
+
+
 def test_trailing_slash_is_accepted():
     """A server_address ending in /v1/ is normalised without the slash."""
     settings = parse_settings(_raw(server_address="http://127.0.0.1:8081/rws/api/v1/"), {})

@@ -88,24 +88,26 @@ def _permissions() -> dict[str, re.Pattern[str]]:
 
 
 @pytest.fixture
-def names() -> tuple[Names, list[str]]:
+def names() -> tuple[Names, list[str], list[str]]:
     config = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "config.yaml").read_text())
     settings = parse_settings(config, {"AMQP_URL": "amqp://u:p@rabbitmq/"})
     assert settings.queue_prefix == "jasper-consumer", "the guide's example uses the default"
     n = Names.from_settings(settings)
     per_type = [name for ct in settings.communicator_types
-                for name in (n.work_queue(ct), n.parked_queue(ct), n.calls_queue(ct))]
-    return n, per_type
+                for name in (n.work_queue(ct), n.bulk_queue(ct), n.parked_queue(ct),
+                             n.owner_queue(ct), n.calls_queue(ct))]
+    direct = [n.direct_queue(ct) for ct in settings.communicator_types]  # tools: declared only
+    return n, per_type, direct
 
 
 def test_documented_permissions_cover_what_the_service_does(names):
     """The guide's permissions allow every declare, publish, bind and consume the service
-    and its tools do: parked, calls, router-epoch, the tools' reply queues and the status
-    page's exchange and queues included."""
-    n, per_type = names
+    and its tools do: parked, calls, router-epoch, the tools' reply and direct queues and the
+    status page's exchange and queues included."""
+    n, per_type, direct = names
     reply, status = n.reply_queue(), n.status_queue()
     queues = [n.events_queue, *per_type, n.history_queue, n.dead_queue, n.epoch_queue, reply,
-              status]
+              status, *direct]
     exchanges = [n.events_exchange, n.history_exchange, n.dead_exchange, n.status_exchange]
     needs = {
         "configure": [*queues, *exchanges],

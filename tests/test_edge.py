@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aio_pika.exceptions import ChannelInvalidStateError
+
 from jasper_consumer.edge import Acks
 
 
@@ -19,9 +21,17 @@ class Channel:
 
 
 class Message:
+    """As aio-pika's IncomingMessage: reading ``channel`` once it is closed raises."""
+
     def __init__(self, channel: Channel, tag: int) -> None:
-        self.channel = channel
+        self._channel = channel
         self.delivery_tag = tag
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel.is_closed:
+            raise ChannelInvalidStateError
+        return self._channel
 
 
 async def flushed(acks: Acks) -> None:
@@ -78,13 +88,20 @@ async def test_acks_never_cover_a_tag_twice_across_flushes():
 
 
 async def test_an_unregistered_or_closed_delivery_is_not_batched():
-    """A delivery never registered, or on a closed channel, is left to the caller."""
+    """A delivery never registered, or on a closed channel, is left to the caller; settling
+    or forgetting one on a closed channel does not raise."""
     channel, acks = Channel(), Acks(delay_s=0.001)
     message: Any = Message(channel, 1)
+    other: Any = Message(channel, 2)
     assert not acks.settled(message)
     acks.delivered(message)
+    acks.delivered(other)
     channel.is_closed = True
+
     assert not acks.settled(message)
+    acks.forget(other)
+    await flushed(acks)
+    assert channel.acks == []
 
 
 async def test_a_closed_channels_deliveries_are_forgotten_on_the_next_channel():

@@ -39,6 +39,16 @@ def test_event_becomes_a_job(settings: Settings):
     assert (job.command, job.iccid, job.client_id) == ("activate", ICCID, "100234")
 
 
+@pytest.mark.parametrize("ref_no", [ICCID + "\n", ICCID + "\r\n", "\n" + ICCID, ICCID + " "])
+def test_whitespace_around_an_iccid_is_removed(settings: Settings, ref_no: str):
+    """An ICCID with a line break or space around it is the same ICCID as without (the
+    same SIM, so the same lane and the same order), not one of its own."""
+    job = parse_event(encode(event(device={"ref_no": ref_no,
+                                           "communicator_type": "M2MOne NZ"})), settings)
+
+    assert job.iccid == ICCID
+
+
 def test_explicit_command_wins(settings: Settings):
     """A message naming its command overrides the commands map."""
     assert parse_event(encode(event(command="deactivate")), settings).command == "deactivate"

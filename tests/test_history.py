@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from jasper_consumer.events import Job
 from jasper_consumer.history import History, PublishFailed
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.outcomes import ErrorInfo, Outcome
-from jasper_consumer.signals import Kind
+from jasper_consumer.router import Router
 from jasper_consumer.topology import Names
 
 
@@ -50,8 +51,23 @@ def names() -> Names:
         "api_key": "k"}]}, {}))
 
 
+class Delivery:
+    """An event as the router receives it (no delivery tag: acked one by one)."""
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.body = json.dumps(event).encode()
+        self.message_id = event["event_id"]
+        self.channel, self.delivery_tag = "channel", None
+        self.headers: dict[str, Any] = {}
+        self.answers: list[str] = []
+
+    async def ack(self) -> None:
+        self.answers.append("ack")
+
+
 JOB = Job(event_id="e1", event_code=65516, client_id="c", command=Command.ACTIVATE,
           iccid="89610185002345678901", communicator_type="T")
+EVENT: dict[str, Any] = {"event_id": "e2", "event_code": 65516, "client_id": "c"}
 EXHAUSTED = Outcome.failed(ErrorInfo("RETRIES_EXHAUSTED", 503, "gave up", True,
                                      cause="30000001"), 5)
 
@@ -81,17 +97,30 @@ async def test_a_lost_copy_sends_no_signal(names: Names):
     assert channel.log == []
 
 
-async def test_router_failures_count_in_commands_total_under_their_type(names: Names):
-    """A local failure is counted with its configured type, or "unknown" (README, Metrics)."""
+async def test_router_failures_count_in_commands_total_under_their_type():
+    """A local failure is counted with its configured type, or "unknown" (README, Metrics):
+    the router picks the label, the history counts it."""
+    settings = parse_settings({"communicator_types": [{
+        "name": "T", "server_address": "https://j.example/rws/api/v1", "username": "u",
+        "api_key": "k"}]}, {})
     metrics = Metrics(CollectorRegistry())
-    history = History(Channel(), names, metrics)  # type: ignore[arg-type]
-    error = ErrorInfo("UNKNOWN_COMMUNICATOR_TYPE", None, "not configured", False)
+    channel = Channel()
+    history = History(channel, Names.from_settings(settings), metrics)  # type: ignore[arg-type]
+    router = Router(settings, history, metrics, channel)  # type: ignore[arg-type]
+    bad_iccid = Delivery({**EVENT, "device": {"ref_no": "12", "communicator_type": "T"}})
+    other_type = Delivery({**EVENT, "device": {"ref_no": JOB.iccid,
+                                               "communicator_type": "Vodafone NZ"}})
 
-    await history.report(JOB, Kind.FAILED, type_label="unknown", attempts=0,
-                         started=time.perf_counter(), error=error)
+    for message in (bad_iccid, other_type):
+        await router.on_message(message)  # type: ignore[arg-type]
 
-    assert metrics.registry.get_sample_value("jasper_commands_total", {
-        "communicator_type": "unknown", "command": "activate", "outcome": "failed"}) == 1
+    def failed(label: str) -> float | None:
+        return metrics.registry.get_sample_value("jasper_commands_total", {
+            "communicator_type": label, "command": "activate", "outcome": "failed"})
+
+    assert (failed("T"), failed("unknown"), failed("Vodafone NZ")) == (1, 1, None)
+    assert channel.log == [(settings.history_exchange, "jasper.failed")] * 2
+    assert [m.answers for m in (bad_iccid, other_type)] == [["ack"], ["ack"]]
 
 
 def test_message_ids_are_unique_without_a_syscall_each():

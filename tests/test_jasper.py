@@ -30,8 +30,11 @@ from jasper_consumer.errors import (
     JASPER_ERROR_MEANINGS,
     CommunicatorMisconfigured,
     ConfigError,
+    JasperError,
     JasperRejected,
     JasperRetryable,
+    JasperUnreachable,
+    RetriesExhausted,
     TypePaused,
 )
 from jasper_consumer.jasper.answers import (
@@ -43,7 +46,7 @@ from jasper_consumer.jasper.answers import (
 )
 from jasper_consumer.jasper.client import USER_AGENT, JasperClient
 from jasper_consumer.jasper.limiter import Limiter
-from jasper_consumer.jasper.retry import RetryLog, change_status
+from jasper_consumer.jasper.retry import RetryLog, change_status, retrying
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.outcomes import ErrorInfo, Outcome
 from jasper_consumer.pause import Pause, PauseRules
@@ -334,6 +337,64 @@ async def test_retries_stop_at_max_elapsed(metrics: Metrics, http: aioresponses)
 
     assert outcome.exhausted
     assert 1 < outcome.attempts < 100
+
+
+class Calls:
+    """A call that raises the given errors in turn, then answers ``"done"``; records its
+    attempts and the waits between them."""
+
+    def __init__(self, *failures: JasperError) -> None:
+        self.failures = list(failures)
+        self.attempts = 0
+        self.waits: list[float] = []
+
+    async def __call__(self) -> str:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "done"
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+async def test_retrying_tries_transient_errors_again_with_back_off() -> None:
+    """retrying() makes the call again after transient errors, waiting the back-off
+    (at least Retry-After) in between, and returns the answer."""
+    rate_limited = JasperRetryable("40000029", "Rate limit exceeded", 429, retry_after_s=0.5)
+    call = Calls(rate_limited, JasperUnreachable("connection refused"))
+    policy = RetrySettings(max_attempts=3, initial_delay_seconds=0.001, max_delay_seconds=1,
+                           max_elapsed_seconds=5)
+
+    answer = await retrying(call, policy, sleep=call.sleep)
+
+    assert (answer, call.attempts, len(call.waits)) == ("done", 3, 2)
+    assert call.waits[0] >= 0.5
+
+
+@pytest.mark.parametrize("error", [
+    JasperRejected("20000001", "Resource not found - invalid ICCID", 404),
+    CommunicatorMisconfigured("10000001", "Invalid credentials", 401),
+])
+async def test_retrying_raises_at_once_what_retrying_cannot_help(error: JasperError) -> None:
+    """A refusal, or an error that pauses the type, is raised after one call."""
+    call = Calls(error)
+
+    with pytest.raises(type(error)):
+        await retrying(call, RETRY, sleep=call.sleep)
+
+    assert (call.attempts, call.waits) == (1, [])
+
+
+async def test_retrying_ends_with_retries_exhausted_carrying_the_last_error() -> None:
+    """When the attempts run out, RETRIES_EXHAUSTED carries the last error's code."""
+    call = Calls(*(JasperRetryable("30000001", "Unknown server error", 500) for _ in range(5)))
+
+    with pytest.raises(RetriesExhausted) as caught:
+        await retrying(call, RETRY, sleep=call.sleep)
+
+    assert (call.attempts, caught.value.code) == (RETRY.max_attempts, errors.RETRIES_EXHAUSTED)
+    assert "30000001" in caught.value.message
 
 
 async def test_timeouts_are_unreachable_then_exhausted(

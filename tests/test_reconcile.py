@@ -19,13 +19,19 @@ from jasper_consumer.errors import (
     JasperRetryable,
     RetriesExhausted,
 )
-from jasper_consumer.tools import ToolError, fixes, reconcile
-from jasper_consumer.tools.clientlist import ClientList, ClientRow, parse_clients, read_clients
-from jasper_consumer.tools.fixes import EventPublisher, Fix, FixSummary, event_code, plan
-from jasper_consumer.tools.listing import Listing, list_sims
-from jasper_consumer.tools.mismatches import Kind, Mismatch, classify, report_order
+from jasper_consumer.tools import ToolError, reconcile
 from jasper_consumer.tools.progress import Progress
-from jasper_consumer.tools.report import Comparison, write_report
+from jasper_consumer.tools.reconcile import fixes
+from jasper_consumer.tools.reconcile.clientlist import (
+    ClientList,
+    ClientRow,
+    parse_clients,
+    read_clients,
+)
+from jasper_consumer.tools.reconcile.fixes import EventPublisher, Fix, FixSummary, event_code, plan
+from jasper_consumer.tools.reconcile.listing import Listing, list_sims
+from jasper_consumer.tools.reconcile.mismatches import Kind, Mismatch, classify, report_order
+from jasper_consumer.tools.reconcile.report import Comparison, write_report
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 HEADER = "client_id,ref_no,communicator_type,commissioned\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -19,23 +20,61 @@ ICCID_A = "89610185002345678901"
 ICCID_B = "89610185002345678902"
 
 
+class Deliveries:
+    """A consumer channel: hands out delivery tags in order, as the broker does, and keeps
+    every ack and nack frame sent on it (the router's acks are batched by ``edge.ACKS``)."""
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.frames: list[tuple[str, int, bool]] = []  # (ack or nack, tag, multiple)
+        self._tags = itertools.count(1)
+        self._delivered: list[int] = []
+
+    def deliver(self) -> int:
+        tag = next(self._tags)
+        self._delivered.append(tag)
+        return tag
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        self.frames.append(("ack", tag, multiple))
+
+    def answers(self, tag: int) -> list[str]:
+        """What the broker makes of the frames, in order, for one delivery: a multiple ack
+        answers every delivery up to its tag that is not answered yet."""
+        answered: dict[int, list[str]] = {t: [] for t in self._delivered}
+        for kind, upto, multiple in self.frames:
+            for t in [t for t in self._delivered if t <= upto and not answered[t]] \
+                    if multiple else [upto]:
+                answered[t].append(kind)
+        return answered[tag]
+
+
 class FakeMessage:
-    def __init__(self, body: dict[str, Any] | bytes, channel: object = "channel-1") -> None:
-        self.channel = channel
-        self.delivery_tag = None
+    def __init__(self, body: dict[str, Any] | bytes, channel: Deliveries | None = None) -> None:
+        self.channel = channel or Deliveries()
+        self.delivery_tag = self.channel.deliver()
         self.body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.message_id = None if isinstance(body, bytes) else body["event_id"]
         self.headers: dict[str, Any] = {}
         self.routing_key = "event.65516"
         self.priority: int | None = None
         self.content_type = "application/json"
-        self.answers: list[str] = []
+
+    @property
+    def answers(self) -> list[str]:
+        return self.channel.answers(self.delivery_tag)
 
     async def ack(self) -> None:
-        self.answers.append("ack")
+        self.channel.frames.append(("ack", self.delivery_tag, False))
 
     async def nack(self, requeue: bool = True) -> None:
-        self.answers.append("nack")
+        self.channel.frames.append(("nack", self.delivery_tag, False))
+
+
+async def routed(router: Router, *messages: FakeMessage) -> None:
+    """Route the messages at once, then send the acks ``edge.ACKS`` holds back."""
+    await asyncio.gather(*(router.on_message(m) for m in messages))  # type: ignore[arg-type]
+    await edge.ACKS.flush_all()
 
 
 class FakeEpochs:
@@ -115,16 +154,22 @@ def event(n: int, iccid: str, code: int = 65516) -> dict[str, Any]:
 async def test_a_handed_back_event_keeps_its_successors_behind_it(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ):
-    """When forwarding fails, later events for that SIM are handed back too, others go on."""
-    monkeypatch.setattr(edge, "REDELIVERY_PAUSE_S", 0)
+    """When forwarding fails, later events for that SIM are handed back too, others go on;
+    the batched ack of one that went on, sent while they are still unanswered, answers
+    only it."""
+    # 1 is handed back 10 ms after it failed: 3's ack, batched for 2 ms, leaves before.
+    monkeypatch.setattr(edge, "REDELIVERY_PAUSE_S", 0.01)
     publisher = FakePublisher(fail_first=1)
     router = make_router(settings, publisher)
-    messages = [FakeMessage(event(1, ICCID_A)), FakeMessage(event(2, ICCID_A, 65517)),
-                FakeMessage(event(3, ICCID_B))]
+    channel = Deliveries()
+    messages = [FakeMessage(event(1, ICCID_A), channel),
+                FakeMessage(event(2, ICCID_A, 65517), channel),
+                FakeMessage(event(3, ICCID_B), channel)]
 
-    await asyncio.gather(*(router.on_message(m) for m in messages))  # type: ignore[arg-type]
+    await routed(router, *messages)
 
     assert [m.answers for m in messages] == [["nack"], ["nack"], ["ack"]]
+    assert channel.frames[0] == ("ack", 3, False)
     assert [w["event_id"] for w in publisher.work_items] == ["e3"]
 
 
@@ -132,10 +177,12 @@ async def test_jobs_are_stamped_in_forwarding_order(settings: Settings):
     """Each forwarded job carries a strictly increasing router stamp."""
     publisher = FakePublisher(fail_first=0)
     router = make_router(settings, publisher)
-    messages = [FakeMessage(event(n, ICCID_A, 65516 + n % 2)) for n in range(5)]
+    channel = Deliveries()
+    messages = [FakeMessage(event(n, ICCID_A, 65516 + n % 2), channel) for n in range(5)]
 
-    await asyncio.gather(*(router.on_message(m) for m in messages))  # type: ignore[arg-type]
+    await routed(router, *messages)
 
+    assert [m.answers for m in messages] == [["ack"]] * 5
     stamps = [w["stamp"] for w in publisher.work_items]
     assert [w["event_id"] for w in publisher.work_items] == [f"e{n}" for n in range(5)]
     assert stamps == sorted(set(stamps))
@@ -148,10 +195,11 @@ async def test_a_new_router_stamps_above_the_old_one(settings: Settings):
     first, second = FakePublisher(0, epochs), FakePublisher(0, epochs)
     old, new = make_router(settings, first), make_router(settings, second)
 
+    old_channel = Deliveries()
     for n in range(3):
-        await old.on_message(FakeMessage(event(n, ICCID_A), "old"))  # type: ignore[arg-type]
-    await new.on_message(FakeMessage(event(9, ICCID_A), "new"))  # type: ignore[arg-type]
-    await old.on_message(FakeMessage(event(10, ICCID_A), "old-again"))  # type: ignore[arg-type]
+        await routed(old, FakeMessage(event(n, ICCID_A), old_channel))
+    await routed(new, FakeMessage(event(9, ICCID_A), Deliveries()))
+    await routed(old, FakeMessage(event(10, ICCID_A), Deliveries()))  # old, reconnected
 
     old_stamps = [w["stamp"] for w in first.work_items]
     assert max(old_stamps[:3]) < second.work_items[0]["stamp"] < old_stamps[3]
@@ -167,7 +215,7 @@ async def test_whatever_the_parser_raises_the_message_is_settled(settings: Setti
     router = make_router(settings, publisher)
     message = FakeMessage(body)
 
-    await router.on_message(message)  # type: ignore[arg-type]
+    await routed(router, message)
 
     assert message.answers == ["ack"]
     assert len(publisher.dead) == 1
@@ -184,11 +232,12 @@ async def test_a_failed_epoch_write_gives_the_epoch_back(settings: Settings,
     publisher.fail_epoch = 1
     router = make_router(settings, publisher)
 
-    first = FakeMessage(event(1, ICCID_A))
-    await router.on_message(first)  # type: ignore[arg-type]
-    second = FakeMessage(event(2, ICCID_B))
-    await router.on_message(second)  # type: ignore[arg-type]
+    channel = Deliveries()
+    first = FakeMessage(event(1, ICCID_A), channel)
+    await routed(router, first)
+    second = FakeMessage(event(2, ICCID_B), channel)
+    await routed(router, second)
 
-    assert first.answers == ["nack"]
+    assert (first.answers, second.answers) == (["nack"], ["ack"])
     assert [w["stamp"] // EPOCH_SCALE for w in publisher.work_items] == [8]
     assert epochs.bodies == [b"8"]

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiormq
 import pytest
 
 from jasper_consumer import cli, errors
@@ -17,9 +18,11 @@ from jasper_consumer.errors import (
     JasperRetryable,
     JasperUnreachable,
 )
+from jasper_consumer.tools import ToolError, reach
 from jasper_consumer.tools.check import explain, sim_table
 from jasper_consumer.tools.deadletters import Listing, format_age, print_listing, read, reason_of
-from jasper_consumer.tools.replay import Progress, ReplaySummary, print_summary
+from jasper_consumer.tools.progress import Progress
+from jasper_consumer.tools.replay import ReplaySummary, print_summary
 from jasper_consumer.tools.tables import render_table
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -227,13 +230,13 @@ class Clock:
 def test_progress_without_a_terminal_prints_plain_periodic_lines() -> None:
     """Off a terminal, progress is a plain line at most every every_s seconds, and at the end."""
     out, clock = io.StringIO(), Clock()
-    progress = Progress(out, every_s=2.0, clock=clock)
+    progress = Progress(out, "replay", every_s=2.0, clock=clock)
     summary = ReplaySummary("p.dead", "p.events", total=10)
     for n in range(1, 11):
         clock.now = n * 0.5
         summary.seen = summary.replayed = n
-        progress.update(summary)
-    progress.update(summary, final=True)
+        progress.show(summary.fraction, summary.progress_text)
+    progress.finish(summary.progress_text)
 
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
@@ -245,16 +248,18 @@ def test_progress_without_a_terminal_prints_plain_periodic_lines() -> None:
 
 
 def test_progress_on_a_terminal_redraws_a_bar() -> None:
-    """On a terminal, progress redraws one line with a bar, ending with a newline."""
+    """On a terminal, progress redraws one line with a bar; at the end a plain line
+    takes its place."""
     out = io.StringIO()
-    progress = Progress(out, tty=True, width=10)
+    progress = Progress(out, "replay", tty=True, width=10)
     summary = ReplaySummary("p.dead", "p.events", total=4, seen=1, replayed=1)
-    progress.update(summary)
+    progress.show(summary.fraction, summary.progress_text)
     summary.seen = 4
-    progress.update(summary, final=True)
+    progress.finish(summary.progress_text)
 
-    assert out.getvalue() == ("\r[##--------] 1/4  replayed 1  skipped 0"
-                              "\r[##########] 4/4  replayed 1  skipped 3\n")
+    bar = "replay [##--------] 1/4  replayed 1  skipped 0"
+    assert out.getvalue() == (f"\r{bar}\r{' ' * len(bar)}\r"
+                              "replay: 4/4  replayed 1  skipped 3\n")
 
 
 def test_summary_counts_and_exit_status() -> None:
@@ -293,3 +298,26 @@ def test_parser_keeps_publish_command_and_adds_the_tools() -> None:
         ("dead-letters", "replay", "RETRIES", 5)
     with pytest.raises(SystemExit):
         parser.parse_args(["dead-letters", "replay", "--limit", "0"])
+
+
+async def test_a_broker_that_does_not_answer_is_named_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tool that cannot connect names the broker, and an error that repeats the URL
+    repeats it without the password."""
+    url = "amqp://jasper:s3cret-pw@rabbitmq.example:5672/"
+    settings = parse_settings({"amqp_url": url, "communicator_types": [{
+        "name": "M2MOne NZ", "server_address": "http://127.0.0.1:1/rws/api/v1",
+        "username": "u", "api_key": "k"}]}, {})
+
+    async def refused(urls: Any, **_: Any) -> Any:
+        raise aiormq.exceptions.AMQPConnectionError(f"cannot open {urls[0]}")
+
+    monkeypatch.setattr(reach, "connect_once", refused)
+
+    with pytest.raises(ToolError) as caught:
+        await reach.connect(settings)
+
+    assert str(caught.value) == (
+        "cannot connect to RabbitMQ at amqp://jasper:***@rabbitmq.example:5672/: "
+        "<AMQPConnectionError: ('cannot open amqp://jasper:***@rabbitmq.example:5672/',)>")

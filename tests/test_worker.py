@@ -370,3 +370,21 @@ async def test_an_unreachable_calls_queue_holds_up_no_job(settings: Settings,
     await until(lambda: calls_queue in rig.broker.consumers)
 
     await rig.worker.stop(1)
+
+
+async def test_a_first_owner_waits_while_a_tool_calls_the_account_itself(settings: Settings):
+    """An operator tool that started while no service ran holds <prefix>.direct.<slug> and
+    calls the account itself: a new owner then waits as after a crash (its last request
+    may be open), though the ownership log is empty."""
+    settings = make_settings(request_timeout_seconds=0.3)
+    rig = Rig(settings, Client(settings))
+    direct = Names.from_settings(settings).direct_queue(settings.communicator_types[0])
+    rig.broker.queues[direct] = []  # the tool's exclusive queue exists
+    await rig.worker.start()
+    started = asyncio.get_running_loop().time()
+    rig.job(1)
+
+    await until(lambda: bool(rig.client.calls))
+
+    assert rig.client.called_at[0] - started >= 0.3
+    await rig.worker.stop(1)

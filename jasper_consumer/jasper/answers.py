@@ -1,5 +1,5 @@
 """Control Center's answers and network failures as errors, and the back-off between
-tries (SPEC §2, §5). Pure functions: no I/O, no state."""
+tries (operator guide, sections 13 and 5). Pure functions: no I/O, no state."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ..errors import (
 MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
 _MAX_API_MESSAGE = 200  # characters of an unknown error's errorMessage kept for operators
 _TIMED_OUT = "timed out"
-#: Codes that say the SIM already has the status asked for: success (SPEC §2).
+#: Codes that say the SIM already has the status asked for: success (operator guide, section 13).
 ALREADY_IN_STATUS_CODES: frozenset[str] = frozenset({"10030000"})
 _ALREADY = re.compile(r"\balready\b", re.IGNORECASE)
 _OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
@@ -82,7 +82,8 @@ def _describe(body: bytes, content_type: str) -> str:
 def classify(
     http_status: int, body: bytes, content_type: str, retry_after_header: str | None = None
 ) -> JasperError:
-    """The error an answer that is not a success stands for (SPEC §2, §5)."""
+    """The error an answer that is not a success stands for (operator guide, sections 13
+    and 5)."""
     code, api_message = api_error(body)
     retry_after = parse_retry_after(retry_after_header)
     if code is not None:
@@ -173,9 +174,9 @@ def backoff_waits(
 def already_in_status(code: str, message: str) -> bool:
     """Whether an error answer means "the SIM already has that status" (success).
 
-    Decided by the code (:data:`ALREADY_IN_STATUS_CODES`). Fallback, for a code this
-    service does not know at all (not in SPEC §5's table): an ``errorMessage`` with the
-    word "already". A documented code is never turned into success by its message.
+    Decided by the code (:data:`ALREADY_IN_STATUS_CODES`). Fallback, for a code this service
+    does not know at all (not in operator guide, section 5's table): an ``errorMessage`` with
+    the word "already". A documented code is never turned into success by its message.
     """
     if code in ALREADY_IN_STATUS_CODES:
         return True

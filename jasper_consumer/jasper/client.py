@@ -143,7 +143,7 @@ class JasperClient:
             return command.target_status
         code, message = api_error(answer.body)
         if code is not None and already_in_status(code, message):
-            return command.target_status  # already in that status: success (SPEC §2)
+            return command.target_status  # already in that status: success
         raise self._error(answer)
 
     async def get_device(self, iccid: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """At most ``max_concurrency`` calls in flight and call starts spaced ``1 / requests_per_second``
-apart, per Control Center account (SPEC §2)."""
+apart, per Control Center account (operator guide, section 13)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import aiohttp
 class Limiter:
     """At most ``max_concurrency`` calls in flight, and call starts at least
     ``1 / requests_per_second`` apart: no bursts, since the account may count calls in
-    any one-second window (SPEC §2). Waiters get their start slots in FIFO order.
+    any one-second window (operator guide, section 13). Waiters get their start slots in FIFO order.
 
     While calls wait, starts fall on a grid ``interval_s`` apart (``1/rps`` plus a 0.5 %
     margin), so a loop that wakes a little late does not push every later start back:
@@ -73,7 +73,7 @@ class Limiter:
 
     def hold_off(self, seconds: float) -> None:
         """No call starts before ``seconds`` from now (a new owner of the account waits for
-        the previous owner's last request to end, SPEC §6)."""
+        the previous owner's last request to end, operator guide, section 13)."""
         self._not_before = max(self._not_before, self._clock() + seconds)
 
     def reopen(self) -> None:

@@ -1,4 +1,5 @@
-"""Apply one status change, retrying transient failures (SPEC §5), under the type's pause.
+"""Apply one status change, retrying transient failures (operator guide, section 5), under the
+type's pause.
 
 Retries use exponential back-off with full jitter (``backoff.expo`` +
 ``backoff.full_jitter``, raised to a ``Retry-After``), bounded by attempts and by total
@@ -6,14 +7,18 @@ time. Every answer is shown to the :class:`Gate` (the type's
 :class:`~jasper_consumer.pause.Pause`) first: it may pause the type, and then this job
 stops here with :class:`~jasper_consumer.errors.TypePaused` (carrying the calls made so
 far) to be parked; a back-off wait ends early when the type pauses meanwhile.
+
+:func:`retrying` is the same loop for a call with no pause around it (the operator
+tools' Search Devices pages and Get Device Details).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import backoff
 
@@ -25,6 +30,7 @@ from .answers import backoff_waits, retry_reason
 from .client import JasperClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RetryLog:
@@ -106,3 +112,32 @@ async def change_status(
     except TypePaused as exc:
         exc.attempts = attempts
         raise
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    policy: RetrySettings,
+    *,
+    jitter: Callable[[float], float] = backoff.full_jitter,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """``call()``, tried again after transient errors (:class:`JasperRetryable`) within
+    ``policy``, with the service's back-off (:func:`~.answers.backoff_waits`: full jitter, at
+    least ``Retry-After``), bounded by attempts and by time, waits included. Any other
+    error is raised as it came; when the budget runs out, :class:`RetriesExhausted`
+    carrying the last error."""
+    started = clock()
+    waits = backoff_waits(policy.initial_delay_seconds, policy.max_delay_seconds, jitter)
+    next(waits)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except JasperRetryable as err:
+            elapsed = clock() - started
+            wait = waits.send(err)
+            if attempt >= policy.max_attempts or elapsed + wait > policy.max_elapsed_seconds:
+                raise RetriesExhausted(err, attempt, elapsed) from None
+        await sleep(wait)

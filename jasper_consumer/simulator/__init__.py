@@ -1,4 +1,4 @@
-"""A local Cisco Jasper Control Center stand-in for demos, tests and benchmarks (SPEC §8).
+"""A local Cisco Jasper Control Center stand-in for demos, tests and benchmarks (README, Commands).
 
 It serves the REST API the service calls (:mod:`.server`), keeps accounts with their
 own limits and SIMs with their statuses, and injects faults through an admin API.

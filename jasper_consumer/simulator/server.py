@@ -1,6 +1,7 @@
 """A local stand-in for Cisco Jasper Control Center, for demos, tests and benchmarks.
 
-It speaks the part of the REST API the service uses (SPEC §2), under ``/rws/api/v1``:
+It speaks the part of the REST API the service uses (operator guide, section 13), under
+``/rws/api/v1``:
 
 * ``PUT /devices/{iccid}`` ``{"status": "ACTIVATED"}`` → ``{"iccid": ...}``
 * ``GET /devices/{iccid}`` → the SIM's details (``iccid``, ``status``, ``ratePlan``, …)
@@ -11,12 +12,12 @@ It speaks the part of the REST API the service uses (SPEC §2), under ``/rws/api
 * ``GET /echo/{word}`` → ``{"context": word}``
 
 and answers like the real one: HTTP Basic auth (``username:api_key``), errors as
-``{"errorMessage": ..., "errorCode": "NNNNNNNN"}`` with the HTTP status of SPEC §5,
-``10000024`` for another API version, and per-account rate limits — more than
+``{"errorMessage": ..., "errorCode": "NNNNNNNN"}`` with the HTTP status of operator guide,
+section 5, ``10000024`` for another API version, and per-account rate limits — more than
 ``max_in_flight`` calls at once, or more calls starting in any one-second window than
-``requests_per_second``, get ``40000029`` and count as a violation. (For a fractional
-rate the window is ``n / requests_per_second`` seconds holding ``n = max(1, floor(rate))``
-starts, so a client that starts calls ``1 / rate`` apart never trips it.)
+``requests_per_second``, get ``40000029`` and count as a violation. (For a fractional rate the
+window is ``n / requests_per_second`` seconds holding ``n = max(1, floor(rate))`` starts, so a
+client that starts calls ``1 / rate`` apart never trips it.)
 
 A SIM it has not seen is created ``ACTIVATION_READY`` on first use, unless it is in
 ``unknown_iccids`` or starts with ``8999``: those answer ``20000001``. A SIM may belong

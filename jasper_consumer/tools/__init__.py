@@ -4,9 +4,12 @@ returns the process exit status; a problem that stops it from doing its job at a
 
 * :mod:`.check` — ``check-config --ping`` and ``sim-status``;
 * :mod:`.deadletters` and :mod:`.replay` — ``dead-letters list`` / ``replay``;
-* :mod:`.reconcile` — ``reconcile``: :mod:`.clientlist` (Patriot's CSV export),
-  :mod:`.listing` (every SIM, Search Devices), :mod:`.mismatches` (what disagrees),
-  :mod:`.fixes` (``--fix``: corrective events), :mod:`.report` (what it prints);
+* :mod:`.reconcile` — ``reconcile``, a folder of its own: the client list, the listing,
+  the mismatches, the fixes, the report and ``make demo-reconcile``;
+* :mod:`.account` — a tool's Control Center calls, each made by the service process that
+  owns the type while one runs, else by the tool itself; :mod:`.calls` — asking that
+  process (the other side of :mod:`jasper_consumer.calls`);
+* :mod:`.reach` — what every tool reaches for: the broker, a type by name, its own client;
 * :mod:`.tables` — plain-text tables; :mod:`.progress` — a bar or periodic lines;
 * :mod:`.demo` — ``make demo``; :mod:`.schemas` — ``make schemas``.
 """

@@ -1,11 +1,12 @@
-"""Operator tools: check each communicator type's settings, look up a SIM, print tables.
+"""Operator tools: check each communicator type's settings, look up a SIM.
 
 * :func:`ping` (``check-config --ping``) calls Echo for every communicator type and
   prints, per type, OK or what is wrong in an operator's words (:func:`explain`);
 * :func:`sim_status` (``sim-status``) shows a SIM's status and main fields from Get
-  Device Details, as a table or as JSON;
-* :func:`render_table` lays out plain-text tables (no colours, no terminal tricks), so
-  the output reads the same in a terminal, a log file or a ticket.
+  Device Details, as a table or as JSON.
+
+Both call as :mod:`.account` decides, call by call: through the service process that owns
+the type while one runs, else themselves, within the type's limits.
 
 The dead-letter tools are in :mod:`.deadletters`. Each tool writes to the stream it is
 given and returns the process exit status (:data:`EXIT_OK`, :data:`EXIT_FAILED`); a
@@ -21,19 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import aiormq
-from prometheus_client import CollectorRegistry
-
 from .. import errors
-from ..broker import connect_once
-from ..calls import RemoteCalls, Replies, work_queue_consumers
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
-from ..jasper import JasperClient
-from ..metrics import Metrics
-from ..topology import Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
+from .account import Account, Accounts
+from .reach import communicator, connect
 from .tables import render_table
 
 # What an error means and what to check, per code: (short meaning, advice).
@@ -108,10 +103,6 @@ def explain(err: JasperError) -> str:
     return f"{text} — {advice}" if advice else text
 
 
-def _client(ct: CommunicatorType) -> JasperClient:
-    return JasperClient(ct, Metrics(CollectorRegistry()))
-
-
 # --- check-config --ping ------------------------------------------------------------------
 
 
@@ -122,32 +113,38 @@ class PingResult:
     name: str
     problem: str | None  # None: Echo passed
     elapsed_ms: float
+    by_owner: bool = False  # made by the service process that owns the type
 
     @property
     def line(self) -> str:
         if self.problem is None:
-            return f"{self.name}: OK (Echo answered in {self.elapsed_ms:.0f} ms)"
+            made = (", made by the service process that owns it, with its settings"
+                    if self.by_owner else "")
+            return f"{self.name}: OK (Echo answered in {self.elapsed_ms:.0f} ms{made})"
         return f"{self.name}: {self.problem}"
 
 
-async def ping_one(ct: CommunicatorType, settings: Settings) -> PingResult:
-    """Call Echo once with the type's credentials (re-reading ``api_key_file``)."""
+async def ping_one(account: Account) -> PingResult:
+    """Call Echo once: through the service process that owns the type while one runs, else
+    with this config's credentials (re-reading ``api_key_file``)."""
     started = time.perf_counter()
     problem: str | None = None
     try:
-        async with _client(ct) as client:
-            await client.echo()
+        await account.echo()
     except JasperError as err:
         problem = explain(err)
     except ConfigError as err:
         problem = "; ".join(err.problems)
-    return PingResult(ct.name, problem, (time.perf_counter() - started) * 1000)
+    return PingResult(account.ct.name, problem, (time.perf_counter() - started) * 1000,
+                      by_owner=account.route == "owner")
 
 
 async def ping(settings: Settings, out: TextIO) -> int:
     """Echo every communicator type (at once: they are separate accounts); print one line
     each, in config order. Non-zero when any type fails."""
-    results = await asyncio.gather(*(ping_one(ct, settings) for ct in settings.communicator_types))
+    async with await connect(settings) as connection, Accounts(connection, settings) as accounts:
+        results = await asyncio.gather(*(ping_one(accounts[ct])
+                                         for ct in settings.communicator_types))
     for result in results:
         print(f"  {result.line}", file=out)
     failed = [r for r in results if r.problem is not None]
@@ -158,15 +155,6 @@ async def ping(settings: Settings, out: TextIO) -> int:
 
 
 # --- sim-status ---------------------------------------------------------------------------
-
-
-def communicator(settings: Settings, name: str) -> CommunicatorType:
-    """The configured type called ``name``, or a ToolError naming the configured ones."""
-    ct = settings.communicator(name)
-    if ct is None:
-        known = ", ".join(repr(c.name) for c in settings.communicator_types)
-        raise ToolError(f"communicator type {name!r} is not configured (configured: {known})")
-    return ct
 
 
 def sim_table(details: Mapping[str, Any]) -> str:
@@ -184,29 +172,11 @@ def sim_table(details: Mapping[str, Any]) -> str:
 
 
 async def _get_device(settings: Settings, ct: CommunicatorType, iccid: str) -> dict[str, Any]:
-    """Get Device Details through the service process that owns the type, within the
-    account's limits together with its own calls (SPEC §6); directly when no service runs
-    (or the broker does not answer)."""
-    names = Names.from_settings(settings)
-    try:
-        connection = await connect_once(settings.amqp_urls, timeout_s=5)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError):
-        connection = None
-    if connection is not None:
-        async with connection:
-            try:
-                owned = await work_queue_consumers(connection, names, ct)
-                replies = await Replies.open(connection, names) if owned else None
-            except aiormq.exceptions.AMQPError as exc:  # refused (permissions), queue gone
-                raise ToolError(f"cannot ask the service for {ct.name}'s SIM: "
-                                f"{type(exc).__name__}: {exc}") from None
-            if replies is not None:
-                try:
-                    return await RemoteCalls(replies, names, ct).get_device(iccid)
-                finally:
-                    await replies.close()
-    async with _client(ct) as client:
-        return await client.get_device(iccid)
+    """Get Device Details, made by the service process that owns the type while one runs,
+    within the account's limits together with its own calls (operator guide, section 13); a
+    broker that does not answer is an error, never a reason to call directly."""
+    async with await connect(settings) as connection, Accounts(connection, settings) as accounts:
+        return await accounts[ct].get_device(iccid)
 
 
 async def sim_status(

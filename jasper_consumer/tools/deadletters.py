@@ -1,6 +1,6 @@
 """The dead-letter queue ``<prefix>.dead``: list what is there, replay what can be replayed.
 
-Three kinds of message end up there (SPEC §4, §5):
+Three kinds of message end up there (docs/asyncapi.yaml; operator guide, section 5):
 
 * **unreadable input** (router): the original bytes, the reason in ``x-jasper-error``;
 * **RETRIES_EXHAUSTED copies** (worker): the event as a producer publishes it,
@@ -26,18 +26,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
-from ..broker import connect_once
 from ..config import Settings
 from ..errors import UnreadableMessage
 from ..events import Job, parse_event
 from ..topology import DEAD_REASON_HEADER, Names
 from . import ToolError
+from .reach import connect
 from .tables import render_table
 
 LAST_ERROR_HEADER = "x-jasper-last-error"
@@ -203,19 +202,6 @@ def read_message(position: int, message: AbstractIncomingMessage, settings: Sett
 
 
 # --- walking the queue --------------------------------------------------------------------
-
-
-async def connect(settings: Settings) -> AbstractConnection:
-    """A plain connection for a tool; a clear :class:`ToolError` if the broker does not answer."""
-    try:
-        return await connect_once(settings.amqp_urls)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-    for url in settings.amqp_urls:
-        password = urlsplit(url).password
-        if password:
-            detail = detail.replace(password, "***")
-    raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
 
 
 class Snapshot:

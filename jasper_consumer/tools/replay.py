@@ -13,7 +13,6 @@ the queue, in its order.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -25,7 +24,9 @@ from ..broker import event_message
 from ..config import Settings
 from ..topology import REPLAYED_HEADER, Names
 from . import EXIT_FAILED, EXIT_OK, ToolError
-from .deadletters import DeadLetter, Replay, Snapshot, connect, matches, read_message
+from .deadletters import DeadLetter, Replay, Snapshot, matches, read_message
+from .progress import Progress
+from .reach import connect
 
 _CONFIRM_TIMEOUT_S = 30.0
 
@@ -51,32 +52,14 @@ class ReplaySummary:
     def left(self) -> int:
         return self.total - self.replayed
 
+    @property
+    def fraction(self) -> float:
+        return min(self.seen, self.total) / max(self.total, 1)
 
-class Progress:
-    """A progress bar on a terminal; elsewhere a plain line every ``every_s`` seconds."""
-
-    def __init__(self, out: TextIO, *, tty: bool | None = None, every_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic, width: int = 30) -> None:
-        self.out = out
-        self.tty = out.isatty() if tty is None else tty
-        self.every_s = every_s
-        self.clock = clock
-        self.width = width
-        self._last = clock()
-
-    def update(self, summary: ReplaySummary, *, final: bool = False) -> None:
-        counts = (f"{summary.seen}/{summary.total}  replayed {summary.replayed}  "
-                  f"skipped {summary.seen - summary.replayed}")
-        if self.tty:
-            filled = self.width * min(summary.seen, summary.total) // max(summary.total, 1)
-            bar = "#" * filled + "-" * (self.width - filled)
-            self.out.write(f"\r[{bar}] {counts}" + ("\n" if final else ""))
-            self.out.flush()
-            return
-        now = self.clock()
-        if final or now - self._last >= self.every_s:
-            self._last = now
-            print(f"replay: {counts}", file=self.out, flush=True)
+    @property
+    def progress_text(self) -> str:
+        return (f"{self.seen}/{self.total}  replayed {self.replayed}  "
+                f"skipped {self.seen - self.replayed}")
 
 
 async def replay(
@@ -133,13 +116,13 @@ async def replay(
                 else:
                     summary.unroutable += 1
                 if progress is not None:
-                    progress.update(summary)
+                    progress.show(summary.fraction, summary.progress_text)
         except BaseException:  # Ctrl-C, cancelled, or an error: what is done is done
             summary.interrupted = True
             raise
         finally:
             if progress is not None and summary.seen:
-                progress.update(summary, final=True)
+                progress.finish(summary.progress_text)
             await snapshot.close()
     return summary
 

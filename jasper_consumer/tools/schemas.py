@@ -1,9 +1,9 @@
 """JSON Schemas of the messages this service exchanges, generated from its pydantic models.
 
 =============================  ===================================================
-``event.schema.json``          a system event, as producers publish it (SPEC §3);
+``event.schema.json``          a system event, as producers publish it (docs/asyncapi.yaml);
                                also the body of a ``RETRIES_EXHAUSTED`` dead letter
-``signal.schema.json``         a result signal on the history exchange (SPEC §4)
+``signal.schema.json``         a result signal on the history exchange (docs/asyncapi.yaml)
 ``status.schema.json``         ``GET /status.json``: the status page's facts
 =============================  ===================================================
 

@@ -19,10 +19,12 @@ from prometheus_client import CollectorRegistry
 
 from jasper_consumer.app import Service
 from jasper_consumer.broker import event_message
+from jasper_consumer.calls import OwnerCalls
 from jasper_consumer.config import Settings, parse_settings
+from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
-from jasper_consumer.topology import DEAD_REASON_HEADER, Names, remove_topology
+from jasper_consumer.topology import DEAD_REASON_HEADER, Names, declare, remove_topology
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 WAIT_S = 20.0
@@ -203,3 +205,61 @@ async def run_service(
     for _, settings in started[:1]:
         await remove_topology(connection, settings)
     await channel.close()
+
+
+class Owner:
+    """The owning process's side of operator tools' calls, as a service process runs it
+    (:class:`OwnerCalls` on the type's calls queue, a consumer of its work queue that takes
+    the tools' wake tokens), with a client that records every call it makes for a tool."""
+
+    def __init__(self, connection: AbstractRobustConnection, settings: Settings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.served: list[dict[str, Any]] = []  # {"op": ..., and its argument}
+        self.tokens: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self._owners: list[OwnerCalls] = []
+        self._clients: list[JasperClient] = []
+        self._channel: AbstractChannel | None = None
+
+    async def start(self) -> None:
+        self._channel = await self.connection.channel()
+        topology = await declare(self._channel, self.settings)
+        names = Names.from_settings(self.settings)
+        served = self.served
+
+        class Recording(JasperClient):
+            async def search_devices(self, page_number: int, **kwargs: Any) -> dict[str, Any]:
+                served.append({"op": "search_devices", "page_number": page_number})
+                return await super().search_devices(page_number, **kwargs)
+
+            async def get_device(self, iccid: str) -> dict[str, Any]:
+                served.append({"op": "get_device", "iccid": iccid})
+                return await super().get_device(iccid)
+
+            async def echo(self, word: str = "jasper-consumer") -> None:
+                served.append({"op": "echo"})
+                await super().echo(word)
+
+        async def open_channel() -> Any:
+            return await self.connection.channel(publisher_confirms=True,
+                                                 on_return_raises=True)
+
+        async def on_work(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self.tokens.append(message)
+            await message.ack()
+
+        for ct in self.settings.communicator_types:
+            client = Recording(ct, Metrics(CollectorRegistry()))
+            self._clients.append(client)
+            owner = OwnerCalls(client, names.calls_queue(ct), open_channel)
+            self._owners.append(owner)
+            await topology.work_queues[ct.name].consume(on_work)
+            await owner.start()
+
+    async def stop(self) -> None:
+        for owner in self._owners:
+            await owner.stop()
+        if self._channel is not None:
+            await self._channel.close()
+        for client in self._clients:
+            await client.close()

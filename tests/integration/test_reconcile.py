@@ -14,7 +14,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +26,15 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.app import Service
-from jasper_consumer.calls import OwnerCalls
 from jasper_consumer.cli import run_tool
 from jasper_consumer.config import Settings, parse_settings
-from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
-from jasper_consumer.tools import demo_reconcile, reconcile
+from jasper_consumer.tools import reconcile
+from jasper_consumer.tools.reconcile import demo as demo_reconcile
 from jasper_consumer.topology import TOKEN_HEADER, Names, declare, remove_topology
 
-from .conftest import AMQP_URL, Broker, make_event, raw_config
+from .conftest import AMQP_URL, Broker, Owner, make_event, raw_config
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 TYPES = ((NZ, "nz", 1), (AU, "au", 2))  # name, account, digit in its ICCIDs
@@ -308,46 +307,13 @@ async def test_with_an_owner_the_calls_go_through_it(env: Env) -> None:
     """With an owning process, every call goes through its calls queue after one wake token."""
     scenario = build()
     load(env, scenario)
-    channel = await env.connection.channel()
-    topology = await declare(channel, env.settings)
-    served: list[dict[str, Any]] = []
-    tokens: list[AbstractIncomingMessage] = []
-
-    class Recording(JasperClient):
-        """The owner's client: records the calls the service's OwnerCalls makes for tools."""
-
-        async def search_devices(self, page_number: int, **kwargs: Any) -> dict[str, Any]:
-            served.append({"op": "search_devices", "page_number": page_number})
-            return await super().search_devices(page_number, **kwargs)
-
-        async def get_device(self, iccid: str) -> dict[str, Any]:
-            served.append({"op": "get_device", "iccid": iccid})
-            return await super().get_device(iccid)
-
-    clients = {ct.name: Recording(ct, Metrics(CollectorRegistry()))
-               for ct in env.settings.communicator_types}
-
-    async def open_channel() -> Any:
-        return await env.connection.channel(publisher_confirms=True, on_return_raises=True)
-
-    async def on_work(message: AbstractIncomingMessage) -> None:
-        tokens.append(message)
-        await message.ack()
-
-    names = Names.from_settings(env.settings)
-    owners = [OwnerCalls(clients[ct.name], names.calls_queue(ct), open_channel)
-              for ct in env.settings.communicator_types]
-    for ct, owner in zip(env.settings.communicator_types, owners, strict=True):
-        await topology.work_queues[ct.name].consume(on_work)
-        await owner.start()
+    owner = Owner(env.connection, env.settings)
+    await owner.start()
     try:
         status, out, err = await env.reconcile(fix=True, yes=True)
     finally:
-        for owner in owners:
-            await owner.stop()
-        await channel.close()
-        for client in clients.values():
-            await client.close()
+        await owner.stop()
+    served, tokens = owner.served, owner.tokens
     events = await drain_events(env, scenario.fixes)
 
     assert status == 1, err
@@ -360,6 +326,101 @@ async def test_with_an_owner_the_calls_go_through_it(env: Env) -> None:
     assert 48 <= len(pages) <= 48 + 2 * 2
     assert len(reads) == len(events) == scenario.fixes
     assert len(env.sim.requests) == len(served)
+
+
+@pytest.fixture
+async def slow(sim: Simulator, connection: AbstractRobustConnection,
+               tmp_path: Path) -> AsyncIterator[Env]:
+    """One type on an account of one call at a time and 5 a second, its 1,000 SIMs (20
+    pages, 4 s) all agreeing with the client list."""
+    tag = f"jct-{uuid.uuid4().hex[:10]}"
+    sim.add_account("nz", "nz-key", max_in_flight=1, requests_per_second=5)
+    sim.add_sims({ic(1, n): "ACTIVATED" for n in range(1000)}, account="nz")
+    raw = raw_config(tag, [{"name": NZ, "server_address": sim.base_url, "username": "nz",
+                            "api_key": "nz-key", "max_concurrency": 1,
+                            "requests_per_second": 5, "request_timeout_seconds": 1}])
+    clients = tmp_path / "clients.csv"
+    clients.write_text("client_id,ref_no,communicator_type,commissioned\n"
+                       + "".join(f"c{n},{ic(1, n)},{NZ},yes\n" for n in range(1000)),
+                       encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    channel = await connection.channel()
+    made = Env(parse_settings(raw, {}), config, clients, sim, connection, channel)
+    yield made
+    await made.stop_services()
+    await remove_topology(connection, made.settings)
+    await channel.close()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 (the simulator tells no one)
+            await asyncio.sleep(0.01)
+
+
+async def test_a_service_that_starts_during_a_reconcile_makes_its_next_calls(
+    slow: Env,
+) -> None:
+    """Whether a service owns the type is asked before every call, not once per run: a
+    service that starts while reconcile calls Control Center itself makes every call
+    after that (at most the one under way is still made by reconcile)."""
+    owner = Owner(slow.connection, slow.settings)
+    run = asyncio.create_task(slow.reconcile())
+    await until(lambda: len(slow.sim.requests) >= 2)
+    await owner.start()
+    before = len(slow.sim.requests)
+    try:
+        status, out, err = await run
+    finally:
+        await owner.stop()
+
+    assert (status, json.loads(out)) == (0, []), err
+    assert "no service consumes" in err
+    assert "a service now owns it: M2MOne NZ: the service process that owns it" in err
+    direct = len(slow.sim.requests) - len(owner.served)
+    assert before <= direct <= before + 1
+    assert len(owner.served) >= 20 - direct
+    assert {c["op"] for c in owner.served} == {"search_devices"}
+
+
+async def test_a_reconcile_and_a_service_that_starts_meanwhile_keep_the_limits(
+    slow: Env,
+) -> None:
+    """A reconcile under way when the service starts, with a backlog waiting for it, and
+    the service never together call the account more than its limits allow."""
+    await slow.declare_topology()
+    backlog = Broker(slow.channel, slow.settings)
+    for n in range(10):
+        await backlog.publish(make_event(ic(1, n), communicator_type=NZ, client_id=f"c{n}"))
+    run = asyncio.create_task(slow.reconcile())
+    await until(lambda: len(slow.sim.requests) >= 2)
+    broker = await slow.start_service()
+    async with asyncio.timeout(60):
+        status, out, err = await run
+    await broker.wait_for(lambda: len(broker.signals) >= 10, "the backlog's signals")
+
+    assert slow.sim.violations == 0
+    assert (status, json.loads(out)) == (0, []), err
+    assert "a service now owns it" in err
+
+
+async def test_two_reconciles_without_a_service_do_not_both_call_the_account(
+    slow: Env,
+) -> None:
+    """With no service running, a second tool that would call the account itself beside a
+    first one is refused, saying why (ACCOUNT_IN_USE); the first keeps the limits."""
+    first = asyncio.create_task(slow.reconcile())
+    await until(lambda: len(slow.sim.requests) >= 1)
+    second_status, _, second_err = await slow.reconcile()
+    status, out, err = await first
+
+    assert (status, json.loads(out)) == (0, []), err
+    assert second_status == 2
+    assert ("another operator tool is calling M2MOne NZ's account directly (no service "
+            "runs)") in second_err
+    assert "(ACCOUNT_IN_USE)" in second_err
+    assert slow.sim.violations == 0
 
 
 async def test_the_cli_runs_reconcile_and_exits_0_when_all_agree(

@@ -32,7 +32,7 @@ from jasper_consumer.tools import demo, replay
 from jasper_consumer.tools.deadletters import DeadLetter
 from jasper_consumer.topology import remove_topology
 
-from .conftest import AMQP_URL, Broker, iccid, make_event, raw_config
+from .conftest import AMQP_URL, Broker, Owner, iccid, make_event, raw_config
 
 
 class ToolsBroker(Broker):
@@ -213,6 +213,46 @@ async def test_sim_status_of_an_unknown_sim_fails_with_its_meaning(
     errors = capsys.readouterr().err
     assert "Device Ref No '12' is not an ICCID" in errors
     assert "communicator type 'Nope' is not configured (configured: 'M2MOne NZ')" in errors
+
+
+async def test_sim_status_never_calls_directly_when_the_broker_does_not_answer(
+    make_env: MakeEnv, sim: Simulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broker that does not answer cannot say whether a service owns the type: sim-status
+    fails, saying so, and makes no call of its own (a service may own the type)."""
+    sim.set_status(iccid(1), "ACTIVATED")
+    env = await make_env(service=False,
+                         amqp_url=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+
+    status, text = await env.tool("sim-status", "--communicator-type", "M2MOne NZ", iccid(1))
+
+    assert (status, text) == (1, "")
+    assert "cannot connect to RabbitMQ" in capsys.readouterr().err
+    assert sim.requests == []
+
+
+async def test_ping_and_sim_status_go_through_the_owning_process(
+    make_env: MakeEnv, sim: Simulator, connection: AbstractRobustConnection
+) -> None:
+    """With a service process owning the type, check-config --ping's Echo and sim-status's
+    Get Device Details are made by that process, never by the tool."""
+    sim.set_status(iccid(1), "ACTIVATED")
+    env = await make_env(service=False)
+    owner = Owner(connection, env.settings)
+    await owner.start()
+    try:
+        ping_status, ping = await env.tool("check-config", "--ping")
+        status, text = await env.tool("sim-status", "--communicator-type", "M2MOne NZ",
+                                      iccid(1), "--json")
+    finally:
+        await owner.stop()
+
+    assert owner.served == [{"op": "echo"}, {"op": "get_device", "iccid": iccid(1)}]
+    assert len(sim.requests) == len(owner.served)
+    assert ping_status == 0, ping
+    assert "M2MOne NZ: OK (Echo answered in " in ping
+    assert "made by the service process that owns it, with its settings)" in ping
+    assert (status, json.loads(text)["status"]) == (0, "ACTIVATED")
 
 
 # --- dead-letters list --------------------------------------------------------------------

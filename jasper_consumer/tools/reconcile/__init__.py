@@ -1,5 +1,5 @@
 """``jasper-consumer reconcile``: the SIMs that cost money and the houses that cannot call
-for help (SPEC §8).
+for help (README, Commands).
 
 ::
 
@@ -8,10 +8,15 @@ for help (SPEC §8).
     Control Center ──listing (Search Devices)──▶ SIMs ──┘        │          summary (stderr)
                                                                  └──▶ --fix: fixes (events)
 
+This package is the command; beside it :mod:`.clientlist` (Patriot's CSV export),
+:mod:`.listing` (every SIM, Search Devices), :mod:`.mismatches` (what disagrees, no I/O),
+:mod:`.fixes` (``--fix``: corrective events), :mod:`.report` (what it prints) and
+:mod:`.demo` (``make demo-reconcile``).
+
 Control Center calls keep the account within its limits together with the service
-(SPEC §6): when a service process owns the type (consumes its work queue), that process
-makes them through its own limiter (:class:`~jasper_consumer.calls.RemoteCalls`); when no
-service runs, the tool makes them itself within the type's configured limits.
+(operator guide, section 13), decided call by call (:mod:`..account`): while a service process
+owns the type (consumes its work queue), that process makes them through its own limiter; while
+none does, the tool makes them itself within the type's configured limits.
 
 The report goes to stdout (a table, ``--format csv`` or ``--format json``); progress,
 summaries, the ``--fix`` plan and its question go to stderr. Exit status: 0 when all
@@ -30,18 +35,14 @@ from typing import TextIO
 
 import aio_pika
 import aiormq
-from prometheus_client import CollectorRegistry
 
-from ..calls import AccountCalls, RemoteCalls, Replies, work_queue_consumers
-from ..config import CommunicatorType, Settings
-from ..errors import ConfigError
-from ..jasper import JasperClient
-from ..metrics import Metrics
-from ..topology import Names
-from . import EXIT_FAILED, EXIT_OK, ToolError
-from .check import communicator
+from ...config import CommunicatorType, Settings
+from ...errors import ConfigError
+from .. import EXIT_FAILED, EXIT_OK, ToolError
+from ..account import Accounts
+from ..calls import AccountCalls
+from ..reach import communicator, connect
 from .clientlist import ClientList, read_clients
-from .deadletters import connect
 from .fixes import EventPublisher, FixSummary, apply, plan, plan_table, print_fixes
 from .listing import Listing, list_all
 from .mismatches import Mismatch, TypeCounts, classify, report_order
@@ -163,29 +164,19 @@ async def _open_calls(settings: Settings, types: Sequence[CommunicatorType],
                       connection: aio_pika.abc.AbstractConnection,
                       stack: contextlib.AsyncExitStack,
                       err: TextIO) -> tuple[dict[str, AccountCalls], dict[str, int]]:
-    """Per type: the owning service's limiter if a service runs, else our own client."""
-    names = Names.from_settings(settings)
+    """Per type, its :class:`~..account.Account` (the owning service makes each call while
+    one runs, else the tool itself), and how many pages to ask for at a time."""
+    accounts = Accounts(connection, settings, say=lambda line: print(line, file=err))
+    stack.push_async_callback(accounts.close)
     calls: dict[str, AccountCalls] = {}
     windows: dict[str, int] = {}
-    replies: Replies | None = None
     for ct in types:
-        if await work_queue_consumers(connection, names, ct):
-            if replies is None:
-                replies = await Replies.open(connection, names)
-                stack.push_async_callback(replies.close)
-            calls[ct.name] = RemoteCalls(replies, names, ct)
-            windows[ct.name] = REMOTE_WINDOW
-            print(f"{ct.name}: the service process that owns it makes the calls, within the "
-                  f"account's limits together with its own ({names.calls_queue(ct)})",
-                  file=err)
-        else:
-            client = JasperClient(ct, Metrics(CollectorRegistry()))
-            await stack.enter_async_context(client)
-            calls[ct.name] = client
-            windows[ct.name] = min(REMOTE_WINDOW, ct.max_concurrency)
-            print(f"{ct.name}: no service consumes {names.work_queue(ct)}: calling Control "
-                  f"Center directly within the type's limits ({ct.max_concurrency} at a time, "
-                  f"{ct.requests_per_second:g}/s)", file=err)
+        account = calls[ct.name] = accounts[ct]
+        print(await account.describe(), file=err)
+        # Pages asked at a time (more than the limits allow only wait for their turn): a
+        # few for the owner, which serialises them anyway; for our own client, its limit.
+        windows[ct.name] = (REMOTE_WINDOW if account.route == "owner"
+                            else min(REMOTE_WINDOW, ct.max_concurrency))
     return calls, windows
 
 

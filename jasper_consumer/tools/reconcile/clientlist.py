@@ -1,4 +1,4 @@
-"""The client list exported from Patriot, as ``reconcile`` reads it (SPEC §8).
+"""The client list exported from Patriot, as ``reconcile`` reads it (README, Commands).
 
 A CSV file with a header row naming (in any order, any case, other columns ignored):
 
@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ToolError
+from .. import ToolError
 
 FIELDS = ("client_id", "ref_no", "communicator_type", "commissioned")
 _NAMES = {  # normalised header -> field

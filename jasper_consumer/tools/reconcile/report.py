@@ -1,4 +1,4 @@
-"""What ``reconcile`` prints: the report on stdout (a table, CSV or JSON, SPEC §8), and on
+"""What ``reconcile`` prints: the report on stdout (a table, CSV or JSON, README, Commands), and on
 stderr what was read, each type's counts with each kind's meaning, and a hint."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from .check import explain
+from ..check import explain
+from ..tables import render_table
 from .clientlist import ClientList
 from .fixes import plan
 from .listing import Listing
 from .mismatches import MEANINGS, Kind, Mismatch, TypeCounts
-from .tables import render_table
 
 MAX_BAD_ROWS_SHOWN = 20
 
@@ -41,7 +41,7 @@ def _client_cell(m: Mismatch) -> str:
 
 
 def write_report(found: Sequence[Mismatch], fmt: str, out: TextIO) -> None:
-    """The reported ICCIDs on ``out``: a table, CSV or a JSON array (SPEC §8)."""
+    """The reported ICCIDs on ``out``: a table, CSV or a JSON array (README, Commands)."""
     if fmt == "json":
         print(json.dumps([m.as_dict() for m in found], indent=2), file=out)
         return

@@ -1,10 +1,11 @@
-"""Every SIM of a Control Center account, page by page with Search Devices (SPEC §2).
+"""Every SIM of a Control Center account, page by page with Search Devices (operator guide,
+section 13).
 
 Pages are asked for a few at a time (pages 1..k, then the next as each answers) until
 one says ``lastPage``; answers for pages after it are dropped. A page that fails with a
 transient error (rate limit, 5xx, network) is tried again with back-off within the
 config's ``retry`` budget; any other error stops that type's listing. Calls go through
-:class:`~jasper_consumer.calls.AccountCalls`: the owning service's limiter, or the
+:class:`~jasper_consumer.tools.calls.AccountCalls`: the owning service's limiter, or the
 tool's own client when no service runs.
 """
 
@@ -12,20 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
-from .. import errors
+from ... import errors
+from ...config import CommunicatorType, RetrySettings
+from ...errors import JasperError, JasperRejected
+from ...jasper.retry import retrying
 from ..calls import AccountCalls
-from ..config import CommunicatorType, RetrySettings
-from ..errors import JasperError, JasperRejected, RetriesExhausted
-from ..jasper.answers import backoff_waits
-from .progress import Progress
+from ..progress import Progress
 
 PAGE_SIZE = 50
 MAX_PAGES = 20_000  # a million SIMs: more means Control Center never says lastPage
-T = TypeVar("T")
 
 
 @dataclass
@@ -63,28 +63,6 @@ def _checked(page: Mapping[str, Any], number: int) -> tuple[list[tuple[str, str]
     if not isinstance(last, bool):  # not promised by the answer: a short page is the last
         last = len(pairs) < PAGE_SIZE
     return pairs, last or not pairs
-
-
-async def retrying(call: Callable[[], Awaitable[T]], retry: RetrySettings) -> T:
-    """``call()``, tried again after transient errors within the ``retry`` budget, with the
-    service's own back-off (:func:`~..jasper.answers.backoff_waits`: full jitter, at least
-    ``Retry-After``), bounded by attempts and by time, waits included."""
-    started = time.monotonic()
-    waits = backoff_waits(retry.initial_delay_seconds, retry.max_delay_seconds)
-    next(waits)
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await call()
-        except JasperError as err:
-            if not err.retryable or err.pauses_type:
-                raise
-            elapsed = time.monotonic() - started
-            wait = waits.send(err)
-            if attempt >= retry.max_attempts or elapsed + wait > retry.max_elapsed_seconds:
-                raise RetriesExhausted(err, attempt, elapsed) from None
-            await asyncio.sleep(wait)
 
 
 async def fetch_page(calls: AccountCalls, number: int,

@@ -1,4 +1,4 @@
-"""``reconcile --fix``: the events that correct what the report found (SPEC §8).
+"""``reconcile --fix``: the events that correct what the report found (README, Commands).
 
 Fixes go through the normal flow, as a producer's events do — so order per SIM, the
 account's limits, the signal in the client's history and dead letters all apply:
@@ -29,17 +29,17 @@ from typing import Any, TextIO
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from ..broker import publish_event
+from ...broker import publish_event
+from ...config import Command, Settings
+from ...errors import JasperError
+from ...events import new_event
+from ...jasper.retry import retrying
+from .. import ToolError
 from ..calls import AccountCalls
-from ..config import Command, Settings
-from ..errors import JasperError
-from ..events import new_event
-from . import ToolError
-from .check import explain
-from .listing import retrying
+from ..check import explain
+from ..progress import Progress
+from ..tables import render_table
 from .mismatches import Kind, Mismatch
-from .progress import Progress
-from .tables import render_table
 
 ORIGIN = "reconcile"
 

@@ -36,13 +36,13 @@ from typing import TextIO
 import aio_pika
 from prometheus_client import CollectorRegistry
 
-from ..app import Service
-from ..config import Settings, parse_settings
-from ..metrics import Metrics
-from ..simulator import Simulator
-from ..topology import Names, declare, remove_topology
-from . import reconcile
-from .demo import AMQP_URL, SignalLog, play, table
+from ...app import Service
+from ...config import Settings, parse_settings
+from ...metrics import Metrics
+from ...simulator import Simulator
+from ...topology import Names, declare, remove_topology
+from .. import reconcile
+from ..demo import AMQP_URL, SignalLog, play, table
 
 NZ, AU = "M2MOne NZ", "M2MOne AU"
 TOTAL_TIMEOUT_S = 60.0
@@ -139,7 +139,7 @@ async def run_demo(out: TextIO, amqp_url: str = AMQP_URL) -> list[str]:
         await service.start()
         await log.wait_count(2)
         # Stopped again, so that reconcile calls the simulator itself: the service's
-        # process would otherwise be asked to make the calls (see calls.py).
+        # process would otherwise be asked to make the calls (see tools/account.py).
         await service.stop()
         print("Signals in the client history:", file=out)
         print(table(log.signals), file=out)
@@ -161,7 +161,7 @@ async def run_demo(out: TextIO, amqp_url: str = AMQP_URL) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jasper_consumer.tools.demo_reconcile",
+    parser = argparse.ArgumentParser(prog="python -m jasper_consumer.tools.reconcile.demo",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--amqp-url", default=AMQP_URL, help=f"RabbitMQ (default {AMQP_URL})")
     args = parser.parse_args(argv)

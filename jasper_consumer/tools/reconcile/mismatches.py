@@ -1,4 +1,4 @@
-"""Where Control Center and Patriot's client list disagree (SPEC §8). Pure: no I/O.
+"""Where Control Center and Patriot's client list disagree (README, Commands). Pure: no I/O.
 
 A SIM should be live exactly when at least one client that has its ICCID is
 commissioned: a base and its linked areas share one SIM, so several clients with one
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ..errors import EventRejected
-from ..events import normalise_iccid
+from ...errors import EventRejected
+from ...events import normalise_iccid
 from .clientlist import ClientRow
 
 ACTIVATED = "ACTIVATED"
@@ -67,7 +67,7 @@ class Mismatch:
     clients: tuple[str, ...] = ()  # every client with this ICCID, in file order
 
     def as_dict(self) -> dict[str, Any]:
-        """The object ``--format json`` prints (SPEC §8)."""
+        """The object ``--format json`` prints (README, Commands)."""
         return {"iccid": self.iccid, "kind": self.kind.value,
                 "communicator_type": self.communicator_type, "sim_status": self.sim_status,
                 "client_id": self.client_id}
