@@ -2,11 +2,16 @@
 
 ``load_settings(path)`` reads the file, replaces ``${VAR}`` from the environment,
 validates it, and raises :class:`ConfigError` with one line per problem naming the
-key and the bad value. Secrets (API keys, the AMQP password) are never echoed.
+key and the bad value. Secrets (API keys, the AMQP password, proxy credentials) are
+never echoed. The environment is read here and nowhere else: a communicator type
+without ``proxy`` takes ``HTTPS_PROXY`` / ``NO_PROXY`` (``HTTP_PROXY`` for an
+``http://`` address) at this point. :meth:`Settings.file_problems` checks the TLS files
+(CA bundles, client certificate) before anything connects.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -14,23 +19,26 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from . import tls
 from .errors import ConfigError
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_KEYS = ("api_key", "password", "amqp_url")
+_SECRET_KEYS = ("api_key", "password", "amqp_url", "proxy")
+_TLS_QUERY_KEYS = ("cafile", "capath", "cadata", "certfile", "keyfile")
 
 
 class Command(StrEnum):
@@ -53,19 +61,93 @@ def slugify(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def _authority_end(rest: str) -> int:
+    """Where the authority of ``rest`` (a URL after ``scheme://``) ends: at the first
+    ``/``, ``?`` or ``#``."""
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    return min(ends, default=len(rest))
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
+    """The URL with any password replaced by ``***``; safe for any string.
+
+    A password holding an unencoded ``/``, ``?`` or ``#`` (which config validation
+    refuses) would end the authority early, so when an ``@`` follows one of those,
+    everything up to the last ``@`` is hidden.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url else "<URL hidden: it may hold a password>"
+    end = _authority_end(rest)
+    at = rest.rfind("@", 0, end) if "@" not in rest[end:] else rest.rfind("@")
+    if at < 0:
+        return url
+    userinfo = rest[:at]
+    if at < end and ":" not in userinfo:
+        return url  # a user name alone
+    user = userinfo.split(":", 1)[0]
+    shown = f"{user}:***@" if at < end and user else "***@"
+    return f"{scheme}://{shown}{rest[at + 1:]}"
+
+
+def _url_problem(url: str, schemes: tuple[str, ...], what: str) -> str | None:
+    """What is wrong with a URL that may hold a password, in words that never show it."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in schemes or not sep:
+        return f"must be {what}"
+    if "@" in rest[_authority_end(rest):]:
+        return ("has an '@' after the host: a user name or password holding '/', '?' or '#' "
+                "must have them percent-encoded (%2F, %3F, %23), and so must an '@' in the "
+                "path or query (%40); the value is not shown")
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+        return "has a port that is not a number from 1 to 65535"
+    if not parts.hostname:
+        return f"must be {what}"
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    return None
+
+
+def amqp_url_problem(url: str) -> str | None:
+    """What is wrong with one node's ``amqp_url`` (never showing it), or None."""
+    problem = _url_problem(url, ("amqp", "amqps"), "an amqp:// or amqps:// URL with a host")
+    if problem is not None:
+        return problem
+    parts = urlsplit(url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if query.get("no_verify_ssl", ["0"]) != ["0"]:
+        return ("has no_verify_ssl, which is not allowed: the broker's certificate is always "
+                "verified (name its CA with cafile)")
+    given = [k for k in _TLS_QUERY_KEYS if k in query]
+    if given and parts.scheme == "amqp":
+        return (f"has {', '.join(given)} with amqp://, which is plain text: use amqps:// "
+                "(port 5671 by default)")
+    if "keyfile" in query and "certfile" not in query:
+        return "has keyfile without certfile: name the client certificate with certfile"
+    return None
+
+
+def amqp_tls_files(url: str) -> tuple[str | None, str | None, str | None]:
+    """``(cafile, certfile, keyfile)`` of an ``amqps://`` URL's query (None where absent)."""
+    query = parse_qs(urlsplit(url).query)
+
+    def one(key: str) -> str | None:
+        return query[key][0] if key in query else None
+
+    return one("cafile"), one("certfile"), one("keyfile")
+
+
+def node_name(url: str) -> str:
+    """``host:port`` of an AMQP URL (the default port filled in), for messages."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        return f"{parts.hostname}:{port}"
+    except ValueError:
+        return redact_url(url)
 
 
 class _Strict(BaseModel):
@@ -105,6 +187,12 @@ class CommunicatorType(_Strict):
     max_concurrency: int = Field(1, ge=1, le=64)
     requests_per_second: float = Field(1.0, gt=0, le=1000)
     request_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # TLS: trust this CA bundle instead of the system's (a private CA, TLS inspection).
+    ca_file: Path | None = None
+    # Forward proxy (HTTP CONNECT), ``http://[user:password@]host:port``; may hold secrets.
+    # Unset: HTTPS_PROXY / NO_PROXY from the environment (see ``with_env_proxies``).
+    proxy: SecretStr | None = None
+    _proxy_source: str = PrivateAttr("proxy")
 
     @field_validator("server_address")
     @classmethod
@@ -118,6 +206,15 @@ class CommunicatorType(_Strict):
             )
         return value.rstrip("/")
 
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = proxy_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _one_key_source(self) -> CommunicatorType:
         if (self.api_key is None) == (self.api_key_file is None):
@@ -129,6 +226,21 @@ class CommunicatorType(_Strict):
     @property
     def slug(self) -> str:
         return slugify(self.name)
+
+    @property
+    def proxy_url(self) -> str | None:
+        """The proxy's URL, credentials included (pass it only to the HTTP client)."""
+        return self.proxy.get_secret_value() if self.proxy is not None else None
+
+    @property
+    def proxy_shown(self) -> str | None:
+        """The proxy without credentials, and where it came from, for messages:
+        ``http://proxy.centre.local:3128 (from HTTPS_PROXY)``."""
+        if self.proxy is None:
+            return None
+        parts = urlsplit(self.proxy.get_secret_value())
+        where = "" if self._proxy_source == "proxy" else f" (from {self._proxy_source})"
+        return f"http://{parts.hostname}:{parts.port or 80}{where}"
 
     def read_api_key(self) -> str:
         """The API key, read afresh from ``api_key_file`` each time (a rotated secret applies)."""
@@ -191,10 +303,10 @@ class Settings(_Strict):
         if not urls:
             raise ValueError("the list of node URLs is empty")
         for n, url in enumerate(urls, 1):
-            parts = urlsplit(url.get_secret_value())
-            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            problem = amqp_url_problem(url.get_secret_value())
+            if problem is not None:
                 where = f"URL {n} of {len(urls)}" if len(urls) > 1 else "it"
-                raise ValueError(f"{where} must be an amqp:// or amqps:// URL with a host")
+                raise ValueError(f"{where} {problem}")
         return value
 
     @model_validator(mode="after")
@@ -228,6 +340,88 @@ class Settings(_Strict):
     @property
     def amqp_url_redacted(self) -> str:
         return ", ".join(redact_url(url) for url in self.amqp_urls)
+
+    def file_problems(self) -> list[str]:
+        """What is wrong with the TLS files the config names (``cafile``, ``certfile``,
+        ``keyfile`` of ``amqp_url``; each type's ``ca_file``): one line each, empty when
+        all load. Checked at start-up and by ``check-config``, before anything connects."""
+        problems = []
+        for n, url in enumerate(self.amqp_urls, 1):
+            where = f"amqp_url (URL {n})" if len(self.amqp_urls) > 1 else "amqp_url"
+            problems += tls.file_problems(where, *amqp_tls_files(url))
+        for n, ct in enumerate(self.communicator_types):
+            if ct.ca_file is not None:
+                problems += tls.file_problems(
+                    f"communicator_types[{n} {ct.name!r}].ca_file", ct.ca_file)
+        return list(dict.fromkeys(problems))
+
+
+def proxy_problem(url: str) -> str | None:
+    """What is wrong with a proxy URL (never showing it), or None."""
+    problem = _url_problem(url, ("http",), "an http://host:port URL (HTTP CONNECT proxy)")
+    if problem is None and urlsplit(url).path not in ("", "/"):
+        problem = "must be an http://host:port URL, without a path"
+    return problem
+
+
+def _env_proxy(server_address: str, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(proxy URL, variable)`` the environment gives for ``server_address``, as curl and
+    Python read it: ``https_proxy`` / ``HTTPS_PROXY`` (``http_proxy`` / ``HTTP_PROXY`` for
+    an ``http://`` address), unless ``no_proxy`` / ``NO_PROXY`` lists the host."""
+    parts = urlsplit(server_address)
+    names = [f"{parts.scheme}_proxy", f"{parts.scheme.upper()}_PROXY"]
+    found = next(((env[n], n) for n in names if env.get(n, "").strip()), None)
+    if found is None:
+        return None
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    if _bypassed(parts.hostname or "", no_proxy):
+        return None
+    value = found[0].strip()
+    return (value if "://" in value else f"http://{value}"), found[1]
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` lists ``host``: ``*``, the host, a parent domain (``.example.com``
+    or ``example.com``), or a network holding its address (``10.0.0.0/8``)."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                return True
+            continue
+        except ValueError:
+            pass
+        name = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry  # host:port
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def with_env_proxies(settings: Settings, env: Mapping[str, str],
+                     problems: list[str]) -> Settings:
+    """Each type without ``proxy`` gets the environment's (``HTTPS_PROXY``, ``NO_PROXY``);
+    a malformed one is a problem naming the variable, never its value."""
+    types = []
+    for ct in settings.communicator_types:
+        found = _env_proxy(ct.server_address, env) if ct.proxy is None else None
+        if found is None:
+            types.append(ct)
+            continue
+        url, variable = found
+        problem = proxy_problem(url)
+        if problem is not None:
+            problems.append(f"environment variable {variable} (proxy of {ct.name!r}): {problem}")
+            types.append(ct)
+            continue
+        copy = ct.model_copy(update={"proxy": SecretStr(url)})
+        copy._proxy_source = variable
+        types.append(copy)
+    return settings.model_copy(update={"communicator_types": types})
 
 
 def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -311,6 +505,7 @@ def parse_settings(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
     except ValidationError as exc:
         problems.extend(format_validation_error(exc, raw))
         raise ConfigError(problems) from None
+    settings = with_env_proxies(settings, os.environ if env is None else env, problems)
     if problems:
         raise ConfigError(problems)
     return settings

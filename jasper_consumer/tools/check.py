@@ -1,7 +1,8 @@
 """Operator tools: check each communicator type's settings, look up a SIM, print tables.
 
-* :func:`ping` (``check-config --ping``) calls Echo for every communicator type and
-  prints, per type, OK or what is wrong in an operator's words (:func:`explain`);
+* :func:`ping_broker` and :func:`ping` (``check-config --ping``) connect to every RabbitMQ
+  node (TLS verified) and call Echo for every communicator type, and print, per node and
+  per type, OK or what is wrong in an operator's words (:func:`explain`);
 * :func:`sim_status` (``sim-status``) shows a SIM's status and main fields from Get
   Device Details, as a table or as JSON;
 * :func:`render_table` lays out plain-text tables (no colours, no terminal tricks), so
@@ -27,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from .. import errors
 from ..broker import connect_once
 from ..calls import RemoteCalls, Replies, work_queue_consumers
-from ..config import CommunicatorType, Settings
+from ..config import CommunicatorType, Settings, amqp_tls_files, node_name
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
 from ..jasper import JasperClient
@@ -66,9 +67,15 @@ _ADVICE: dict[str, tuple[str, str]] = {
                                  "API: a proxy or a web page answered"),
 }
 
+_ADVICE[errors.CERTIFICATE_NOT_TRUSTED] = (
+    "TLS", "operator guide, section 10: troubleshooting TLS and proxies")
+_ADVICE[errors.PROXY_REFUSED] = (
+    "forward proxy", "operator guide, section 10: troubleshooting TLS and proxies")
+
 # Our own codes whose message carries the detail (which host, which HTTP status).
 _DETAILED = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE,
-                       errors.UNAUTHORIZED})
+                       errors.UNAUTHORIZED, errors.CERTIFICATE_NOT_TRUSTED,
+                       errors.PROXY_REFUSED})
 
 SIM_STATUS_MEANINGS: dict[str, str] = {
     "ACTIVATED": "live: the SIM can connect and is billed",
@@ -123,11 +130,36 @@ class PingResult:
     problem: str | None  # None: Echo passed
     elapsed_ms: float
 
+    proxy: str | None = None  # the proxy the call went through, without credentials
+
     @property
     def line(self) -> str:
+        via = f", via proxy {self.proxy}" if self.proxy else ""
         if self.problem is None:
-            return f"{self.name}: OK (Echo answered in {self.elapsed_ms:.0f} ms)"
+            return f"{self.name}: OK (Echo answered in {self.elapsed_ms:.0f} ms{via})"
         return f"{self.name}: {self.problem}"
+
+
+async def ping_broker(settings: Settings, out: TextIO) -> int:
+    """Connect to every node of ``amqp_url`` once (TLS verified, client certificate sent
+    where configured); print one line each. Non-zero when any node fails."""
+    failed = 0
+    for url in settings.amqp_urls:
+        try:
+            connection = await connect_once([url])
+        except errors.BrokerUnavailable as exc:  # in words, naming the node
+            failed += 1
+            print(f"  {exc}", file=out)
+            continue
+        await connection.close()
+        _, certfile, _ = amqp_tls_files(url)
+        how = ("TLS, certificate verified" + (", client certificate sent" if certfile else "")
+               if url.startswith("amqps://") else "plain AMQP, no TLS")
+        print(f"  RabbitMQ at {node_name(url)}: OK ({how})", file=out)
+    if failed:
+        print(f"{failed} of {len(settings.amqp_urls)} RabbitMQ node(s) failed", file=out)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 async def ping_one(ct: CommunicatorType, settings: Settings) -> PingResult:
@@ -135,13 +167,13 @@ async def ping_one(ct: CommunicatorType, settings: Settings) -> PingResult:
     started = time.perf_counter()
     problem: str | None = None
     try:
-        async with _client(ct) as client:
+        async with _client(ct) as client:  # through ct's proxy, trusting its ca_file
             await client.echo()
     except JasperError as err:
         problem = explain(err)
     except ConfigError as err:
         problem = "; ".join(err.problems)
-    return PingResult(ct.name, problem, (time.perf_counter() - started) * 1000)
+    return PingResult(ct.name, problem, (time.perf_counter() - started) * 1000, ct.proxy_shown)
 
 
 async def ping(settings: Settings, out: TextIO) -> int:

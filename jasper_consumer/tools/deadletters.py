@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
@@ -32,7 +31,7 @@ from pydantic import ValidationError
 
 from ..broker import connect_once
 from ..config import Settings
-from ..errors import UnreadableMessage
+from ..errors import BrokerUnavailable, UnreadableMessage
 from ..events import Job, parse_event
 from ..topology import DEAD_REASON_HEADER, Names
 from . import ToolError
@@ -205,13 +204,8 @@ async def connect(settings: Settings) -> AbstractConnection:
     """A plain connection for a tool; a clear :class:`ToolError` if the broker does not answer."""
     try:
         return await connect_once(settings.amqp_urls)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-    for url in settings.amqp_urls:
-        password = urlsplit(url).password
-        if password:
-            detail = detail.replace(password, "***")
-    raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
+    except BrokerUnavailable as exc:  # every node's failure, in words, without passwords
+        raise ToolError(f"cannot connect: {exc}") from None
 
 
 class Snapshot:
