@@ -105,11 +105,18 @@ def failure_words(exc: BaseException | None, url: str) -> str:
     host = urlsplit(url).hostname or ""
     with_cert = "certfile" in urlsplit(url).query
     cert = tls.verification_error(exc)
-    if cert is not None:
-        return (f"{where}: TLS certificate not trusted: {tls.verification_words(cert, host)}; "
-                "check cafile in amqp_url (the CA that signed the broker's certificate) and "
-                "that the URL's host name is one the certificate is for")
     words: str
+    if cert is not None:
+        words = tls.verification_words(cert, host)
+        if words.startswith("signed by an unknown CA"):
+            advice = "set cafile in amqp_url to the CA that signed the broker's certificate"
+        elif words.startswith("issued for another host name"):
+            advice = "use a host name the certificate is for in amqp_url"
+        elif words == "expired":
+            advice = "the broker's certificate must be renewed (or this host's clock is wrong)"
+        else:
+            advice = "check the broker's certificate"
+        return _scrub(f"{where}: TLS certificate not trusted: {words}; {advice}", url)
     if isinstance(exc, TimeoutError):
         words = f"did not answer within {CONNECT_TIMEOUT_S:g} s"
     elif isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
@@ -118,13 +125,15 @@ def failure_words(exc: BaseException | None, url: str) -> str:
         words = ("closed the connection before the AMQP handshake (for a TLS port, use "
                  "amqps://)")
     elif (handshake := tls.ssl_error(exc)) is not None:
-        words = f"TLS handshake failed: {tls.handshake_words(handshake)}"
+        words = f"failed the TLS handshake: {tls.handshake_words(handshake, 'the broker')}"
     else:
         words = _os_words(exc)
         if with_cert and "reset" in words:
             words += (" (right after the TLS handshake: the broker may have refused the client "
                       "certificate; check certfile and keyfile, and that the broker trusts "
                       "their CA)")
+        elif url.startswith("amqp://") and "reset" in words:
+            words += " (if that port speaks TLS, use amqps://)"
     return _scrub(f"{where} {words}", url)
 
 

@@ -233,6 +233,11 @@ class CommunicatorType(_Strict):
         return self.proxy.get_secret_value() if self.proxy is not None else None
 
     @property
+    def proxy_setting(self) -> str:
+        """Where the proxy is set: ``proxy``, or the environment variable it came from."""
+        return self._proxy_source
+
+    @property
     def proxy_shown(self) -> str | None:
         """The proxy without credentials, and where it came from, for messages:
         ``http://proxy.centre.local:3128 (from HTTPS_PROXY)``."""

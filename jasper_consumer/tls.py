@@ -123,9 +123,22 @@ def verification_words(err: ssl.SSLCertVerificationError, host: str) -> str:
     return detail
 
 
-def handshake_words(err: ssl.SSLError) -> str:
-    """Another TLS failure in words (``tlsv1 alert unknown ca``, ``wrong version number``)."""
+_ALERTS = {
+    "tlsv1 alert unknown ca": "{peer} does not trust the CA of our client certificate "
+                              "(TLS alert: unknown CA)",
+    "sslv3 alert bad certificate": "{peer} refused our client certificate (TLS alert: bad "
+                                   "certificate)",
+    "sslv3 alert certificate expired": "{peer} says our client certificate has expired",
+    "tlsv13 alert certificate required": "{peer} requires a client certificate (certfile "
+                                         "and keyfile)",
+    "sslv3 alert handshake failure": "no TLS version or cipher in common with {peer} (TLS "
+                                     "alert: handshake failure)",
+    "wrong version number": "{peer} does not speak TLS on that port (wrong version number)",
+}
+
+
+def handshake_words(err: ssl.SSLError, peer: str = "the other end") -> str:
+    """Another TLS failure in words: ``the broker does not trust the CA of our client
+    certificate (TLS alert: unknown CA)``, ``... does not speak TLS on that port``."""
     reason = str(err.reason or type(err).__name__).replace("_", " ").lower()
-    if reason == "wrong version number":
-        return "the other end does not speak TLS on that port (wrong version number)"
-    return reason
+    return _ALERTS.get(reason, reason).format(peer=peer)

@@ -114,12 +114,15 @@ def classify(
 
 
 def transport_failure(exc: BaseException, host: str, timeout_s: float,
-                      proxy: str | None = None, proxy_credentials: bool = False) -> JasperError:
+                      proxy: str | None = None, proxy_credentials: bool = False,
+                      proxy_setting: str = "proxy") -> JasperError:
     """A failure with no answer from Control Center, in words, built only from safe fields.
 
-    ``proxy`` is the forward proxy in use, as it may be shown (no credentials)."""
+    ``proxy`` is the forward proxy in use, as it may be shown (no credentials), set in
+    ``proxy_setting`` (the key, or the environment variable it came from)."""
     if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy answered CONNECT with no
-        return proxy_refused(exc.status, proxy or "the proxy", host, proxy_credentials)
+        return proxy_refused(exc.status, proxy or "the proxy", host, proxy_credentials,
+                             proxy_setting)
     if isinstance(exc, TimeoutError):  # also aiohttp's ServerTimeoutError
         return JasperUnreachable(f"{_TIMED_OUT} after {timeout_s:.1f} s waiting for {host}")
     cert = tls.verification_error(exc)
@@ -170,16 +173,18 @@ def certificate_not_trusted(cert: ssl.SSLCertVerificationError, host: str,
         f"certificate not trusted: the TLS certificate {host} presented is {words}; {advice}")
 
 
-def proxy_refused(http_status: int, proxy: str, host: str,
-                  with_credentials: bool) -> JasperError:
-    """The forward proxy's refusal to take a call to ``host`` out, in words: 407 and 403
-    pause the type (settings to fix); anything else is an outage on the way."""
-    if http_status == 407:
+def proxy_refused(http_status: int, proxy: str, host: str, with_credentials: bool,
+                  setting: str = "proxy") -> JasperError:
+    """The forward proxy's refusal to take a call to ``host`` out, in words: 407 (401 from
+    some proxies for wrong credentials) and 403 pause the type (settings to fix); anything
+    else is an outage on the way."""
+    if http_status in (401, 407):
         asks = ("refused the proxy credentials" if with_credentials
                 else "asks for credentials, and none are set")
+        phrase = "Proxy Authentication Required" if http_status == 407 else "Unauthorized"
         return ProxyRefused(
-            f"proxy refused: {proxy} {asks} (HTTP 407 Proxy Authentication Required); set them "
-            "in proxy as http://user:password@host:port", http_status)
+            f"proxy refused: {proxy} {asks} (HTTP {http_status} {phrase}); set them in "
+            f"{setting} as http://user:password@host:port", http_status)
     if http_status == 403:
         return ProxyRefused(
             f"proxy refused: {proxy} does not allow connections to {host} (HTTP 403 "

@@ -92,8 +92,8 @@ class JasperClient:
             proxy = URL(ct.proxy_url)
             self._proxy = proxy.with_user(None)
             if proxy.user is not None:
-                auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
-                self._proxy_headers = {"Proxy-Authorization": auth.encode()}
+                token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode())
+                self._proxy_headers = {"Proxy-Authorization": f"Basic {token.decode('ascii')}"}
         self._inflight = metrics.inflight.labels(ct.name)
         self._durations = {label: metrics.api_request_duration.labels(ct.name, label)
                            for label in ("activate", "deactivate", "get", "echo", "search")}
@@ -226,7 +226,7 @@ class JasperClient:
     def _error(self, answer: Answer) -> JasperError:
         if answer.status == 407:  # a proxy's answer (to a plain http:// address)
             err = proxy_refused(407, self.ct.proxy_shown or "a proxy on the way", self._host,
-                                self._proxy_headers is not None)
+                                self._proxy_headers is not None, self.ct.proxy_setting)
         else:
             err = classify(answer.status, answer.body, answer.content_type, answer.retry_after)
         return self._count(err)
@@ -272,7 +272,8 @@ class JasperClient:
                                     resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 err = transport_failure(exc, self._host, self.ct.request_timeout_seconds,
-                                        self.ct.proxy_shown, self._proxy_headers is not None)
+                                        self.ct.proxy_shown, self._proxy_headers is not None,
+                                        self.ct.proxy_setting)
                 raise self._count(err) from None
             finally:
                 self._durations[label].observe(time.perf_counter() - started)
