@@ -127,7 +127,7 @@ def failure_words(exc: BaseException | None, url: str) -> str:
     elif (handshake := tls.ssl_error(exc)) is not None:
         words = f"failed the TLS handshake: {tls.handshake_words(handshake, 'the broker')}"
     else:
-        words = _os_words(exc)
+        words = _os_words(exc, url)
         if with_cert and "reset" in words:
             words += (" (right after the TLS handshake: the broker may have refused the client "
                       "certificate; check certfile and keyfile, and that the broker trusts "
@@ -137,25 +137,33 @@ def failure_words(exc: BaseException | None, url: str) -> str:
     return _scrub(f"{where} {words}", url)
 
 
-def _os_words(exc: BaseException | None) -> str:
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:  # aiormq wraps the OS error
-        seen.add(id(exc))
-        if isinstance(exc, socket.gaierror):
-            return "cannot be found: DNS lookup of the host name failed"
-        if isinstance(exc, ConnectionRefusedError):
-            return "refused the connection (nothing listens on that port?)"
-        if isinstance(exc, ConnectionResetError):
-            return "reset the connection"
-        if isinstance(exc, OSError) and exc.strerror:
-            return f"cannot be reached: {exc.strerror}"
+def _os_words(exc: BaseException | None, url: str) -> str:
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not c for c in chain):  # aiormq wraps the OS error
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__
+    for kind, words in ((socket.gaierror, "cannot be found: DNS lookup of the host name failed"),
+                        (ConnectionRefusedError,
+                         "refused the connection (nothing listens on that port?)"),
+                        (ConnectionResetError, "reset the connection")):
+        if any(isinstance(c, kind) for c in chain):
+            return words
+    missing = next((c for c in chain if isinstance(c, FileNotFoundError | PermissionError)),
+                   None)
+    if missing is not None and any(f in url for f in ("cafile=", "certfile=", "keyfile=")):
+        return (f"cannot be reached: a TLS file of amqp_url (cafile, certfile, keyfile) "
+                f"cannot be read: {missing.strerror}")
+    for c in chain:
+        if isinstance(c, OSError) and c.strerror:
+            return f"cannot be reached: {c.strerror}"
     return "closed the connection"
 
 
 def _scrub(text: str, url: str) -> str:
+    """A safety net (the words are built from fixed text and the node's name): the URL's
+    password, if it is long enough to be told from ordinary words, becomes ``***``."""
     password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
+    return text.replace(password, "***") if password and len(password) >= 4 else text
 
 
 async def connect(urls: Sequence[str], name: str, *,

@@ -13,9 +13,10 @@ import pytest
 from yarl import URL
 
 from jasper_consumer.broker import ClusterConnection
+from jasper_consumer.errors import BrokerUnavailable
 
 from .netfaults import Silent, dropping_syns, syn_sent_to
-from .reliability.conftest import Proc, wait_until
+from .reliability.conftest import Proc, free_port, wait_until
 
 NODES = [f"amqp://guest:guest@127.0.0.{n}:5672/" for n in (1, 2, 3)]
 SIM_URL = "http://127.0.0.1:9/rws/api/v1"
@@ -112,3 +113,24 @@ async def test_a_connection_attempt_ends_within_its_bound(kind: str):
     print(f"{kind}: failed after {took:.2f} s: {words}")
     assert took < 6
     assert words == f"RabbitMQ at 127.0.0.1:{port} did not answer within 5 s"
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("amqp://guest:Secret-pw@127.0.0.1:{closed}/",
+     "RabbitMQ at 127.0.0.1:{closed} refused the connection (nothing listens on that port?)"),
+    ("amqp://guest:Secret-pw@rabbit.invalid:5672/",
+     "RabbitMQ at rabbit.invalid:5672 cannot be found: DNS lookup of the host name failed"),
+    ("amqps://guest:Secret-pw@127.0.0.1:{closed}/?cafile=/nonexistent/ca.pem",
+     "RabbitMQ at 127.0.0.1:{closed} cannot be reached: a TLS file of amqp_url (cafile, "
+     "certfile, keyfile) cannot be read: No such file or directory"),
+], ids=["refused", "DNS", "TLS file gone"])
+async def test_a_failed_attempt_is_said_in_words(url: str, words: str):
+    """Refused, unknown host, a TLS file gone: the node named, what failed in words, and
+    never the password."""
+    from jasper_consumer import broker
+
+    closed = free_port()
+    with pytest.raises(BrokerUnavailable) as failed:
+        await broker.connect_once([url.format(closed=closed)])
+
+    assert str(failed.value) == words.format(closed=closed)
