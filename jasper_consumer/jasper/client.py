@@ -87,13 +87,13 @@ class JasperClient:
         self._host = URL(ct.server_address).host or ct.server_address
         self._ssl: ssl.SSLContext | bool = True  # True: the system's CAs
         self._proxy: URL | None = None
-        self._proxy_headers: dict[str, str] | None = None
+        self._proxy_authorization: SecretStr | None = None
         if ct.proxy_url is not None:
             proxy = URL(ct.proxy_url)
             self._proxy = proxy.with_user(None)
             if proxy.user is not None:
                 token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode())
-                self._proxy_headers = {"Proxy-Authorization": f"Basic {token.decode('ascii')}"}
+                self._proxy_authorization = SecretStr(f"Basic {token.decode('ascii')}")
         self._inflight = metrics.inflight.labels(ct.name)
         self._durations = {label: metrics.api_request_duration.labels(ct.name, label)
                            for label in ("activate", "deactivate", "get", "echo", "search")}
@@ -226,7 +226,7 @@ class JasperClient:
     def _error(self, answer: Answer) -> JasperError:
         if answer.status == 407:  # a proxy's answer (to a plain http:// address)
             err = proxy_refused(407, self.ct.proxy_shown or "a proxy on the way", self._host,
-                                self._proxy_headers is not None, self.ct.proxy_setting)
+                                self._proxy_authorization is not None, self.ct.proxy_setting)
         else:
             err = classify(answer.status, answer.body, answer.content_type, answer.retry_after)
         return self._count(err)
@@ -250,6 +250,9 @@ class JasperClient:
                    "Authorization": self._authorization.get_secret_value()}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        proxy_headers = None
+        if self._proxy_authorization is not None:
+            proxy_headers = {"Proxy-Authorization": self._proxy_authorization.get_secret_value()}
         url = f"{self.ct.server_address}{path}"
         if query:
             url = f"{url}?{urlencode(query)}"
@@ -262,7 +265,7 @@ class JasperClient:
                 async with self._session.request(
                     method, url, json=payload, headers=headers, timeout=self._timeout,
                     allow_redirects=False, trace_request_ctx=asyncio.current_task(),
-                    ssl=self._ssl, proxy=self._proxy, proxy_headers=self._proxy_headers,
+                    ssl=self._ssl, proxy=self._proxy, proxy_headers=proxy_headers,
                 ) as resp:
                     body = await _read_capped(resp.content, MAX_BODY_BYTES)
                     if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it
@@ -272,7 +275,8 @@ class JasperClient:
                                     resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 err = transport_failure(exc, self._host, self.ct.request_timeout_seconds,
-                                        self.ct.proxy_shown, self._proxy_headers is not None,
+                                        self.ct.proxy_shown,
+                                        self._proxy_authorization is not None,
                                         self.ct.proxy_setting)
                 raise self._count(err) from None
             finally:
