@@ -39,8 +39,8 @@ from prometheus_client import Gauge
 from yarl import URL
 
 from . import tls
-from .config import node_name, redact_url
 from .errors import BrokerUnavailable, BrokerUntrusted
+from .urls import node_name, redact_url
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ from prometheus_client import CollectorRegistry
 from .. import errors
 from ..broker import connect_once
 from ..calls import RemoteCalls, Replies, work_queue_consumers
-from ..config import CommunicatorType, Settings, amqp_tls_files, node_name
+from ..config import CommunicatorType, Settings
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
 from ..jasper import JasperClient
 from ..metrics import Metrics
 from ..topology import Names
+from ..urls import amqp_tls_files, node_name
 from . import EXIT_FAILED, EXIT_OK, ToolError
 from .tables import render_table
 
