@@ -14,6 +14,10 @@ LOCK   := deploy/requirements.lock
 # promtool checks the alert rules: from PATH, else extracted from Debian's prometheus package.
 PROMTOOL ?= $(or $(shell command -v promtool 2>/dev/null),$(TOOLS)/promtool)
 export PROMTOOL
+# tinyproxy, a real forward proxy for the proxy tests: from PATH, else extracted from Debian's
+# tinyproxy-bin package into $(TOOLS); where it cannot be, those tests skip and say why.
+TINYPROXY ?= $(or $(shell command -v tinyproxy 2>/dev/null),$(TOOLS)/tinyproxy)
+export TINYPROXY
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench mixin lock chromium
@@ -53,7 +57,7 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(BIN)/ruff check jasper_consumer tests
 	$(BIN)/mypy
 
-test: $(STAMP) $(PROMTOOL) chromium lint ## lint, then every test (needs RabbitMQ on 127.0.0.1:5672); ends with what was not checked
+test: $(STAMP) $(PROMTOOL) $(TINYPROXY) chromium lint ## lint, then every test (needs RabbitMQ on 127.0.0.1:5672); ends with what was not checked
 	@scripts/check-rabbitmq || exit 1
 	$(BIN)/pytest -q
 
@@ -99,6 +103,20 @@ chromium: ## Debian's chromium and chromium-driver for tests/browser (as root; e
 	timeout 900 apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
 	{ timeout 300 apt-get update -qq && timeout 900 apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	echo "could not install chromium: tests/browser will skip"
+
+# Never fails the build: without apt-get (not Debian), root or a network, the proxy tests skip.
+$(TOOLS)/tinyproxy:
+	@echo "tinyproxy is not on PATH: extracting it from Debian's tinyproxy-bin package into $(TOOLS)"
+	@mkdir -p $(TOOLS)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	{ { timeout 120 apt-get download -qq -o APT::Sandbox::User=root tinyproxy-bin 2>/dev/null || \
+	    { timeout 300 apt-get update -qq && \
+	      timeout 120 apt-get download -qq -o APT::Sandbox::User=root tinyproxy-bin; }; } && \
+	  dpkg-deb --fsys-tarfile tinyproxy-bin_*.deb | tar -xO ./usr/bin/tinyproxy > "$@.part" && \
+	  chmod +x "$@.part" && "$@.part" -v >/dev/null && mv "$@.part" "$@"; } || \
+	{ rm -f "$@.part"; echo "tinyproxy could not be installed (needs Debian's apt-get as root," \
+	  "and the network): the forward-proxy tests will be skipped"; }
+
 
 unit: $(STAMP) $(PROMTOOL) ## only the tests that need no broker (not integration/, not reliability/)
 	$(BIN)/pytest -q --ignore=tests/integration --ignore=tests/reliability

@@ -9,6 +9,8 @@
                         └───────────▶ <prefix>.dead (unreadable messages, exhausted retries)
 
     config · topology · metrics · probes · log serve every stage; app wires them; cli runs it.
+    broker (the RabbitMQ connection) · tls and urls (certificates, proxies, secret-holding
+    URLs) serve both ways out.
 
 Stage 1 (``router``) validates each event and either forwards it to its type's
 work queue, fails it with a signal (no API call), or dead-letters it. Stage 2

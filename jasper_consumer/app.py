@@ -2,8 +2,10 @@
 
 Start order: probe server (``/healthz`` answers while the broker is still away) → HTTP
 clients → broker connection (:mod:`.broker`: the first node that answers, robust) →
-topology → workers (one channel each) → router → watchdog. SIGTERM in any phase ends
-the process with exit code 0: before the broker answers, start-up is abandoned; after,
+topology → workers (one channel each) → router → watchdog. A broker whose TLS certificate
+does not verify stops start-up (:class:`~.errors.BrokerUntrusted`: the CLI exits 2).
+SIGTERM in any phase ends the process with exit code 0: before the broker answers,
+start-up is abandoned and the connection being made is closed; after,
 :meth:`Service.stop` takes no new messages, lets calls under way finish and settle
 within ``shutdown_grace_seconds``, then closes the channels, which returns every
 message not acked to the head of its queue, in order, for the next owner.
@@ -94,6 +96,7 @@ class Service:
         self.probes = ProbeServer(self.metrics.registry, self.readiness,
                                   status_routes(self.status.snapshot))
         self._connection: AbstractRobustConnection | None = None
+        self._connecting: AbstractRobustConnection | None = None  # while start-up connects
         self._link: broker.Link | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._problem: str | None = None
@@ -124,7 +127,7 @@ class Service:
         for client in self.clients.values():
             await client.start()
         self._connection = connection = await broker.connect(
-            s.amqp_urls, f"jasper-consumer {s.queue_prefix}")
+            s.amqp_urls, f"jasper-consumer {s.queue_prefix}", attempt=self._attempting)
         self._link = broker.Link(connection, self.metrics.broker_connected)
 
         setup = await connection.channel()
@@ -156,6 +159,9 @@ class Service:
         self._watchdog = asyncio.create_task(self._watch(), name="consumer watchdog")
         gc.freeze()  # start-up objects leave the collector's full passes (shorter pauses)
         log.info("started", extra={"fields": {"http_port": self.probes.port}})
+
+    def _attempting(self, connection: AbstractRobustConnection | None) -> None:
+        self._connecting = connection
 
     async def _channel(self, prefetch: int | None = None) -> AbstractChannel:
         assert self._connection is not None
@@ -199,6 +205,9 @@ class Service:
         await self.status.stop()
         await ACKS.flush_all()
         await self.probes.stop()
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:  # SIGTERM while start-up was still connecting
+            await connecting.close()
         if self._link is not None:
             await self._link.close()  # unacked messages return, in order
         elif self._connection is not None:
@@ -244,7 +253,8 @@ class Service:
     def _readiness(self) -> tuple[bool, str]:
         conn, link = self._connection, self._link
         if conn is None or conn.is_closed or self._stopping or link is None or not link.up:
-            return False, "not connected to RabbitMQ"
+            why = f": {link.problem}" if link is not None and link.problem else ""
+            return False, f"not connected to RabbitMQ{why}"
         if self._problem is not None:
             return False, self._problem
         stale = time.monotonic() - self._last_ok

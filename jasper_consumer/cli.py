@@ -21,7 +21,7 @@ from . import log as jlog
 from . import tools
 from .broker import connect_once, publish_event
 from .config import Command, Settings, load_settings
-from .errors import ConfigError
+from .errors import BrokerUnavailable, ConfigError
 from .events import new_event
 from .tools import ToolError, check, deadletters, reconcile, replay
 from .tools.progress import Progress
@@ -39,7 +39,11 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 def _load(path: str | None) -> Settings:
     if not path:
         raise ConfigError([f"no config file: pass --config FILE or set {ENV_CONFIG}"])
-    return load_settings(path)
+    settings = load_settings(path)
+    problems = settings.file_problems()  # TLS files that cannot be used, before connecting
+    if problems:
+        raise ConfigError(problems)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the config; non-zero exit on problems")
     _config_arg(check)
     check.add_argument("--ping", action="store_true",
-                       help="also call Echo with each communicator type's credentials")
+                       help="also connect to each RabbitMQ node (TLS verified) and call Echo "
+                            "with each communicator type's credentials")
 
     pub = sub.add_parser("publish", help="publish one event, as a producer would")
     _config_arg(pub)
@@ -116,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create one account per communicator type of this config")
     sim.add_argument("--account", action="append", default=[], metavar="USER:KEY[:N[:RPS]]",
                      help="an account (repeatable): user name, API key, calls in flight, calls/s")
+    sim.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    sim.add_argument("--tls-key", type=Path, metavar="FILE",
+                     help="the certificate's private key (PEM)")
     return parser
 
 
@@ -134,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "reconcile" and args.yes and not args.fix:
         parser.error("--yes goes with --fix")
+    if args.cmd == "simulator" and (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     jlog.configure(getattr(args, "log_level", "INFO"))
     if args.cmd in _TOOLS:  # they say themselves what went wrong; no client library noise
         for name in ("aio_pika", "aiormq"):
@@ -148,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_tool(args, sys.stdout))
     except (ConfigError, ToolError) as exc:
         return _report(args, exc)
+    except BrokerUnavailable as exc:  # a certificate that does not verify stops start-up
+        print(f"jasper-consumer {args.cmd}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -208,7 +222,9 @@ async def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     if not args.ping:
         return 0
     print("Echo with each communicator type's credentials:", file=out)
-    return await check.ping(settings, out)
+    echo_status = await check.ping(settings, out)
+    print("RabbitMQ, each node (TLS certificates verified):", file=out)
+    return max(echo_status, await check.ping_broker(settings, out))
 
 
 async def _dead_letters_list(args: argparse.Namespace, out: TextIO) -> int:
@@ -301,7 +317,8 @@ async def _publish(args: argparse.Namespace) -> int:
 
 
 def _simulator(args: argparse.Namespace) -> int:
-    from .simulator import Account, accounts_from_settings, serve
+    from . import tls
+    from .simulator import Account, accounts_from_settings, serve, server_context
 
     accounts = accounts_from_settings(_load(args.config)) if args.config else []
     for spec in args.account:
@@ -314,7 +331,14 @@ def _simulator(args: argparse.Namespace) -> int:
             requests_per_second=float(parts[3]) if len(parts) > 3 else 5.0))
     if not accounts:
         raise ConfigError(["simulator: give --config FILE or at least one --account"])
-    asyncio.run(serve(args.host, args.port, accounts))
+    tls_context = None
+    if args.tls_cert is not None:
+        problems = tls.file_problems("simulator", None, args.tls_cert, args.tls_key)
+        if problems:
+            raise ConfigError([p.replace("certfile", "--tls-cert").replace("keyfile", "--tls-key")
+                               for p in problems])
+        tls_context = server_context(args.tls_cert, args.tls_key)
+    asyncio.run(serve(args.host, args.port, accounts, tls_context=tls_context))
     return 0
 
 

@@ -2,7 +2,11 @@
 
 ``load_settings(path)`` reads the file, replaces ``${VAR}`` from the environment,
 validates it, and raises :class:`ConfigError` with one line per problem naming the
-key and the bad value. Secrets (API keys, the AMQP password) are never echoed.
+key and the bad value. Secrets (API keys, the AMQP password, proxy credentials) are
+never echoed. The environment is read here and nowhere else: a communicator type
+without ``proxy`` takes ``HTTPS_PROXY`` / ``NO_PROXY`` (``HTTP_PROXY`` for an
+``http://`` address) at this point. :meth:`Settings.file_problems` checks the TLS files
+(CA bundles, client certificate) before anything connects.
 """
 
 from __future__ import annotations
@@ -14,23 +18,27 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from . import tls
 from .errors import ConfigError
+from .urls import amqp_tls_files, amqp_url_problem, env_proxy, proxy_problem
+from .urls import redact_url as redact_url  # re-exported: callers redact through config
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_KEYS = ("api_key", "password", "amqp_url")
+_SECRET_KEYS = ("api_key", "password", "amqp_url", "proxy")
 
 
 class Command(StrEnum):
@@ -51,21 +59,6 @@ class Command(StrEnum):
 def slugify(name: str) -> str:
     """``"M2MOne NZ"`` -> ``"m2mone-nz"``: the communicator type's part of a queue name."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class _Strict(BaseModel):
@@ -105,6 +98,12 @@ class CommunicatorType(_Strict):
     max_concurrency: int = Field(1, ge=1, le=64)
     requests_per_second: float = Field(1.0, gt=0, le=1000)
     request_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # TLS: trust this CA bundle instead of the system's (a private CA, TLS inspection).
+    ca_file: Path | None = None
+    # Forward proxy (HTTP CONNECT), ``http://[user:password@]host:port``; may hold secrets.
+    # Unset: HTTPS_PROXY / NO_PROXY from the environment (see ``with_env_proxies``).
+    proxy: SecretStr | None = None
+    _proxy_source: str = PrivateAttr("proxy")
 
     @field_validator("server_address")
     @classmethod
@@ -117,6 +116,15 @@ class CommunicatorType(_Strict):
                 "must end with the API version path, e.g. https://restapi1.jasper.com/rws/api/v1"
             )
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = proxy_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _one_key_source(self) -> CommunicatorType:
@@ -141,6 +149,26 @@ class CommunicatorType(_Strict):
     @property
     def slug(self) -> str:
         return slugify(self.name)
+
+    @property
+    def proxy_url(self) -> str | None:
+        """The proxy's URL, credentials included (pass it only to the HTTP client)."""
+        return self.proxy.get_secret_value() if self.proxy is not None else None
+
+    @property
+    def proxy_setting(self) -> str:
+        """Where the proxy is set: ``proxy``, or the environment variable it came from."""
+        return self._proxy_source
+
+    @property
+    def proxy_shown(self) -> str | None:
+        """The proxy without credentials, and where it came from, for messages:
+        ``http://proxy.centre.local:3128 (from HTTPS_PROXY)``."""
+        if self.proxy is None:
+            return None
+        parts = urlsplit(self.proxy.get_secret_value())
+        where = "" if self._proxy_source == "proxy" else f" (from {self._proxy_source})"
+        return f"http://{parts.hostname}:{parts.port or 80}{where}"
 
     def read_api_key(self) -> str:
         """The API key, read afresh from ``api_key_file`` each time (a rotated secret applies)."""
@@ -203,10 +231,10 @@ class Settings(_Strict):
         if not urls:
             raise ValueError("the list of node URLs is empty")
         for n, url in enumerate(urls, 1):
-            parts = urlsplit(url.get_secret_value())
-            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            problem = amqp_url_problem(url.get_secret_value())
+            if problem is not None:
                 where = f"URL {n} of {len(urls)}" if len(urls) > 1 else "it"
-                raise ValueError(f"{where} must be an amqp:// or amqps:// URL with a host")
+                raise ValueError(f"{where} {problem}")
         return value
 
     @model_validator(mode="after")
@@ -248,6 +276,42 @@ class Settings(_Strict):
     @property
     def amqp_url_redacted(self) -> str:
         return ", ".join(redact_url(url) for url in self.amqp_urls)
+
+    def file_problems(self) -> list[str]:
+        """What is wrong with the TLS files the config names (``cafile``, ``certfile``,
+        ``keyfile`` of ``amqp_url``; each type's ``ca_file``): one line each, empty when
+        all load. Checked at start-up and by ``check-config``, before anything connects."""
+        problems = []
+        for n, url in enumerate(self.amqp_urls, 1):
+            where = f"amqp_url (URL {n})" if len(self.amqp_urls) > 1 else "amqp_url"
+            problems += tls.file_problems(where, *amqp_tls_files(url))
+        for n, ct in enumerate(self.communicator_types):
+            if ct.ca_file is not None:
+                problems += tls.file_problems(
+                    f"communicator_types[{n} {ct.name!r}].ca_file", ct.ca_file)
+        return list(dict.fromkeys(problems))
+
+
+def with_env_proxies(settings: Settings, env: Mapping[str, str],
+                     problems: list[str]) -> Settings:
+    """Each type without ``proxy`` gets the environment's (``HTTPS_PROXY``, ``NO_PROXY``);
+    a malformed one is a problem naming the variable, never its value."""
+    types = []
+    for ct in settings.communicator_types:
+        found = env_proxy(ct.server_address, env) if ct.proxy is None else None
+        if found is None:
+            types.append(ct)
+            continue
+        url, variable = found
+        problem = proxy_problem(url)
+        if problem is not None:
+            problems.append(f"environment variable {variable} (proxy of {ct.name!r}): {problem}")
+            types.append(ct)
+            continue
+        copy = ct.model_copy(update={"proxy": SecretStr(url)})
+        copy._proxy_source = variable
+        types.append(copy)
+    return settings.model_copy(update={"communicator_types": types})
 
 
 def expand_env(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -331,6 +395,7 @@ def parse_settings(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
     except ValidationError as exc:
         problems.extend(format_validation_error(exc, raw))
         raise ConfigError(problems) from None
+    settings = with_env_proxies(settings, os.environ if env is None else env, problems)
     if problems:
         raise ConfigError(problems)
     return settings

@@ -8,12 +8,19 @@
     ├── TypePaused                       the communicator type is paused → the job is parked
     ├── UnreadableMessage(ValueError)    not an event at all → dead-letter queue
     ├── EventRejected(ValueError)        an event that cannot succeed → failure signal, no API call
+    ├── BrokerUnavailable(ConnectionError)  no RabbitMQ node could be reached → a tool stops;
+    │   │                                   the service keeps trying
+    │   └── BrokerUntrusted              a node's TLS certificate does not verify → start-up stops
+    │                                    (exit 2); once running, retried and shown in /readyz
     └── JasperError                      Control Center (or the way to it) said no
         ├── JasperRejected               the change was refused; retrying cannot help → fail
         ├── JasperRetryable              transient (5xx, rate limit, network) → back off, retry
         │   └── JasperUnreachable        no HTTP answer at all (refused, reset, DNS, timeout)
         ├── RetriesExhausted             the retry budget ran out → fail, copy to dead letters
         └── CommunicatorMisconfigured    the communicator type's settings are wrong → pause the type
+            ├── CertificateNotTrusted    Control Center's (or a TLS-inspecting proxy's) certificate
+            │                            does not verify (unknown CA, host name, expired) → pause
+            └── ProxyRefused             the forward proxy refused the way out (407, 403) → pause
 
 A ``JasperError`` carries what a failure signal needs: ``code``, ``http_status``,
 ``message`` (the documented meaning, for an operator) and ``retryable``. Errors are
@@ -67,6 +74,8 @@ RETRIES_EXHAUSTED = "RETRIES_EXHAUSTED"
 UNEXPECTED_RESPONSE = "UNEXPECTED_RESPONSE"
 UNAUTHORIZED = "UNAUTHORIZED"
 SUPERSEDED = "SUPERSEDED"
+CERTIFICATE_NOT_TRUSTED = "CERTIFICATE_NOT_TRUSTED"
+PROXY_REFUSED = "PROXY_REFUSED"
 
 
 class JasperConsumerError(Exception):
@@ -111,6 +120,16 @@ class EventRejected(JasperConsumerError, ValueError):
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+
+class BrokerUnavailable(JasperConsumerError, ConnectionError):
+    """No RabbitMQ node of ``amqp_url`` could be reached; the message says, per node, why
+    in words (never the password)."""
+
+
+class BrokerUntrusted(BrokerUnavailable):
+    """A RabbitMQ node's TLS certificate does not verify against ``cafile`` (unknown CA,
+    another host name, expired): a setting to fix, not an outage, so start-up stops."""
 
 
 class JasperError(JasperConsumerError):
@@ -184,3 +203,20 @@ class CommunicatorMisconfigured(JasperError):
 
     retryable = True
     pauses_type = True
+
+
+class CertificateNotTrusted(CommunicatorMisconfigured):
+    """The TLS certificate Control Center's address presented does not verify (an unknown
+    CA, e.g. a TLS-inspecting proxy's, another host name, expired): pause the type until
+    ``ca_file`` trusts it. ``message`` starts with "certificate not trusted"."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(CERTIFICATE_NOT_TRUSTED, message, None)
+
+
+class ProxyRefused(CommunicatorMisconfigured):
+    """The forward proxy refused to take the call out (407: credentials missing or wrong;
+    403: not allowed to that host): pause the type until the proxy settings are fixed."""
+
+    def __init__(self, message: str, http_status: int | None) -> None:
+        super().__init__(PROXY_REFUSED, message, http_status)

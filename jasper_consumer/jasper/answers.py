@@ -1,10 +1,16 @@
 """Control Center's answers and network failures as errors, and the back-off between
-tries (operator guide, sections 13 and 5). Pure functions: no I/O, no state."""
+tries (operator guide, sections 13 and 5). Pure functions: no I/O, no state.
+
+A certificate that does not verify (:class:`~jasper_consumer.errors.CertificateNotTrusted`)
+and a forward proxy that refuses the way out (:class:`~jasper_consumer.errors.ProxyRefused`:
+407, 403) are settings to fix, so they pause the type in an operator's words; a proxy that
+cannot reach Control Center, or cannot be reached, is an outage like any other."""
 
 from __future__ import annotations
 
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable, Generator
 from email.utils import parsedate_to_datetime
@@ -13,17 +19,19 @@ from typing import Any
 import aiohttp
 import backoff
 
-from .. import errors
+from .. import errors, tls
 from ..errors import (
     JASPER_ERROR_MEANINGS,
     PAUSE_CODES,
     RETRYABLE_CODES,
     RETRYABLE_HTTP,
+    CertificateNotTrusted,
     CommunicatorMisconfigured,
     JasperError,
     JasperRejected,
     JasperRetryable,
     JasperUnreachable,
+    ProxyRefused,
 )
 
 MAX_BODY_BYTES = 64 * 1024  # read no more of any answer than this
@@ -32,7 +40,8 @@ _TIMED_OUT = "timed out"
 #: Codes that say the SIM already has the status asked for: success (operator guide, section 13).
 ALREADY_IN_STATUS_CODES: frozenset[str] = frozenset({"10030000"})
 _ALREADY = re.compile(r"\balready\b", re.IGNORECASE)
-_OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED})
+_OWN_CODES = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE, errors.UNAUTHORIZED,
+                        errors.CERTIFICATE_NOT_TRUSTED, errors.PROXY_REFUSED})
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -105,14 +114,29 @@ def classify(
     return JasperRejected(errors.UNEXPECTED_RESPONSE, message, http_status)
 
 
-def transport_failure(exc: BaseException, host: str, timeout_s: float) -> JasperUnreachable:
-    """A network failure (no HTTP answer) in words, built only from safe fields."""
+def transport_failure(exc: BaseException, host: str, timeout_s: float,
+                      proxy: str | None = None, proxy_credentials: bool = False,
+                      proxy_setting: str = "proxy") -> JasperError:
+    """A failure with no answer from Control Center, in words, built only from safe fields.
+
+    ``proxy`` is the forward proxy in use, as it may be shown (no credentials), set in
+    ``proxy_setting`` (the key, or the environment variable it came from)."""
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # the proxy answered CONNECT with no
+        return proxy_refused(exc.status, proxy or "the proxy", host, proxy_credentials,
+                             proxy_setting)
     if isinstance(exc, TimeoutError):  # also aiohttp's ServerTimeoutError
         return JasperUnreachable(f"{_TIMED_OUT} after {timeout_s:.1f} s waiting for {host}")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return JasperUnreachable(f"TLS certificate of {host} could not be verified")
+    cert = tls.verification_error(exc)
+    if cert is not None:
+        return certificate_not_trusted(cert, host, proxy)
     if isinstance(exc, aiohttp.ClientSSLError):
-        return JasperUnreachable(f"TLS handshake with {host} failed")
+        handshake = tls.ssl_error(exc)
+        words = f": {tls.handshake_words(handshake)}" if handshake is not None else ""
+        return JasperUnreachable(f"TLS handshake with {host} failed{words}")
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        reason = ("connection refused" if isinstance(exc.os_error, ConnectionRefusedError)
+                  else exc.os_error.strerror or type(exc.os_error).__name__)
+        return JasperUnreachable(f"cannot connect to the proxy {proxy or exc.host}: {reason}")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return JasperUnreachable(f"cannot resolve host name {host} (DNS lookup failed)")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -131,6 +155,43 @@ def transport_failure(exc: BaseException, host: str, timeout_s: float) -> Jasper
     if isinstance(exc, OSError) and exc.strerror:
         return JasperUnreachable(f"network error talking to {host}: {exc.strerror}")
     return JasperUnreachable(f"request to {host} failed ({type(exc).__name__})")
+
+
+def certificate_not_trusted(cert: ssl.SSLCertVerificationError, host: str,
+                            proxy: str | None) -> CertificateNotTrusted:
+    """A certificate check that failed, in words."""
+    words = tls.verification_words(cert, host)
+    if words.startswith("signed by an unknown CA"):
+        advice = ("set ca_file to the CA that signed it (where a proxy inspects TLS, its CA"
+                  f"{': the proxy is ' + proxy if proxy else ''})")
+    elif words.startswith("issued for another host name"):
+        advice = "use a host name the certificate is for in server_address"
+    elif words == "expired":
+        advice = "it must be renewed where it is served (or this host's clock is wrong)"
+    else:
+        advice = "check the certificate where it is served"
+    return CertificateNotTrusted(
+        f"certificate not trusted: the TLS certificate {host} presented is {words}; {advice}")
+
+
+def proxy_refused(http_status: int, proxy: str, host: str, with_credentials: bool,
+                  setting: str = "proxy") -> JasperError:
+    """The forward proxy's refusal to take a call to ``host`` out, in words: 407 (401 from
+    some proxies for wrong credentials) and 403 pause the type (settings to fix); anything
+    else is an outage on the way."""
+    if http_status in (401, 407):
+        asks = ("refused the proxy credentials" if with_credentials
+                else "asks for credentials, and none are set")
+        phrase = "Proxy Authentication Required" if http_status == 407 else "Unauthorized"
+        return ProxyRefused(
+            f"proxy refused: {proxy} {asks} (HTTP {http_status} {phrase}); set them in "
+            f"{setting} as http://user:password@host:port", http_status)
+    if http_status == 403:
+        return ProxyRefused(
+            f"proxy refused: {proxy} does not allow connections to {host} (HTTP 403 "
+            "Forbidden); ask for the host and port to be allowed", http_status)
+    return JasperUnreachable(
+        f"the proxy {proxy} could not reach {host} (it answered HTTP {http_status})")
 
 
 def retry_reason(err: JasperError) -> str:

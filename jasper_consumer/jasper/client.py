@@ -4,7 +4,13 @@ One :class:`JasperClient` per communicator type, with its own HTTP session, cred
 and :class:`~.limiter.Limiter`. Each method makes exactly one request; retrying is
 :func:`~.retry.change_status`'s business. Every answer that is not a success becomes a
 :class:`~jasper_consumer.errors.JasperError` in :mod:`.answers`; no aiohttp exception
-leaves this module, and no message carries the API key. Requests say who sends them
+leaves this module, and no message carries the API key or proxy credentials.
+
+TLS is verified against the system's CAs, or the type's ``ca_file`` (re-read with the
+API key before each Echo probe, so a replaced CA bundle applies without a restart). A
+type's ``proxy`` (or the one the environment gave it, see :mod:`..config`) carries every
+request (HTTP CONNECT for ``https://``), its credentials sent as ``Proxy-Authorization``.
+Requests say who sends them
 (``User-Agent: jasper-consumer/<version> (<host> pid <pid>)``), so Control Center's logs
 and the simulator can tell the service's processes apart.
 """
@@ -15,6 +21,7 @@ import asyncio
 import base64
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +33,7 @@ import aiohttp
 from pydantic import SecretStr
 from yarl import URL
 
-from .. import __version__
+from .. import __version__, tls
 from ..config import Command, CommunicatorType
 from ..errors import ConfigError, JasperError, JasperRejected
 from ..metrics import Metrics
@@ -37,6 +44,7 @@ from .answers import (
     classify,
     code_label,
     parse_json,
+    proxy_refused,
     transport_failure,
 )
 from .limiter import Limiter
@@ -77,6 +85,15 @@ class JasperClient:
         self._authorization = SecretStr("")
         self._timeout = aiohttp.ClientTimeout(total=ct.request_timeout_seconds)
         self._host = URL(ct.server_address).host or ct.server_address
+        self._ssl: ssl.SSLContext | bool = True  # True: the system's CAs
+        self._proxy: URL | None = None
+        self._proxy_authorization: SecretStr | None = None
+        if ct.proxy_url is not None:
+            proxy = URL(ct.proxy_url)
+            self._proxy = proxy.with_user(None)
+            if proxy.user is not None:
+                token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode())
+                self._proxy_authorization = SecretStr(f"Basic {token.decode('ascii')}")
         self._inflight = metrics.inflight.labels(ct.name)
         self._durations = {label: metrics.api_request_duration.labels(ct.name, label)
                            for label in ("activate", "deactivate", "get", "echo", "search")}
@@ -97,8 +114,10 @@ class JasperClient:
         await self.close()
 
     async def start(self) -> None:
-        """Read the credentials and open the HTTP session (if none was given)."""
+        """Read the credentials and ``ca_file``, and open the HTTP session (if none was
+        given); raises ConfigError."""
         self.reload_credentials()
+        self.reload_ca_file()
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 trace_configs=[self.limiter.trace_config()],
@@ -121,6 +140,17 @@ class JasperClient:
         token = base64.b64encode(f"{self.ct.username}:{key}".encode()).decode("ascii")
         self._api_key = SecretStr(key)
         self._authorization = SecretStr(f"Basic {token}")
+
+    def reload_ca_file(self) -> None:
+        """Re-read ``ca_file`` (a replaced bundle applies); raises ConfigError."""
+        if self.ct.ca_file is None:
+            return
+        try:
+            self._ssl = tls.client_context(self.ct.ca_file)
+        except (OSError, ssl.SSLError):
+            problems = tls.file_problems(f"communicator type {self.ct.name!r}", self.ct.ca_file)
+            raise ConfigError(problems or [f"communicator type {self.ct.name!r}: ca_file "
+                                           f"{str(self.ct.ca_file)!r} cannot be used"]) from None
 
     # --- calls: one request each ----------------------------------------------------------
 
@@ -189,12 +219,20 @@ class JasperClient:
             self.reload_credentials()
         except ConfigError as exc:  # an unreadable key file keeps the type paused, says why
             raise JasperRejected("UNREADABLE_API_KEY", "; ".join(exc.problems)) from None
+        try:
+            self.reload_ca_file()
+        except ConfigError as exc:
+            raise JasperRejected("UNREADABLE_CA_FILE", "; ".join(exc.problems)) from None
         await self.echo()
 
     # --- internals ------------------------------------------------------------------------
 
     def _error(self, answer: Answer) -> JasperError:
-        err = classify(answer.status, answer.body, answer.content_type, answer.retry_after)
+        if answer.status == 407:  # a proxy's answer (to a plain http:// address)
+            err = proxy_refused(407, self.ct.proxy_shown or "a proxy on the way", self._host,
+                                self._proxy_authorization is not None, self.ct.proxy_setting)
+        else:
+            err = classify(answer.status, answer.body, answer.content_type, answer.retry_after)
         return self._count(err)
 
     def _count(self, err: JasperError) -> JasperError:
@@ -232,6 +270,9 @@ class JasperClient:
                    "Authorization": self._authorization.get_secret_value()}
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        proxy_headers = None
+        if self._proxy_authorization is not None:
+            proxy_headers = {"Proxy-Authorization": self._proxy_authorization.get_secret_value()}
         url = f"{self.ct.server_address}{path}"
         if query:
             url = f"{url}?{urlencode(query)}"
@@ -241,6 +282,7 @@ class JasperClient:
             async with self._session.request(
                 method, url, json=payload, headers=headers, timeout=self._timeout,
                 allow_redirects=False, trace_request_ctx=asyncio.current_task(),
+                ssl=self._ssl, proxy=self._proxy, proxy_headers=proxy_headers,
             ) as resp:
                 body = await _read_capped(resp.content, MAX_BODY_BYTES)
                 if len(key) >= _MIN_SCRUBBED_KEY:  # an API echoing the key must not leak it
@@ -249,7 +291,10 @@ class JasperClient:
                                 resp.headers.get("Content-Type", "").split(";")[0].strip(),
                                 resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            err = transport_failure(exc, self._host, self.ct.request_timeout_seconds)
+            err = transport_failure(exc, self._host, self.ct.request_timeout_seconds,
+                                    self.ct.proxy_shown,
+                                    self._proxy_authorization is not None,
+                                    self.ct.proxy_setting)
             raise self._count(err) from None
         finally:
             self._durations[label].observe(time.perf_counter() - started)

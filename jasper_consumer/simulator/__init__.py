@@ -4,6 +4,14 @@ It serves the REST API the service calls (:mod:`.server`), keeps accounts with t
 own limits and SIMs with their statuses, and injects faults through an admin API.
 """
 
-from .server import Account, RequestRecord, Simulator, accounts_from_settings, serve
+from .server import (
+    Account,
+    RequestRecord,
+    Simulator,
+    accounts_from_settings,
+    serve,
+    server_context,
+)
 
-__all__ = ["Account", "RequestRecord", "Simulator", "accounts_from_settings", "serve"]
+__all__ = ["Account", "RequestRecord", "Simulator", "accounts_from_settings", "serve",
+           "server_context"]

@@ -30,6 +30,10 @@ account (``down``:
 make the failure paths reachable. Every call is kept in ``requests``, with the
 ``User-Agent`` it came with (which process of the service made it).
 
+It serves plain HTTP, or HTTPS when given a certificate and key (:func:`server_context`;
+``jasper-consumer simulator --tls-cert FILE --tls-key FILE``), so demos, tests and the
+bench can take the path production takes, through a private CA or a forward proxy.
+
 In-process, drive it through :class:`Simulator`'s methods. In another process
 (``jasper-consumer simulator --port N``), use the admin API — JSON, no auth:
 
@@ -60,11 +64,13 @@ import hmac
 import json
 import logging
 import math
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
@@ -318,13 +324,16 @@ class Simulator:
         ])
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on ``host:port`` (0: any free port) and return the API base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *,
+                    tls_context: ssl.SSLContext | None = None) -> str:
+        """Listen on ``host:port`` (0: any free port), over HTTPS with ``tls_context``
+        (:func:`server_context`), and return the API base URL."""
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await web.TCPSite(self._runner, host, port, ssl_context=tls_context).start()
         self.port = int(self._runner.addresses[0][1])
-        self.base_url = f"http://{host}:{self.port}{API_PATH}"
+        scheme = "https" if tls_context is not None else "http"
+        self.base_url = f"{scheme}://{host}:{self.port}{API_PATH}"
         return self.base_url
 
     async def stop(self) -> None:
@@ -650,8 +659,17 @@ def accounts_from_settings(settings: Settings) -> list[Account]:
     ]
 
 
-async def serve(host: str, port: int, accounts: list[Account]) -> None:
-    """Run a simulator with ``accounts`` until cancelled, logging each request to stderr."""
+def server_context(certfile: str | Path, keyfile: str | Path) -> ssl.SSLContext:
+    """A server-side TLS context for :meth:`Simulator.start` from PEM files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certfile), str(keyfile))
+    return context
+
+
+async def serve(host: str, port: int, accounts: list[Account], *,
+                tls_context: ssl.SSLContext | None = None) -> None:
+    """Run a simulator with ``accounts`` until cancelled, logging each request to stderr;
+    over HTTPS with ``tls_context``."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(message)s")
@@ -659,7 +677,7 @@ async def serve(host: str, port: int, accounts: list[Account]) -> None:
     sim = Simulator()
     for account in accounts:
         sim.accounts[account.username] = account
-    base_url = await sim.start(host, port)
+    base_url = await sim.start(host, port, tls_context=tls_context)
     log.info("Jasper simulator at %s (admin API under /_sim/), accounts: %s",
              base_url, ", ".join(sim.accounts) or "none")
     try:

@@ -1,7 +1,8 @@
 """Operator tools: check each communicator type's settings, look up a SIM.
 
-* :func:`ping` (``check-config --ping``) calls Echo for every communicator type and
-  prints, per type, OK or what is wrong in an operator's words (:func:`explain`);
+* :func:`ping_broker` and :func:`ping` (``check-config --ping``) connect to every RabbitMQ
+  node (TLS verified) and call Echo for every communicator type, and print, per node and
+  per type, OK or what is wrong in an operator's words (:func:`explain`);
 * :func:`sim_status` (``sim-status``) shows a SIM's status and main fields from Get
   Device Details, as a table or as JSON.
 
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .. import errors
+from ..broker import connect_once
 from ..config import CommunicatorType, Settings
 from ..errors import ConfigError, EventRejected, JasperError
 from ..events import normalise_iccid
+from ..urls import amqp_tls_files, node_name
 from . import EXIT_FAILED, EXIT_OK, ToolError
 from .account import Account, Accounts
 from .reach import communicator, connect
@@ -61,9 +64,15 @@ _ADVICE: dict[str, tuple[str, str]] = {
                                  "API: a proxy or a web page answered"),
 }
 
+_ADVICE[errors.CERTIFICATE_NOT_TRUSTED] = (
+    "TLS", "operator guide, section 10: troubleshooting TLS and proxies")
+_ADVICE[errors.PROXY_REFUSED] = (
+    "forward proxy", "operator guide, section 10: troubleshooting TLS and proxies")
+
 # Our own codes whose message carries the detail (which host, which HTTP status).
 _DETAILED = frozenset({errors.JASPER_UNREACHABLE, errors.UNEXPECTED_RESPONSE,
-                       errors.UNAUTHORIZED})
+                       errors.UNAUTHORIZED, errors.CERTIFICATE_NOT_TRUSTED,
+                       errors.PROXY_REFUSED})
 
 SIM_STATUS_MEANINGS: dict[str, str] = {
     "ACTIVATED": "live: the SIM can connect and is billed",
@@ -115,18 +124,44 @@ class PingResult:
     elapsed_ms: float
     by_owner: bool = False  # made by the service process that owns the type
 
+    proxy: str | None = None  # the proxy the call went through, without credentials
+
     @property
     def line(self) -> str:
+        via = f", via proxy {self.proxy}" if self.proxy else ""
         if self.problem is None:
             made = (", made by the service process that owns it, with its settings"
-                    if self.by_owner else "")
+                    if self.by_owner else via)
             return f"{self.name}: OK (Echo answered in {self.elapsed_ms:.0f} ms{made})"
         return f"{self.name}: {self.problem}"
 
 
+async def ping_broker(settings: Settings, out: TextIO) -> int:
+    """Connect to every node of ``amqp_url`` once (TLS verified, client certificate sent
+    where configured); print one line each. Non-zero when any node fails."""
+    failed = 0
+    for url in settings.amqp_urls:
+        try:
+            connection = await connect_once([url])
+        except errors.BrokerUnavailable as exc:  # in words, naming the node
+            failed += 1
+            print(f"  {exc}", file=out)
+            continue
+        await connection.close()
+        _, certfile, _ = amqp_tls_files(url)
+        how = ("TLS, certificate verified" + (", client certificate sent" if certfile else "")
+               if url.startswith("amqps://") else "plain AMQP, no TLS")
+        print(f"  RabbitMQ at {node_name(url)}: OK ({how})", file=out)
+    if failed:
+        print(f"{failed} of {len(settings.amqp_urls)} RabbitMQ node(s) failed", file=out)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 async def ping_one(account: Account) -> PingResult:
     """Call Echo once: through the service process that owns the type while one runs, else
-    with this config's credentials (re-reading ``api_key_file``)."""
+    with this config's credentials (re-reading ``api_key_file``), through the type's proxy
+    and trusting its ``ca_file``."""
     started = time.perf_counter()
     problem: str | None = None
     try:
@@ -135,8 +170,9 @@ async def ping_one(account: Account) -> PingResult:
         problem = explain(err)
     except ConfigError as err:
         problem = "; ".join(err.problems)
+    by_owner = account.route == "owner"
     return PingResult(account.ct.name, problem, (time.perf_counter() - started) * 1000,
-                      by_owner=account.route == "owner")
+                      by_owner=by_owner, proxy=None if by_owner else account.ct.proxy_shown)
 
 
 async def ping(settings: Settings, out: TextIO) -> int:

@@ -4,12 +4,12 @@ tool's own for that type (:func:`jasper_client`)."""
 
 from __future__ import annotations
 
-import aiormq
 from aio_pika.abc import AbstractConnection
 from prometheus_client import CollectorRegistry
 
 from ..broker import connect_once
-from ..config import CommunicatorType, Settings, redact_url
+from ..config import CommunicatorType, Settings
+from ..errors import BrokerUnavailable
 from ..jasper import JasperClient, Limiter
 from ..metrics import Metrics
 from . import ToolError
@@ -19,11 +19,8 @@ async def connect(settings: Settings) -> AbstractConnection:
     """A plain connection for a tool; a clear :class:`ToolError` if the broker does not answer."""
     try:
         return await connect_once(settings.amqp_urls)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
-    for url in settings.amqp_urls:  # an error that names the URL names it without password
-        detail = detail.replace(url, redact_url(url))
-    raise ToolError(f"cannot connect to RabbitMQ at {settings.amqp_url_redacted}: {detail}")
+    except BrokerUnavailable as exc:  # every node's failure, in words, without passwords
+        raise ToolError(f"cannot connect: {exc}") from None
 
 
 def communicator(settings: Settings, name: str) -> CommunicatorType:
