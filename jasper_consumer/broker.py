@@ -1,14 +1,14 @@
 """The connection to RabbitMQ: one node or a cluster's nodes, reconnecting with back-off.
 
 ``amqp_url`` may list a cluster's nodes (README, Configuration reference; operator guide,
-section 10). :func:`connect` tries them in order until one answers, backing off (1 s doubling
-to 30 s) after a round in which none did. Every attempt — TCP, TLS and AMQP handshakes together — is bounded by
-:data:`CONNECT_TIMEOUT_S`, so a node that drops packets costs seconds, not the minutes of
-the kernel's SYN retries. The connection is aio-pika's robust one — after a loss it
-reconnects and restores channels and consumers by itself — with one change: each
-reconnection attempt goes to the *next* node, so when the node we were on stops, we move
-to one that is up instead of waiting for it. Quorum queues keep their messages on the
-remaining nodes.
+section 10). :func:`connect` tries them in order until one answers, backing off (1 s
+doubling to 30 s) after a round in which none did. Every attempt — TCP, TLS and AMQP
+handshakes together — is bounded by :data:`CONNECT_TIMEOUT_S`, so a node that drops packets
+costs seconds, not the minutes of the kernel's SYN retries. The connection is aio-pika's
+robust one — after a loss it reconnects and restores channels and consumers by itself — with
+one change: each reconnection attempt goes to the *next* node, so when the node we were on
+stops, we move to one that is up instead of waiting for it. Quorum queues keep their
+messages on the remaining nodes.
 
 TLS (``amqps://`` with ``cafile``, ``certfile``, ``keyfile``) is always verified. A
 certificate that does not verify is a setting to fix, not an outage: at start-up

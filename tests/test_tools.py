@@ -7,7 +7,6 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiormq
 import pytest
 
 from jasper_consumer import cli, errors
@@ -300,24 +299,16 @@ def test_parser_keeps_publish_command_and_adds_the_tools() -> None:
         parser.parse_args(["dead-letters", "replay", "--limit", "0"])
 
 
-async def test_a_broker_that_does_not_answer_is_named_without_its_password(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A tool that cannot connect names the broker, and an error that repeats the URL
-    repeats it without the password."""
-    url = "amqp://jasper:s3cret-pw@rabbitmq.example:5672/"
+async def test_a_broker_that_does_not_answer_is_named_without_its_password() -> None:
+    """A tool that cannot connect names the broker and says why, without the password."""
+    url = "amqp://jasper:s3cret-pw@127.0.0.1:1/"  # nothing listens on port 1
     settings = parse_settings({"amqp_url": url, "communicator_types": [{
         "name": "M2MOne NZ", "server_address": "http://127.0.0.1:1/rws/api/v1",
         "username": "u", "api_key": "k"}]}, {})
 
-    async def refused(urls: Any, **_: Any) -> Any:
-        raise aiormq.exceptions.AMQPConnectionError(f"cannot open {urls[0]}")
-
-    monkeypatch.setattr(reach, "connect_once", refused)
-
     with pytest.raises(ToolError) as caught:
         await reach.connect(settings)
 
-    assert str(caught.value) == (
-        "cannot connect to RabbitMQ at amqp://jasper:***@rabbitmq.example:5672/: "
-        "<AMQPConnectionError: ('cannot open amqp://jasper:***@rabbitmq.example:5672/',)>")
+    assert str(caught.value).startswith("cannot connect: RabbitMQ at 127.0.0.1:1")
+    assert "refused" in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value)
