@@ -19,10 +19,10 @@ class Limiter:
     ``1 / requests_per_second`` apart: no bursts, since the account may count calls in
     any one-second window (operator guide, section 13). Waiters get their start slots in FIFO order.
 
-    While calls wait, starts fall on a grid ``interval_s`` apart (``1/rps`` plus a 0.5 %
+    While calls wait, starts fall on a grid ``interval_s`` apart (``1/rps`` plus a 0.8 %
     margin), so a loop that wakes a little late does not push every later start back:
     the next one comes on the grid again, though never closer than ``min_gap_s`` (``1/rps``
-    plus 0.2 %) to the previous one. An idle account starts a new grid.
+    plus 0.4 %) to the previous one. An idle account starts a new grid.
 
     With ``count_from_send`` a start counts from when the request is written
     (``mark_sent``, called from an aiohttp trace hook), not from when its slot was
@@ -41,13 +41,13 @@ class Limiter:
         requests_per_second: float,
         *,
         clock: Callable[[], float] = time.monotonic,
-        margin: float = 0.005,
+        margin: float = 0.008,
         count_from_send: bool = False,
     ) -> None:
         if max_concurrency < 1 or requests_per_second <= 0 or margin < 0:
             raise ValueError("max_concurrency >= 1, requests_per_second > 0 and margin >= 0")
         self.interval_s = (1.0 / requests_per_second) * (1.0 + margin)
-        self.min_gap_s = (1.0 / requests_per_second) * (1.0 + min(margin, 0.002))
+        self.min_gap_s = (1.0 / requests_per_second) * (1.0 + margin / 2)
         self.count_from_send = count_from_send
         self._clock = clock
         self._slots = asyncio.Semaphore(max_concurrency)

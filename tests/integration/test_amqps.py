@@ -287,7 +287,8 @@ async def test_a_client_certificate_the_node_does_not_trust_is_named(
     code = await run_tool(["check-config", "--ping", "--config",
                            str(_config_file(tmp_path, url))], out)
 
-    line = next(x for x in out.getvalue().splitlines() if "RabbitMQ at localhost:5691" in x)
+    line = next(x for x in out.getvalue().splitlines()
+                if x.startswith("  RabbitMQ at localhost:5691"))
     print(line)
     assert code == 1
     assert line in (

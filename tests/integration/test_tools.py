@@ -227,7 +227,7 @@ async def test_sim_status_never_calls_directly_when_the_broker_does_not_answer(
     status, text = await env.tool("sim-status", "--communicator-type", "M2MOne NZ", iccid(1))
 
     assert (status, text) == (1, "")
-    assert "cannot connect to RabbitMQ" in capsys.readouterr().err
+    assert "cannot connect: RabbitMQ at 127.0.0.1" in capsys.readouterr().err
     assert sim.requests == []
 
 
