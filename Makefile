@@ -20,7 +20,7 @@ TINYPROXY ?= $(or $(shell command -v tinyproxy 2>/dev/null),$(TOOLS)/tinyproxy)
 export TINYPROXY
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench mixin lock chromium
+.PHONY: help run test lint unit integration simulator clean demo demo-reconcile schemas validate-deploy bench mixin lock chromium chaos
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -135,6 +135,15 @@ schemas: $(SERVICE) ## regenerate docs/schemas/ (JSON Schemas of the messages) f
 bench: $(BENCH) ## benchmarks against the broker and the simulator (< 10 min; not part of test): BENCHMARKS.md
 	@scripts/check-rabbitmq || exit 1
 	$(BIN)/python -m bench
+
+# The soak's length (active phase, minutes) and seed; a seed printed by a run replays it.
+# REPLICAS (2 or 3) and WITHOUT (fault kinds left out, comma-separated) make other plans.
+MINUTES ?= 10
+REPLICAS ?= 3
+chaos: $(STAMP) ## seeded randomized fault soak of 3 replicas (MINUTES=10, SEED=…: replay); see tests/chaos
+	@scripts/check-rabbitmq || exit 1
+	$(BIN)/python -m tests.chaos --minutes $(MINUTES) --replicas $(REPLICAS) \
+	  $(if $(SEED),--seed $(SEED)) $(if $(WITHOUT),--without $(WITHOUT))
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

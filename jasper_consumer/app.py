@@ -42,6 +42,9 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 
+CHECK_TIMEOUT_S = 3.0  # the watchdog's check; past it, no type starts a call until one passes
+
+
 def work_prefetch(settings: Settings, max_concurrency: int, requests_per_second: float) -> int:
     """Jobs a work queue's consumer may hold: ``prefetch``, but never more than the account
     starts in 10 minutes (a held message must be acked within the consumer timeout)."""
@@ -270,15 +273,41 @@ class Service:
         return out
 
     async def _watch(self) -> None:
+        """Every ``watchdog_interval_seconds``: ask the broker whether every consumer is
+        still there (repairing one that vanished). A broker that does not answer within
+        :data:`CHECK_TIMEOUT_S` may already have given this process's queues to another
+        replica (it drops a silent client after two missed heartbeats; this client notices
+        only later): until a check passes again, no type starts a call."""
         assert self._connection is not None
         watchdog = broker.Watchdog(self._connection, self._consumers)
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(self.settings.watchdog_interval_seconds)
             try:
-                self._problem = await watchdog.check()
-            except Exception as exc:  # broker away: readiness shows it
-                self._problem = f"consumer check failed: {type(exc).__name__}"
+                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                    self._problem = await watchdog.check()
+            except asyncio.CancelledError:
+                if task is not None and task.cancelling():
+                    raise  # stopping
+                # aiormq gave up on a stuck connection under our check: the check failed
+                self._check_failed("the connection to RabbitMQ was given up")
                 continue
+            except TimeoutError:
+                self._check_failed(f"RabbitMQ did not answer within {CHECK_TIMEOUT_S:.0f} s")
+                continue
+            except Exception as exc:  # broker away: readiness shows it
+                self._check_failed(f"consumer check failed: {type(exc).__name__}")
+                continue
+            self._calls_allowed(True)
             if self._problem is None:
                 self._last_ok = time.monotonic()
             self.readiness()
+
+    def _check_failed(self, why: str) -> None:
+        self._problem = why
+        self._calls_allowed(False, why)
+        self.readiness()
+
+    def _calls_allowed(self, allowed: bool, why: str = "") -> None:
+        for worker in self.workers.values():
+            worker.calls_allowed(allowed, why)

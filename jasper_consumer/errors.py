@@ -6,8 +6,13 @@
     ├── ConfigError(ValueError)          start-up stops; one line per problem
     ├── HandBack                         not forwarded now (the router keeps order) → nack
     ├── TypePaused                       the communicator type is paused → the job is parked
+    ├── PublishFailed                    the broker did not confirm a publish → the input
+    │                                    message stays unacked (published again, or returned)
     ├── UnreadableMessage(ValueError)    not an event at all → dead-letter queue
+    ├── NotAJob(ValueError)              a parked message that is no job any more → dead-letter
     ├── EventRejected(ValueError)        an event that cannot succeed → failure signal, no API call
+    │   └── events.Rejected              … with what could be read of it, for the signal
+    ├── ToolError                        an operator tool cannot do its job → it exits 2
     ├── BrokerUnavailable(ConnectionError)  no RabbitMQ node could be reached → a tool stops;
     │   │                                   the service keeps trying
     │   └── BrokerUntrusted              a node's TLS certificate does not verify → start-up stops
@@ -103,6 +108,18 @@ class TypePaused(JasperConsumerError):
         self.error = error
         self.attempts = 0  # calls made for the job before the pause stopped it
         super().__init__(f"paused: {getattr(error, 'code', error)}")
+
+
+class PublishFailed(JasperConsumerError):
+    """The broker did not confirm a publish; the input message must not be acked."""
+
+
+class NotAJob(JasperConsumerError, ValueError):
+    """A parked message that cannot be read back as a job (dead-lettered)."""
+
+
+class ToolError(JasperConsumerError):
+    """An operator tool cannot do its job (broker unreachable, queue missing, ...)."""
 
 
 class UnreadableMessage(JasperConsumerError, ValueError):

@@ -22,7 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from . import errors
 from .config import Command, LaneSettings, Settings
-from .errors import EventRejected, UnreadableMessage
+from .errors import EventRejected, NotAJob, UnreadableMessage
+from .topology import (
+    JOB_REPLAYED_HEADER,
+    LANE_HEADER,
+    OCCURRED_HEADER,
+    ORIGIN_HEADER,
+    RECEIVED_HEADER,
+    STAMP_HEADER,
+)
 
 _ICCID_JUNK = re.compile(r"[\s\-]+")
 _ICCID = re.compile(r"[0-9]{18,22}")  # fullmatch: "$" would let a trailing "\n" through
@@ -297,3 +305,35 @@ def new_event(event_code: int, client_id: str, ref_no: str, communicator_type: s
     if origin is not None:
         event["origin"] = origin
     return event
+
+
+# -- a job in the parked queue: its delayed signal plus these headers ---------------------
+
+
+def job_headers(job: Job) -> dict[str, Any]:
+    """What a parked job needs beyond its signal's fields to become the same job again."""
+    return {STAMP_HEADER: job.stamp,
+            OCCURRED_HEADER: job.occurred_at.isoformat() if job.occurred_at else "",
+            JOB_REPLAYED_HEADER: job.replayed, ORIGIN_HEADER: job.origin or "",
+            LANE_HEADER: job.lane.value, RECEIVED_HEADER: str(job.received_at)}
+
+
+def read_parked(body: bytes, headers: dict[str, Any]) -> Job:
+    """A parked message (a delayed signal plus :func:`job_headers`) → its job; raises
+    :class:`~.errors.NotAJob`."""
+    try:
+        data = json.loads(body)
+        occurred = headers.get(OCCURRED_HEADER) or None
+        return Job(
+            event_id=data["event_id"], event_code=data["event_code"],
+            client_id=data["client_id"], command=Command(data["command"]),
+            iccid=data["iccid"], communicator_type=data["communicator_type"],
+            occurred_at=datetime.fromisoformat(str(occurred)) if occurred else None,
+            stamp=int(headers.get(STAMP_HEADER) or 0),
+            replayed=bool(headers.get(JOB_REPLAYED_HEADER)),
+            origin=str(headers.get(ORIGIN_HEADER) or "") or None,
+            lane=Lane(str(headers.get(LANE_HEADER) or Lane.INTERACTIVE.value)),
+            received_at=float(headers.get(RECEIVED_HEADER) or 0.0),
+        )
+    except Exception as exc:  # any shape problem: the message cannot be a job
+        raise NotAJob(f"parked message is not a job: {type(exc).__name__}") from None

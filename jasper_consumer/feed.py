@@ -45,6 +45,7 @@ class Feed:
         self._lookahead = lookahead
         self._kick = asyncio.Event()
         self._bulk_busy = True  # the last pull found a job (or none was made yet)
+        self.pulling = False  # the owner holds the hold: it may take from the bulk queue
         self.drained_at: dict[Source, int] = {}
         self._compacted = 0.0
 
@@ -53,6 +54,7 @@ class Feed:
 
     async def close(self) -> None:
         """Ownership lost or stopping: the bulk jobs taken and not acked go back."""
+        self.pulling = False
         await self.bulk.close()
         self.drained_at.clear()
         self._bulk_busy = True
@@ -77,8 +79,8 @@ class Feed:
         w, lanes = self._w, self._w.lanes
         mode = w.parking.rules.bulk_mode(paused=w.pause.error is not None)
         in_doubt = any(Source.BULK in e.doubts for e in lanes.uncleared())
-        if mode is BulkMode.PARK or (mode is BulkMode.PULL and (
-                w.held[Source.BULK] < self._lookahead or (in_doubt and not self._bulk_busy))):
+        if self.pulling and (mode is BulkMode.PARK or (mode is BulkMode.PULL and (
+                w.held[Source.BULK] < self._lookahead or (in_doubt and not self._bulk_busy)))):
             clock = lanes.clock
             message = await self.bulk.pull()
             if message is not None:
@@ -100,8 +102,8 @@ class Feed:
         lanes = self._w.lanes
         lanes.resolve(source, clock)
         self.drained_at[source] = clock
-        if len(self.drained_at) == len(Source) and lanes.guards:
-            lanes.forget_guards(min(self.drained_at.values()))
+        if lanes.guards:
+            lanes.forget_guards(self.drained_at)
         self._w.kick()
 
     async def _guard(self) -> None:

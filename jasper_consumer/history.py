@@ -30,12 +30,12 @@ from pamqp import commands as spec
 
 from . import log as jlog
 from . import signals
-from .errors import JasperConsumerError
+from .errors import PublishFailed
 from .events import Job, Partial
 from .metrics import Metrics
 from .outcomes import ErrorInfo, Outcome, Result
 from .signals import Kind, Signal, SignalError
-from .topology import DEAD_REASON_HEADER, Names
+from .topology import DEAD_REASON_HEADER, LAST_ERROR_HEADER, Names
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ _CONFIRM_TIMEOUT_S = 30.0
 _PERSISTENT = 2  # delivery_mode
 _PREFIX = os.urandom(6).hex()  # message ids: unique per process, and no syscall per message
 _COUNTER = itertools.count()
-
-
-class PublishFailed(JasperConsumerError):
-    """The broker did not confirm a publish; the input message must not be acked."""
 
 
 def message_id() -> str:
@@ -159,7 +155,7 @@ class History:
         if error is not None and outcome.exhausted:
             await self.dead_letter(
                 json.dumps(job.to_event()).encode(), error.code, message_id=job.event_id,
-                headers={"x-jasper-last-error": error.cause or ""},
+                headers={LAST_ERROR_HEADER: error.cause or ""},
                 content_type="application/json")
             self._metrics.child(self._metrics.dead_lettered, "retries_exhausted").inc()
         kind = Kind.SUCCEEDED if outcome.result is Result.SUCCEEDED else Kind.FAILED

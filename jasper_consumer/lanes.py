@@ -28,7 +28,7 @@ call (a command for that SIM) and the jobs it serves (its *members*). The worker
   and removes them with :meth:`resolve` (the source was seen drained) or
   :meth:`guarded` (a *guard* for the SIM is written to the broker, so that an older job
   that comes later, to this process or to the next owner, is superseded);
-* **memory** — :class:`Memory` keeps outcomes by identity and the newest stamp per SIM,
+* **memory** — :class:`~.memory.Memory` keeps outcomes by identity and the newest stamp per SIM,
   bounded in bytes, oldest forgotten first. Guards are kept apart from it and never
   forgotten while a source may still hold an older job (see docs/operator-guide.md,
   "Order and crashes").
@@ -37,22 +37,17 @@ call (a command for that SIM) and the jobs it serves (its *members*). The worker
 from __future__ import annotations
 
 import heapq
-import sys
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Generic, TypeVar
 
 from .config import Command
 from .events import Job, Lane
+from .memory import Identity, Memory, identity, intern
 from .outcomes import Outcome, superseded
 
 M = TypeVar("M")  # what the worker keeps per member (the job and its message)
-Identity = tuple[str, str, Command]
-
-
-def identity(job: Job) -> Identity:
-    return (job.event_id, job.iccid, job.command)
 
 
 class Source(Enum):
@@ -117,79 +112,6 @@ class Placed(Generic[M]):
     joined: bool
 
 
-class Memory:
-    """Recent outcomes by identity and the newest applied stamp per ICCID, bounded in bytes."""
-
-    _ENTRY_OVERHEAD = 160  # dict slot, key tuple and bookkeeping, measured with tracemalloc
-
-    def __init__(self, max_bytes: int = 4 * 1024 * 1024) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._outcomes: dict[Identity, tuple[Outcome, int]] = {}
-        self._newest: dict[str, tuple[int, str, int]] = {}  # iccid -> (stamp, event_id, size)
-
-    def __len__(self) -> int:
-        return len(self._outcomes)
-
-    def outcome(self, key: Identity) -> Outcome | None:
-        found = self._outcomes.get(key)
-        return found[0] if found is not None else None
-
-    def newest(self, iccid: str) -> tuple[int, str] | None:
-        found = self._newest.get(iccid)
-        return (found[0], found[1]) if found is not None else None
-
-    def record(self, job: Job, outcome: Outcome) -> None:
-        key = identity(job)
-        size = (self._ENTRY_OVERHEAD + sys.getsizeof(job.event_id) + sys.getsizeof(job.iccid)
-                + _outcome_size(outcome))
-        old = self._outcomes.pop(key, None)
-        if old is not None:
-            self.bytes -= old[1]
-        self._outcomes[key] = (outcome, size)
-        self.bytes += size
-        if job.stamp:
-            current = self._newest.get(job.iccid)
-            if current is None or job.stamp > current[0]:
-                nsize = self._ENTRY_OVERHEAD + sys.getsizeof(job.iccid) + sys.getsizeof(
-                    job.event_id)
-                if current is not None:
-                    self.bytes -= current[2]
-                    del self._newest[job.iccid]
-                self._newest[job.iccid] = (job.stamp, job.event_id, nsize)
-                self.bytes += nsize
-        self._trim()
-
-    def _trim(self) -> None:
-        while self.bytes > self.max_bytes and (self._outcomes or self._newest):
-            # Forget the older half of what is oldest in either table, one at a time.
-            if self._outcomes and (len(self._outcomes) >= len(self._newest) or not self._newest):
-                _, (_, size) = next(iter(self._outcomes.items()))
-                del self._outcomes[next(iter(self._outcomes))]
-            else:
-                _, (_, _, size) = next(iter(self._newest.items()))
-                del self._newest[next(iter(self._newest))]
-            self.bytes -= size
-
-
-_INTERNED: dict[Outcome, Outcome] = {}
-
-
-def _outcome_size(outcome: Outcome) -> int:
-    """Successes are shared values (one per status and attempt count): they cost nothing."""
-    if outcome.error is None:
-        return 0
-    return outcome.size()
-
-
-def intern(outcome: Outcome) -> Outcome:
-    """One shared instance per distinct success (status, attempts): 10,000 remembered
-    successes keep one object alive, not 10,000."""
-    if outcome.error is not None or outcome.attempts > 16:
-        return outcome
-    return _INTERNED.setdefault(outcome, outcome)
-
-
 class Share:
     """Which class of job takes the account's next call: interactive first; while both
     wait, bulk at least ``min_share`` of the calls (a deficit counter), so it never
@@ -220,6 +142,7 @@ class Guard:
     stamp: int
     event_id: str
     clock: int  # Lanes.clock when it was made
+    sources: frozenset[Source]  # the sources it guards against (in doubt when it was made)
 
 
 class Lanes(Generic[M]):
@@ -380,19 +303,23 @@ class Lanes(Generic[M]):
     def guarded(self, entry: Entry[M], clock: int, stamp: int, event_id: str) -> None:
         """The guard from :meth:`guard_for` is in the broker: doubts up to ``clock`` go
         (a job that joined meanwhile keeps its own)."""
+        cleared = frozenset(s for s, at in entry.doubts.items() if at <= clock)
         current = self.guards.get(entry.iccid)
         if stamp and (current is None or stamp >= current.stamp):
-            self.guards[entry.iccid] = Guard(stamp, event_id, clock)
-        for source in [s for s, at in entry.doubts.items() if at <= clock]:
+            self.guards[entry.iccid] = Guard(stamp, event_id, clock, cleared | (
+                current.sources if current is not None else frozenset()))
+        for source in cleared:
             del entry.doubts[source]
         lane = self._lanes.get(entry.iccid)
         if lane:
             self._push(lane[0], lane)
 
-    def forget_guards(self, upto: int) -> int:
-        """Every source was seen drained after clock ``upto``: guards made up to then can
-        go (no older job can come any more). Returns how many went."""
-        gone = [iccid for iccid, g in self.guards.items() if g.clock <= upto]
+    def forget_guards(self, drained_at: Mapping[Source, int]) -> int:
+        """A source seen drained at clock ``drained_at[source]`` can deliver no job older
+        than those delivered before: a guard goes once every source it guards against was
+        seen drained after it was made. Returns how many went."""
+        gone = [iccid for iccid, g in self.guards.items()
+                if all(drained_at.get(s, -1) >= g.clock for s in g.sources)]
         for iccid in gone:
             del self.guards[iccid]
         return len(gone)
@@ -401,8 +328,8 @@ class Lanes(Generic[M]):
         """Guards read back from the broker at a take-over."""
         for iccid, stamp, event_id in guards:
             current = self.guards.get(iccid)
-            if current is None or stamp > current.stamp:
-                self.guards[iccid] = Guard(stamp, event_id, self.clock)
+            if current is None or stamp > current.stamp:  # against whatever it was
+                self.guards[iccid] = Guard(stamp, event_id, self.clock, frozenset(Source))
 
     # -- calls -----------------------------------------------------------------------------
 

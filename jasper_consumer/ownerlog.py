@@ -16,7 +16,7 @@ outlive a process (operator guide, section 4, Order and crashes):
 Records::
 
     {"kind": "owned", "owner": "<uuid>", "host": "...", "pid": 1234, "at": 1733490000.1}
-    {"kind": "released", "owner": "<uuid>", "at": 1733490100.2}
+    {"kind": "released", "owner": "<uuid>", "at": 1733490100.2, "not_before": 1733490100.4}
     {"kind": "guards", "guards": [["8961...", 1000000000042, "event-id"], ...]}
 
 A take-over reads every record (``basic.get``, held unacked), writes what is still true
@@ -56,6 +56,7 @@ class Reading:
     guards: dict[str, tuple[int, str]] = field(default_factory=dict)  # ICCID -> (stamp, id)
     previous: str = ""  # the last owner's host and pid, for the log line
     unreadable: int = 0  # records that were not one of the shapes above (ignored)
+    not_before: float = 0.0  # unix time: a clean hand-over's last call's start + one interval
 
 
 def read(bodies: Iterable[bytes]) -> Reading:
@@ -65,6 +66,7 @@ def read(bodies: Iterable[bytes]) -> Reading:
     guards: dict[str, tuple[int, str]] = {}
     unreadable = count = 0
     previous = ""
+    not_before = 0.0
     for body in bodies:
         count += 1
         try:
@@ -75,6 +77,7 @@ def read(bodies: Iterable[bytes]) -> Reading:
                     f"{record.get('host', '?')} pid {record.get('pid', '?')}"
             elif kind == "released":
                 released.add(str(record["owner"]))
+                not_before = max(not_before, float(record.get("not_before") or 0.0))
             elif kind == "guards":
                 for iccid, stamp, event_id in record["guards"]:
                     current = guards.get(str(iccid))
@@ -85,7 +88,8 @@ def read(bodies: Iterable[bytes]) -> Reading:
         except (ValueError, KeyError, TypeError, RecursionError):
             unreadable += 1
     return Reading(must_wait=bool(set(owned) - released), first_ever=count == 0,
-                   guards=guards, previous=previous, unreadable=unreadable)
+                   guards=guards, previous=previous, unreadable=unreadable,
+                   not_before=not_before)
 
 
 def owned_record(owner: str) -> bytes:
@@ -93,8 +97,11 @@ def owned_record(owner: str) -> bytes:
                        "pid": os.getpid(), "at": time.time()}).encode()
 
 
-def released_record(owner: str) -> bytes:
-    return json.dumps({"kind": "released", "owner": owner, "at": time.time()}).encode()
+def released_record(owner: str, not_before: float = 0.0) -> bytes:
+    """``not_before``: unix time before which the next owner must not start a call (the
+    account's spacing across the hand-over)."""
+    return json.dumps({"kind": "released", "owner": owner, "at": time.time(),
+                       "not_before": not_before}).encode()
 
 
 def guards_record(guards: Iterable[GuardRecord]) -> bytes:
@@ -129,10 +136,11 @@ class OwnerLog:
         await self._write(guards_record(guards))
         self.appended += 1
 
-    async def release(self) -> None:
-        """This owner has let go cleanly: no call of it is open any more."""
+    async def release(self, not_before: float = 0.0) -> None:
+        """This owner has let go cleanly: no call of it is open any more, and the next may
+        start at ``not_before`` (unix time)."""
         if self.owner:
-            await self._write(released_record(self.owner))
+            await self._write(released_record(self.owner, not_before))
 
     async def _write(self, body: bytes) -> None:
         await self._publisher.to_queue(self.queue_name, body, None)

@@ -31,32 +31,24 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import Gauge
 
-from .config import Command, CommunicatorType
+from .config import CommunicatorType
 from .edge import ack
-from .errors import JasperConsumerError
-from .events import Job, Lane
+from .errors import NotAJob
+from .events import Job, job_headers, read_parked
 from .history import History, message_id, until_confirmed
-from .lanes import Identity, Lanes, Source, identity
+from .lanes import Lanes, Source
+from .memory import Identity, identity
 from .outcomes import ErrorInfo
 from .signals import Kind
-from .topology import Names
+from .topology import ATTEMPTS_HEADER, Names
 
 log = logging.getLogger(__name__)
-
-STAMP_HEADER = "x-jasper-stamp"
-OCCURRED_HEADER = "x-jasper-occurred-at"
-REPLAYED_HEADER = "x-jasper-job-replayed"
-ORIGIN_HEADER = "x-jasper-origin"
-LANE_HEADER = "x-jasper-lane"
-RECEIVED_HEADER = "x-jasper-received-at"
-ATTEMPTS_HEADER = "x-jasper-attempts"  # calls made for the job before it was parked
 
 
 @dataclass(eq=False, slots=True)
@@ -71,38 +63,6 @@ class Delivery:
     @property
     def parked(self) -> bool:
         return self.source is Source.PARKED
-
-
-class NotAJob(JasperConsumerError, ValueError):
-    """A parked message that cannot be read back as a job (dead-lettered)."""
-
-
-def job_headers(job: Job) -> dict[str, Any]:
-    """What a parked job needs beyond its signal's fields to become the same job again."""
-    return {STAMP_HEADER: job.stamp,
-            OCCURRED_HEADER: job.occurred_at.isoformat() if job.occurred_at else "",
-            REPLAYED_HEADER: job.replayed, ORIGIN_HEADER: job.origin or "",
-            LANE_HEADER: job.lane.value, RECEIVED_HEADER: str(job.received_at)}
-
-
-def read_parked(body: bytes, headers: dict[str, Any]) -> Job:
-    """A parked message (a delayed signal plus :func:`job_headers`) → its job."""
-    try:
-        data = json.loads(body)
-        occurred = headers.get(OCCURRED_HEADER) or None
-        return Job(
-            event_id=data["event_id"], event_code=data["event_code"],
-            client_id=data["client_id"], command=Command(data["command"]),
-            iccid=data["iccid"], communicator_type=data["communicator_type"],
-            occurred_at=datetime.fromisoformat(str(occurred)) if occurred else None,
-            stamp=int(headers.get(STAMP_HEADER) or 0),
-            replayed=bool(headers.get(REPLAYED_HEADER)),
-            origin=str(headers.get(ORIGIN_HEADER) or "") or None,
-            lane=Lane(str(headers.get(LANE_HEADER) or Lane.INTERACTIVE.value)),
-            received_at=float(headers.get(RECEIVED_HEADER) or 0.0),
-        )
-    except Exception as exc:  # any shape problem: the message cannot be a job
-        raise NotAJob(f"parked message is not a job: {type(exc).__name__}") from None
 
 
 class BulkMode(Enum):
@@ -344,12 +304,12 @@ class Parker:
                                          known=self._lanes.known(job) is not None)
 
     def park(self, job: Job, delivery: Delivery, attempts: int = 0) -> None:
-        self._spawn(self._chain(job.iccid, self._park(job, delivery, attempts)))
+        self._spawn(self._chain(job.iccid, lambda: self._park(job, delivery, attempts)))
 
     def park_queued(self, iccid: str) -> None:
         """While paused, move the SIM's entries whose call has not started."""
         if self._error() is not None:
-            self._spawn(self._chain(iccid, self._park_queued(iccid)))
+            self._spawn(self._chain(iccid, lambda: self._park_queued(iccid)))
 
     def park_all(self) -> None:
         for iccid in self._lanes.iccids():
@@ -358,15 +318,16 @@ class Parker:
     def clear(self) -> None:
         self._chains.clear()
 
-    async def _chain(self, iccid: str, step: Awaitable[None]) -> None:
-        """Run ``step`` after every parking step already chained for the SIM."""
+    async def _chain(self, iccid: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step()`` after every parking step already chained for the SIM (made only
+        then: a chain cancelled while it waits leaves no coroutine never awaited)."""
         previous = self._chains.get(iccid)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._chains[iccid] = mine
         try:
             if previous is not None:
                 await asyncio.shield(previous)
-            await step
+            await step()
         finally:
             mine.set_result(None)
             if self._chains.get(iccid) is mine:

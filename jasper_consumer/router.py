@@ -34,7 +34,7 @@ from .history import History, message_id
 from .metrics import Metrics
 from .outcomes import ErrorInfo
 from .signals import Kind
-from .topology import REPLAYED_HEADER, Names
+from .topology import REPLAYED_HEADER, ROUTING_KEY_HEADER, Names
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Router:
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         headers = dict(message.headers or {})
-        headers["x-jasper-routing-key"] = message.routing_key or ""
+        headers[ROUTING_KEY_HEADER] = message.routing_key or ""
         await self._history.dead_letter(
             message.body, reason, message_id=message.message_id,
             headers=headers, content_type=message.content_type,

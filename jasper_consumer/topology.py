@@ -52,13 +52,29 @@ from pamqp.common import FieldTable
 from .config import CommunicatorType, Settings
 from .errors import ConfigError
 
+# -- the message contract's headers (docs/asyncapi.yaml): every x-jasper-* name, here --------
+
+# A dead letter's reason (every message in <prefix>.dead).
 DEAD_REASON_HEADER = "x-jasper-error"
-# A token on a work queue, not a job: "anchor" (held by the owner while jobs are parked) or
-# "wake" (an operator tool's, so that an idle owner learns it is the owner).
+# A dead letter whose retries ran out: the last error's words.
+LAST_ERROR_HEADER = "x-jasper-last-error"
+# An unreadable event's routing key, kept on its dead letter.
+ROUTING_KEY_HEADER = "x-jasper-routing-key"
+# A token on a work queue, not a job: "anchor" (always held by the type's owner) or "wake"
+# (a process's or an operator tool's, so that an idle owner learns it is the owner).
 TOKEN_HEADER = "x-jasper-token"
 # Set by `dead-letters replay` (value: the dead letter's reason); the router marks the
 # job replayed, so the worker applies it even though it has seen the event before.
 REPLAYED_HEADER = "x-jasper-replayed-from"
+# A parked job (a delayed signal that is also the job's place in <prefix>.parked.<slug>):
+# what it needs beyond the signal's fields to become the same job again (events.py).
+STAMP_HEADER = "x-jasper-stamp"
+OCCURRED_HEADER = "x-jasper-occurred-at"
+JOB_REPLAYED_HEADER = "x-jasper-job-replayed"
+ORIGIN_HEADER = "x-jasper-origin"
+LANE_HEADER = "x-jasper-lane"
+RECEIVED_HEADER = "x-jasper-received-at"
+ATTEMPTS_HEADER = "x-jasper-attempts"  # calls made for the job before it was parked
 CALLS_TTL_MS = 60_000  # a tool's request waiting longer than this in <p>.calls.<slug> expires
 #: The delivery limit of queues whose returns are not failures. Not -1: RabbitMQ 4 reads -1
 #: as "no limit", but 3.x drops the message at its first return. A billion returns is more
@@ -110,6 +126,12 @@ class Names:
     def reply_queue(self) -> str:
         """An operator tool's own reply queue (exclusive; a new name each time)."""
         return f"{self.prefix}.reply.{uuid.uuid4().hex}"
+
+    def hold_queue(self, ct: CommunicatorType) -> str:
+        """Held (exclusive, empty) by the owner of the type while it takes from the type's
+        bulk and parked queues: a new owner takes from them only once the previous one let
+        go of this (operator guide, section 4, Order and crashes)."""
+        return f"{self.prefix}.hold.{ct.slug}"
 
     def direct_queue(self, ct: CommunicatorType) -> str:
         """Held (exclusive, empty) by the one operator tool that calls the type's account

@@ -47,17 +47,19 @@ from .feed import Feed
 from .history import History, message_id, until_confirmed
 from .jasper.client import JasperClient
 from .jasper.retry import RetryLog, change_status
-from .lanes import Entry, Immediate, Lanes, Member, Memory, Share, Source, State
+from .lanes import Entry, Immediate, Lanes, Member, Share, Source, State
+from .memory import Memory
 from .metrics import Metrics
 from .outcomes import ErrorInfo, Outcome
 from .ownerlog import OwnerLog
-from .parking import ATTEMPTS_HEADER, Delivery, Parker, Parking
+from .parking import Delivery, Parker, Parking
 from .pause import Pause
-from .topology import TOKEN_HEADER, Names
+from .topology import ATTEMPTS_HEADER, TOKEN_HEADER, Names
 
 log = logging.getLogger(__name__)
 
 GIVE_BACK_WAIT_S = 1.0  # after giving the type back, before consuming again
+HOLD_POLL_S = 0.5  # how often a new owner looks whether the previous one let go
 
 
 class Worker:
@@ -96,6 +98,7 @@ class Worker:
         self.feed = Feed(self, BulkQueue(names.bulk_queue(ct), open_channel),
                          lookahead=2 * ct.max_concurrency + 1)
         self._channel: AbstractChannel | None = None
+        self._hold: AbstractChannel | None = None  # declared <prefix>.hold.<slug>
         self._owner: object | None = None  # the underlying channel we own the type on
         self._ready = asyncio.Event()  # ownership taken over: jobs may be placed
         self._waiting: list[AbstractIncomingMessage] = []  # arrived during the take-over
@@ -182,20 +185,23 @@ class Worker:
             tool = await self._tool_calls_directly()
             limiter = self._client.limiter
             wait_s = limiter.interval_s + self.ct.request_timeout_seconds \
-                if reading.must_wait or tool else 0.0
+                if reading.must_wait or tool else \
+                max(0.0, reading.not_before - time.time())  # the account's spacing
             limiter.reopen()
+            limiter.unsuspend()  # a delivery just came: the broker answers
             limiter.hold_off(wait_s)
             log.info("took over %s (%s; %d jobs parked, %d guards)", self.ct.name,
                      f"waiting {wait_s:.1f} s: an operator tool calls the account itself"
                      if tool else
                      f"waiting {wait_s:.1f} s: {reading.previous or 'the previous owner'} "
-                     "did not let go cleanly" if wait_s else
+                     "did not let go cleanly" if reading.must_wait else
                      "first owner" if reading.first_ever else "clean hand-over",
                      parked, len(reading.guards),
                      extra={"fields": {"communicator_type": self.ct.name, "parked": parked,
                                        "wait_s": wait_s}})
             self._runners = [asyncio.create_task(self._run(), name=f"apply {self.ct.name}")
                              for _ in range(self.ct.max_concurrency)]
+            self._loop(self.feed.run())  # guards at once; the bulk queue once held
             self._loop(self._start_sources(channel, wait_s))
             if self._anchor is None:  # one try: if it fails, the type is given back
                 self._anchor_wanted = True
@@ -226,9 +232,13 @@ class Worker:
         return True
 
     async def _start_sources(self, channel: object, wait_s: float) -> None:
-        """After the wait (the previous owner's channels are closed by then, so what they
-        held is back at the head of its queue): parked, bulk, tools' calls."""
+        """After the wait, and once the previous owner has let go of the hold (so that what
+        it held of the bulk and parked queues is back at their heads): parked, bulk, tools'
+        calls."""
         await asyncio.sleep(wait_s)
+        if channel is not self._owner:
+            return
+        await self._take_hold(channel)
         if channel is not self._owner:
             return
         try:
@@ -236,9 +246,41 @@ class Worker:
         except Exception as exc:
             self._give_back(f"cannot drain its parked queue: {type(exc).__name__}: {exc}")
             return
-        self._loop(self.feed.run())
+        self.feed.pulling = True
+        self.feed.kick()
         self._loop(self._keep_anchor())
         await self.calls.start()
+
+    async def _take_hold(self, channel: object) -> None:
+        """Declare ``<prefix>.hold.<slug>`` exclusive to this connection, waiting while
+        another connection holds it: the previous owner, which may still hold bulk or
+        parked jobs (its channels not closed yet: a stuck broker, a frozen process). The
+        broker deletes it with that connection at the latest."""
+        name, said = self.names.hold_queue(self.ct), False
+        while channel is self._owner:
+            lock = await self._open_channel()
+            try:
+                underlay = await lock.get_underlay_channel()  # not restored on reconnect
+                await underlay.queue_declare(name, exclusive=True, auto_delete=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                if not said:
+                    log.warning("%s: waiting for the previous owner to let go of its bulk and "
+                                "parked jobs", self.ct.name,
+                                extra={"fields": {"communicator_type": self.ct.name}})
+                    said = True
+                await asyncio.sleep(HOLD_POLL_S)
+                continue
+            self._hold = lock
+            return
+
+    async def _let_hold_go(self) -> None:
+        lock, self._hold = self._hold, None
+        if lock is not None and not lock.is_closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await lock.queue_delete(self.names.hold_queue(self.ct))
+            with contextlib.suppress(Exception):
+                await lock.close()
 
     def _lost(self, *_: object) -> None:
         """The work queue's channel closed: the type may have another owner now."""
@@ -269,6 +311,7 @@ class Worker:
         await self.pause.stop()
         await self.parking.give_up()
         await self.feed.close()
+        await self._let_hold_go()  # after the bulk and parked channels are closed
         await self.calls.stop()
 
     def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
@@ -277,6 +320,21 @@ class Worker:
     def _loop(self, coro: Awaitable[Any]) -> None:
         """A task of the ownership that runs until stopped (cancelled at stop and at loss)."""
         spawn(coro, self._loops)
+
+    def calls_allowed(self, allowed: bool, why: str = "") -> None:
+        """The broker does not answer (``allowed`` False): start no call, since the broker
+        may have handed the type to another replica already; in-flight calls end as they
+        will. Allowed again once the broker answers."""
+        limiter = self._client.limiter
+        if allowed == (not limiter.suspended):
+            return
+        if allowed:
+            limiter.unsuspend()
+            log.info("calls of %s allowed again: RabbitMQ answers", self.ct.name)
+        elif self.owner:
+            limiter.suspend()
+            log.warning("no new call of %s while RabbitMQ does not answer: %s", self.ct.name,
+                        why, extra={"fields": {"communicator_type": self.ct.name}})
 
     def kick(self) -> None:
         """A runner may have work (an entry was cleared or settled)."""
@@ -508,7 +566,8 @@ class Worker:
         if owned and self._client.limiter.in_flight == 0:
             try:
                 async with asyncio.timeout(5):
-                    await self.owner_log.release()
+                    await self.owner_log.release(
+                        time.time() + self._client.limiter.next_start_in())
             except Exception as exc:  # the next owner waits, as after a crash
                 log.warning("could not record that %s was let go cleanly: %r",
                             self.ct.name, exc)

@@ -94,6 +94,21 @@ class Channel:
     async def set_qos(self, prefetch_count: int) -> None:
         self.prefetch = prefetch_count
 
+    async def get_underlay_channel(self) -> Channel:
+        return self
+
+    async def queue_declare(self, name: str, exclusive: bool = False, **_: Any) -> None:
+        """An exclusive queue held by another open channel is locked (RESOURCE_LOCKED)."""
+        holder = self.broker.exclusive.get(name)
+        if holder is not None and holder is not self and not holder.is_closed:
+            raise aiormq.exceptions.ChannelLockedResource(f"RESOURCE_LOCKED - {name}")
+        if exclusive:
+            self.broker.exclusive[name] = self
+
+    async def queue_delete(self, name: str) -> None:
+        if self.broker.exclusive.get(name) is self:
+            del self.broker.exclusive[name]
+
     async def close(self) -> None:
         if self.is_closed:
             return
@@ -110,6 +125,7 @@ class Broker:
         self.queues: dict[str, list[Message]] = {}
         self.consumers: dict[str, list[tuple[Channel, Any, str]]] = {}
         self.unreachable: set[str] = set()
+        self.exclusive: dict[str, Channel] = {}  # exclusive queues and who holds them
         self.channels: list[Channel] = []
 
     async def open_channel(self, prefetch: int | None = None) -> Channel:
@@ -176,7 +192,7 @@ class History:
 
     async def to_queue(self, queue: str, body: bytes, message_id: Any,
                        headers: Any = None) -> None:
-        from jasper_consumer.history import PublishFailed
+        from jasper_consumer.errors import PublishFailed
 
         headers = dict(headers or {})
         if self.fail(queue, headers):

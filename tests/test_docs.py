@@ -95,7 +95,7 @@ def names() -> tuple[Names, list[str], list[str]]:
     n = Names.from_settings(settings)
     per_type = [name for ct in settings.communicator_types
                 for name in (n.work_queue(ct), n.bulk_queue(ct), n.parked_queue(ct),
-                             n.owner_queue(ct), n.calls_queue(ct))]
+                             n.owner_queue(ct), n.hold_queue(ct), n.calls_queue(ct))]
     direct = [n.direct_queue(ct) for ct in settings.communicator_types]  # tools: declared only
     return n, per_type, direct
 

@@ -12,8 +12,9 @@ from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.config import Command, parse_settings
+from jasper_consumer.errors import PublishFailed
 from jasper_consumer.events import Job
-from jasper_consumer.history import History, PublishFailed
+from jasper_consumer.history import History
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.outcomes import ErrorInfo, Outcome
 from jasper_consumer.router import Router

@@ -18,7 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from jasper_consumer.config import Command
 from jasper_consumer.events import Job, Lane
-from jasper_consumer.lanes import Immediate, Lanes, Memory, Source, State, identity
+from jasper_consumer.lanes import Immediate, Lanes, Source, State
+from jasper_consumer.memory import Memory, identity
 from jasper_consumer.outcomes import Outcome
 from jasper_consumer.parking import BulkMode, ParkRules
 

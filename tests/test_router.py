@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from jasper_consumer import edge
 from jasper_consumer.config import Settings, parse_settings
-from jasper_consumer.history import PublishFailed
+from jasper_consumer.errors import PublishFailed
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.router import EPOCH_SCALE, Router
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -221,7 +222,8 @@ async def test_admin_api_sets_faults_lists_requests_and_resets(sim, http):
 
     seen = [(r["method"], r["iccid"], r["http_status"], r["error_code"]) for r in records]
     assert seen == [("PUT", ICCID, 500, "30000001")]
-    assert stats == {"violations": 0, "max_in_flight_seen": {}, "requests": 0}
+    assert stats == {"violations": 0, "violations_by_account": {}, "max_in_flight_seen": {},
+                     "requests": 0, "stalls": stats["stalls"]}
     assert sim.status(ICCID) is None
 
 
@@ -375,3 +377,53 @@ async def test_admin_api_creates_many_sims_at_once(sim, http):
     assert sim.status("89610000000000006200") == "ACTIVATED"
     assert sim.status("89610000000000005000") == "DEACTIVATED"
     assert (incomplete, unknown_status) == (400, 400)
+
+
+async def test_account_fail_every_answers_every_nth_call_without_a_violation(sim, http):
+    """An account's ``fail_every`` makes every n-th call answer the injected error; those
+    injected answers are not counted as violations."""
+    admin = sim.base_url.split("/rws/")[0] + "/_sim"
+    body = {"fail_every": 2, "fail_http_status": 429, "fail_code": "40000029"}
+    async with http.put(f"{admin}/accounts/patriot-api", json=body) as response:
+        assert response.status == 200
+    sim.accounts["patriot-api"].requests_per_second = 1000
+
+    answers = [(await call(http, sim, "GET", "/echo/x"))[0] for _ in range(4)]
+
+    async with http.get(f"{admin}/stats") as response:
+        stats = await response.json()
+    assert (answers, stats["violations"], stats["violations_by_account"]) == (
+        [200, 429, 200, 429], 0, {})
+
+
+async def test_account_latency_ends_when_the_caller_hangs_up(sim, http):
+    """A call held by the account's ``latency_s`` ends, unanswered and out of the account's
+    calls in flight, once its caller gives up: a call right behind it is no violation."""
+    account = sim.accounts["patriot-api"]
+    account.latency_s, account.requests_per_second = 30.0, 1000
+
+    with pytest.raises(TimeoutError):
+        await call(http, sim, "GET", "/echo/x", timeout=aiohttp.ClientTimeout(total=0.3))
+    account.latency_s = 0.0
+    status, _ = await call(http, sim, "GET", "/echo/y")
+
+    held = sim.requests[0]
+    assert (status, sim.violations, held.http_status) == (200, 0, 0)
+    assert held.finished - held.started < 1.5
+    # it ends as the next call arrives (the account no longer counts it in flight: no
+    # violation above), not after that call's answer
+    assert held.finished <= sim.requests[1].finished
+
+
+async def test_admin_requests_since_lists_only_later_requests(sim, http):
+    """``/_sim/requests?since=T`` lists only the requests that started at or after T."""
+    sim.accounts["patriot-api"].requests_per_second = 1000
+    await call(http, sim, "GET", "/echo/a")
+    middle = time.monotonic()
+    await call(http, sim, "GET", "/echo/b")
+    admin = sim.base_url.split("/rws/")[0] + "/_sim"
+
+    async with http.get(f"{admin}/requests", params={"since": str(middle)}) as response:
+        records = await response.json()
+
+    assert [r["path"] for r in records] == ["/rws/api/v1/echo/b"]

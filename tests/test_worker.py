@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -387,4 +388,45 @@ async def test_a_first_owner_waits_while_a_tool_calls_the_account_itself(setting
     await until(lambda: bool(rig.client.calls))
 
     assert rig.client.called_at[0] - started >= 0.3
+    await rig.worker.stop(1)
+
+
+async def test_a_new_owner_takes_no_bulk_job_while_the_previous_one_holds_some(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch):
+    """The previous owner still holds the hold queue (its channels not closed yet: a stuck
+    broker, a frozen process): the new owner applies interactive jobs under guards but
+    takes nothing from the bulk queue until the hold is let go."""
+    monkeypatch.setattr("jasper_consumer.worker.HOLD_POLL_S", 0.01)
+    rig = Rig(settings, Client(settings))
+    hold = Names.from_settings(settings).hold_queue(settings.communicator_types[0])
+    previous = await rig.broker.open_channel()
+    await previous.queue_declare(hold, exclusive=True)  # the previous owner's
+    rig.job(1, "deactivate", iccid=OTHER, lane="bulk")
+    rig.job(2, "activate", iccid=ICCID)
+    await rig.worker.start()
+
+    await until(lambda: rig.finals() == ["e2"])
+    await asyncio.sleep(0.05)
+    assert rig.broker.queues[rig.bulk], "no bulk job taken while the hold is held"
+    await previous.close()  # the previous owner lets go (or its connection dies)
+    await until(lambda: "e1" in rig.finals())
+
+    await rig.worker.stop(1)
+
+
+async def test_after_a_clean_hand_over_the_account_spacing_holds_across_owners(
+        settings: Settings):
+    """The previous owner's last call started just now: the release says when the next may
+    start (one interval after it), and the new owner's first call keeps to it."""
+    settings = make_settings(request_timeout_seconds=30)
+    rig = Rig(settings, Client(settings))
+    rig.broker.publish(rig.owner_log, Message(owned_record("old")))
+    rig.broker.publish(rig.owner_log, Message(released_record("old", time.time() + 0.3)))
+    await rig.worker.start()
+    started = asyncio.get_running_loop().time()
+    rig.job(1)
+
+    await until(lambda: bool(rig.client.calls), timeout=2)
+
+    assert 0.25 <= rig.client.called_at[0] - started < 1.0
     await rig.worker.stop(1)

@@ -59,6 +59,8 @@ class Limiter:
         self._unsent: asyncio.Task[Any] | None = None  # granted, request not written yet
         self._abort: Exception | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
+        self._allowed = asyncio.Event()  # cleared while suspended
+        self._allowed.set()
         # Recent call starts (clock times), enough for calls/s over 10 s (the status page).
         self._starts: deque[float] = deque(maxlen=math.ceil(10.0 / self.interval_s) + 1)
 
@@ -71,10 +73,26 @@ class Limiter:
         since = self._clock() - window_s
         return sum(1 for t in self._starts if t > since) / window_s
 
+    @property
+    def suspended(self) -> bool:
+        return not self._allowed.is_set()
+
+    def suspend(self) -> None:
+        """No call starts until :meth:`unsuspend` (the owner cannot tell whether it still
+        owns the account); a caller waiting for its start keeps waiting."""
+        self._allowed.clear()
+
+    def unsuspend(self) -> None:
+        self._allowed.set()
+
     def hold_off(self, seconds: float) -> None:
         """No call starts before ``seconds`` from now (a new owner of the account waits for
         the previous owner's last request to end, operator guide, section 13)."""
         self._not_before = max(self._not_before, self._clock() + seconds)
+
+    def next_start_in(self) -> float:
+        """Seconds until a call may start, by the spacing alone (0: now)."""
+        return max(0.0, self._last_start + self.min_gap_s - self._clock())
 
     def reopen(self) -> None:
         """Undo :meth:`abort_waiting`: calls may wait for their turn again."""
@@ -104,6 +122,7 @@ class Limiter:
             try:
                 await self._start_lock.acquire()
                 try:
+                    await self._allowed.wait()
                     while True:
                         slot, on_grid = self._next_slot()
                         now = self._clock()

@@ -27,7 +27,10 @@ listed by every account. Faults per ICCID (latency, N failures, every call faili
 error pages, an own ``errorMessage``, an ``errorMessage`` padded to a large body) and per
 account (``down``:
 ``"refuse"`` drops the connection unanswered, ``"html503"`` answers a proxy's 503 page)
-make the failure paths reachable. Every call is kept in ``requests``, with the
+make the failure paths reachable; so do faults of a whole account (every call held
+``latency_s`` — ended early when the caller hangs up — and every ``fail_every``-th call
+answering ``fail_http_status``/``fail_code``: a 5xx storm, injected rate-limit answers,
+which are not counted as violations). Every call is kept in ``requests``, with the
 ``User-Agent`` it came with (which process of the service made it).
 
 It serves plain HTTP, or HTTPS when given a certificate and key (:func:`server_context`;
@@ -38,8 +41,10 @@ In-process, drive it through :class:`Simulator`'s methods. In another process
 (``jasper-consumer simulator --port N``), use the admin API — JSON, no auth:
 
 =======================================  ==============================================
-``GET /_sim/requests``                   every request served, as a list of records
-``GET /_sim/stats``                      ``{"violations", "max_in_flight_seen", "requests"}``
+``GET /_sim/requests[?since=T]``         every request served (started at or after ``T``,
+                                         a ``time.monotonic()``), as a list of records
+``GET /_sim/stats``                      ``{"violations", "violations_by_account", "stalls",
+                                         "max_in_flight_seen", "requests"}``
 ``POST /_sim/reset``                     forget SIMs, faults, requests and counters
 ``PUT /_sim/sims/{iccid}``               ``{"status": ..., "account"?: ...}``: create or
                                          overwrite a SIM
@@ -50,7 +55,9 @@ In-process, drive it through :class:`Simulator`'s methods. In another process
 ``PUT /_sim/faults/{iccid}``             :meth:`Simulator.set_fault` keyword arguments
 ``DELETE /_sim/faults``                  clear every fault
 ``PUT /_sim/accounts/{username}``        ``{"api_key"?, "max_in_flight"?,
-                                         "requests_per_second"?, "down"?}``: add or change
+                                         "requests_per_second"?, "down"?, "latency_s"?,
+                                         "fail_every"?, "fail_http_status"?, "fail_code"?,
+                                         "fail_html"?}``: add or change
 =======================================  ==============================================
 """
 
@@ -110,6 +117,15 @@ class Account:
     max_in_flight: int = 1
     requests_per_second: float = 5.0
     down: str | None = None  # None, "refuse" (drop the connection) or "html503"
+    # Faults of every call of the account: held this long (a hanging API; the call ends
+    # early, unanswered, when the caller hangs up), and every ``fail_every``-th admitted
+    # call answering ``fail_http_status`` with ``fail_code`` (None: no code; ``fail_html``:
+    # a proxy's HTML page). Injected answers are never counted as violations.
+    latency_s: float = 0.0
+    fail_every: int = 0
+    fail_http_status: int = 500
+    fail_code: str | None = "30000001"
+    fail_html: bool = False
 
 
 @dataclass
@@ -130,6 +146,16 @@ class RequestRecord:
     http_status: int
     error_code: str | None
     user_agent: str | None = None
+    violation: str | None = None  # "concurrency" or "rate": the call broke the account's limit
+
+
+@dataclass(eq=False)
+class _Call:
+    """An admitted call, counted in its account's calls in flight until released (once)."""
+
+    request: web.Request
+    record: RequestRecord
+    released: bool = False
 
 
 class _Fault(BaseModel):
@@ -171,6 +197,11 @@ class _AccountChange(BaseModel):
     max_in_flight: int = Field(1, ge=1)
     requests_per_second: float = Field(5.0, gt=0)
     down: Literal["refuse", "html503"] | None = None
+    latency_s: float = Field(0.0, ge=0)
+    fail_every: int = Field(0, ge=0)
+    fail_http_status: int = Field(500, ge=100, le=599)
+    fail_code: str | None = None
+    fail_html: bool = False
 
 
 def _now() -> str:
@@ -223,6 +254,7 @@ class Simulator:
         self.latency_s = 0.0
         self.requests: list[RequestRecord] = []
         self.violations = 0
+        self.violations_by_account: dict[str, int] = collections.defaultdict(int)
         self.max_in_flight_seen: dict[str, int] = {}
         self.base_url = ""
         self.port = 0
@@ -231,7 +263,12 @@ class Simulator:
         self._in_flight: dict[str, int] = collections.defaultdict(int)
         self._starts: dict[str, collections.deque[float]] = collections.defaultdict(
             collections.deque)
+        self._admitted: dict[str, int] = collections.defaultdict(int)  # for fail_every
+        self._holding: dict[str, set[_Call]] = collections.defaultdict(set)  # latency_s
         self._runner: web.AppRunner | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
+        # (monotonic time it ended, seconds late) of each stall of this process's loop
+        self.stalls: collections.deque[tuple[float, float]] = collections.deque(maxlen=10_000)
 
     # -- state, for tests and the admin API ------------------------------------------
 
@@ -299,8 +336,10 @@ class Simulator:
         self.latency_s = 0.0
         self.requests.clear()
         self.violations = 0
+        self.violations_by_account.clear()
         self.max_in_flight_seen.clear()
         self._starts.clear()
+        self._admitted.clear()
 
     # -- serving ---------------------------------------------------------------------
 
@@ -332,14 +371,29 @@ class Simulator:
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, ssl_context=tls_context).start()
         self.port = int(self._runner.addresses[0][1])
+        self._lag_watch = asyncio.create_task(self._watch_lag(), name="simulator loop lag")
         scheme = "https" if tls_context is not None else "http"
         self.base_url = f"{scheme}://{host}:{self.port}{API_PATH}"
         return self.base_url
 
     async def stop(self) -> None:
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+            self._lag_watch = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _watch_lag(self, every_s: float = 0.01, over_s: float = 0.005) -> None:
+        """Note each moment this process's event loop ran late by more than ``over_s``: a
+        stalled simulator stamps the requests it then handles late, which can look like a
+        burst of calls that never was (``stalls`` in ``/_sim/stats``)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(every_s)
+            late = time.monotonic() - before - every_s
+            if late > over_s:
+                self.stalls.append((time.monotonic(), late))
 
     # -- the API pipeline: auth, down, rate limit, faults, then the action -----------
 
@@ -360,18 +414,20 @@ class Simulator:
             if account.down == "html503":
                 raise _Answer(503, None, "Service Temporarily Unavailable", html=True)
             if account.down != "refuse":
-                self._admit(account)
+                call = self._admit(account, request, record)
                 try:
-                    response = web.json_response(await self._perform(request, record, action))
+                    if await self._account_fault(call, account):
+                        response = web.json_response(
+                            await self._perform(request, record, action))
                 finally:  # before the answer is sent: a client awaiting it never overlaps
-                    self._in_flight[account.username] -= 1
+                    self._release(account.username, call)
         except _Answer as answer:
             response, record.error_code = answer.response(), answer.code
         except web.HTTPException as exc:  # e.g. 413 for a body over MAX_BODY_BYTES
             record.http_status = exc.status
             raise
         finally:
-            record.finished = time.monotonic()
+            record.finished = record.finished or time.monotonic()  # set if released early
             if response is not None:
                 record.http_status = response.status
             self._log(record)
@@ -396,22 +452,57 @@ class Simulator:
             raise _error("10000001")
         return account
 
-    def _admit(self, account: Account) -> None:
+    def _admit(self, account: Account, request: web.Request, record: RequestRecord) -> _Call:
         """Count the call in, or answer 40000029 if it would break the account's limits."""
         now = time.monotonic()
+        for held in list(self._holding[account.username]):  # callers gone: their calls ended
+            if request.transport is not None and (held.request.transport is None
+                                                  or held.request.transport.is_closing()):
+                held.record.finished = now
+                self._release(account.username, held)
         rate = account.requests_per_second
         allowed = max(1, math.floor(rate))
         window_s = allowed / rate
         starts = self._starts[account.username]
         while starts and now - starts[0] >= window_s:
             starts.popleft()
-        if self._in_flight[account.username] >= account.max_in_flight or len(starts) >= allowed:
+        busy = self._in_flight[account.username] >= account.max_in_flight
+        if busy or len(starts) >= allowed:
             self.violations += 1
+            self.violations_by_account[account.username] += 1
+            record.violation = "concurrency" if busy else "rate"
             raise _Answer(self.rate_limit_http_status, "40000029")
         starts.append(now)
         self._in_flight[account.username] += 1
         seen = self.max_in_flight_seen.get(account.username, 0)
         self.max_in_flight_seen[account.username] = max(seen, self._in_flight[account.username])
+        return _Call(request, record)
+
+    def _release(self, username: str, call: _Call) -> None:
+        if not call.released:
+            call.released = True
+            self._in_flight[username] -= 1
+            self._holding[username].discard(call)
+
+    async def _account_fault(self, call: _Call, account: Account) -> bool:
+        """Apply the account's own faults: hold the call ``latency_s`` (False, unanswered,
+        if the caller hangs up meanwhile: the call ends then, or at the latest when the
+        account's next call arrives), answer every ``fail_every``-th call with the injected
+        error; True when the call goes on."""
+        self._admitted[account.username] += 1
+        if account.latency_s > 0:
+            until = time.monotonic() + account.latency_s
+            self._holding[account.username].add(call)
+            while (left := until - time.monotonic()) > 0:
+                transport = call.request.transport
+                if call.released or transport is None or transport.is_closing():
+                    return False
+                await asyncio.sleep(min(left, 0.05))
+        if account.fail_every and self._admitted[account.username] % account.fail_every == 0:
+            message = JASPER_ERROR_MEANINGS.get(account.fail_code or "", "Error")
+            raise _Answer(account.fail_http_status, account.fail_code, message,
+                          html=account.fail_html)
+        return True
 
     async def _perform(self, request: web.Request, record: RequestRecord,
                        action: Action) -> dict[str, Any]:
@@ -544,12 +635,18 @@ class Simulator:
     # -- admin API -------------------------------------------------------------------
 
     async def _admin_requests(self, request: web.Request) -> web.Response:
-        return web.json_response([asdict(r) for r in self.requests])
+        try:
+            since = float(request.query.get("since", "-inf"))
+        except ValueError:
+            raise _bad_request("since must be a number (a time.monotonic())") from None
+        return web.json_response([asdict(r) for r in self.requests if r.started >= since])
 
     async def _admin_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"violations": self.violations,
+                                  "violations_by_account": self.violations_by_account,
                                   "max_in_flight_seen": self.max_in_flight_seen,
-                                  "requests": len(self.requests)})
+                                  "requests": len(self.requests),
+                                  "stalls": [list(x) for x in self.stalls]})
 
     async def _admin_reset(self, request: web.Request) -> web.Response:
         self.reset()

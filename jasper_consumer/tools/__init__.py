@@ -16,11 +16,11 @@ returns the process exit status; a problem that stops it from doing its job at a
 
 from __future__ import annotations
 
-from ..errors import JasperConsumerError
+from ..errors import ToolError
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "ToolError"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the tool ran, and what it checked is not right (a type failed, SIM not found)
 
 
-class ToolError(JasperConsumerError):
-    """An operator tool cannot do its job (broker unreachable, queue missing, ...)."""

@@ -34,12 +34,11 @@ from pydantic import ValidationError
 from ..config import Settings
 from ..errors import UnreadableMessage
 from ..events import Job, parse_event
-from ..topology import DEAD_REASON_HEADER, Names
+from ..topology import DEAD_REASON_HEADER, LAST_ERROR_HEADER, Names
 from . import ToolError
 from .reach import connect
 from .tables import render_table
 
-LAST_ERROR_HEADER = "x-jasper-last-error"
 _RETURN_BATCH = 16  # messages handed back at once (see Snapshot)
 _RETURN_WAIT_S = 3.0  # the longest wait for one batch to be back
 _MAX_ARRIVALS = 1000  # new dead letters a pass takes in beyond twice what it found

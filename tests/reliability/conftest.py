@@ -268,15 +268,18 @@ def require_rabbitmqctl() -> None:
                     f"{_RABBITMQCTL[0][:200]}")
 
 
-async def rabbitmqctl_table(command: str, *columns: str) -> list[dict[str, str]]:
-    """Rows of ``rabbitmqctl <command> -p / <columns>`` (e.g. list_queues), one dict each.
+async def rabbitmqctl_table(command: str, *columns: str,
+                            node: str | None = None) -> list[dict[str, str]]:
+    """Rows of ``rabbitmqctl [-n node] <command> -p / <columns>`` (e.g. list_queues), one
+    dict each; ``node`` is another node than the machine's broker (e.g. ``jc1@localhost``).
 
     Read-only listings only: never stop, restart or reset the shared broker from a test.
     """
     assert command.startswith("list_"), command
     require_rabbitmqctl()
+    target = ["-n", node] if node else []
     proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", command, "-p", "/", "--no-table-headers", *columns,
+        "rabbitmqctl", "-q", *target, command, "-p", "/", "--no-table-headers", *columns,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, (command, err.decode(errors="replace"))
