@@ -147,8 +147,8 @@ async def settle(
         await handler(message)
     except asyncio.CancelledError:
         raise  # shutting down: the broker redelivers the unacked message
-    except HandBack:
-        await _answer(message, ack=False)  # deliberate, in order: the caller logs why
+    except HandBack:  # deliberate, in order (the caller logs why): no failure, so basic.nack,
+        await _answer(message, ack=False)  # which RabbitMQ 4.3 counts against no limit
         return False
     except Exception as exc:
         log.warning(
@@ -157,7 +157,7 @@ async def settle(
                               "error": f"{type(exc).__name__}: {exc}"}},
         )
         await asyncio.sleep(REDELIVERY_PAUSE_S)
-        await _answer(message, ack=False)
+        await _answer(message, ack=False, failed=True)  # counts against the delivery limit
         return False
     if not await _answer(message, ack=True):
         return False
@@ -165,19 +165,23 @@ async def settle(
     return True
 
 
-async def _answer(message: AbstractIncomingMessage, *, ack: bool) -> bool:
-    """Ack (batched when the delivery was registered with :data:`ACKS`) or nack; False
-    when the channel is gone (the broker returns the message by itself)."""
+async def _answer(message: AbstractIncomingMessage, *, ack: bool, failed: bool = False) -> bool:
+    """Ack (batched when the delivery was registered with :data:`ACKS`), or hand back for
+    redelivery: ``basic.reject`` when handling it ``failed`` (every RabbitMQ version counts
+    a reject against the queue's delivery limit; 4.3 no longer counts a nack), else
+    ``basic.nack``. False when the channel is gone (the broker returns the message by
+    itself)."""
     if ack and ACKS.settled(message):
         return True
     if not ack:
         ACKS.forget(message)
     try:
-        await (message.ack() if ack else message.nack(requeue=True))
+        await (message.ack() if ack else
+               message.reject(requeue=True) if failed else message.nack(requeue=True))
     except Exception as exc:  # stale channel after a reconnect, closed connection
         log.warning(
             "could not %s message on a lost channel; the broker will redeliver it",
-            "ack" if ack else "nack",
+            "ack" if ack else "reject" if failed else "nack",
             extra={"fields": {"message_id": message.message_id, "error": repr(exc)}},
         )
         return False

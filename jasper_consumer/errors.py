@@ -5,6 +5,7 @@
     JasperConsumerError
     ├── ConfigError(ValueError)          start-up stops; one line per problem
     ├── HandBack                         not forwarded now (the router keeps order) → nack
+    │                                    (a failure is rejected: it counts as a delivery)
     ├── TypePaused                       the communicator type is paused → the job is parked
     ├── PublishFailed                    the broker did not confirm a publish → the input
     │                                    message stays unacked (published again, or returned)
