@@ -302,11 +302,21 @@ class Soak:
         """Consume the history queue; again whenever the broker cancelled the consumer (a
         quorum queue's leader node stopping does) or the channel went."""
         assert self.harness is not None
+        name = f"{self.harness.tag}.history"
         if self._reader is not None:
-            channel, tag = self._reader
+            channel, _ = self._reader
+            # Asked of the broker: aiormq keeps a channel's consumer tags after the broker
+            # cancelled them or the channel closed, and a robust channel restores its
+            # consumers only sometimes. The soak is the history queue's only consumer.
+            # (On another channel: RabbitMQ 3.10 counts 0 on the consumer's own channel.)
             with contextlib.suppress(Exception):
-                underlay = await asyncio.wait_for(channel.get_underlay_channel(), 2)
-                if tag in getattr(underlay, "consumers", {}):
+                look = await asyncio.wait_for(self.harness.connection.channel(), 2)
+                try:
+                    look_at = await asyncio.wait_for(look.declare_queue(name, passive=True), 2)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await look.close()
+                if (look_at.declaration_result.consumer_count or 0) > 0:
                     return
             self.say(f"+{time.monotonic() - self.started:6.1f}s the soak's history consumer "
                      "was cancelled; consuming again")
@@ -314,7 +324,7 @@ class Soak:
                 await asyncio.wait_for(channel.close(), 5)
         channel = await self.harness.connection.channel()
         await channel.set_qos(prefetch_count=200)
-        queue = await channel.get_queue(f"{self.harness.tag}.history")
+        queue = await channel.get_queue(name)
 
         async def on_signal(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             digest = hashlib.sha256(message.body).digest()
