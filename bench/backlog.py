@@ -11,19 +11,21 @@ the same limits (answering in about a millisecond). A round: ``N`` decommissions
 before the service starts; once stage 1 has forwarded every one of them to the bulk queue
 ``<prefix>.bulk.<slug>`` (the owner, a first owner ever, has meanwhile begun applying them at
 5/s), the timed part begins: ``events`` commissions of distinct SIMs, one every
-``interval_s``, each published (with confirm) to ``<prefix>.events``. Latency = its final
-signal on ``<prefix>.history`` reaching the bench - the bench beginning to publish it, on
-the bench's clock (every broker hop included). The simulator's record of each commission's
-PUT gives its answer time. Bulk share = the simulator's DEACTIVATED calls / all calls that
-started between the first commission's publish and the last commission's signal. The bulk
-queue's ready messages are read when the routing is done and when the last signal is in:
-proof that the backlog waited the whole time.
+``interval_s`` on average (each gap drawn from 0.5-1.5 x that), each published with a
+confirm to ``<prefix>.events``. Latency = its final signal on ``<prefix>.history`` reaching
+the bench - the bench beginning to publish it, on the bench's clock (every broker hop
+included). The simulator's record of each commission's PUT gives its answer time. Bulk
+share = the simulator's DEACTIVATED calls / all calls that started between the first
+commission's publish and the last commission's signal. The bulk queue's ready messages are
+read when the routing is done and when the last signal is in: proof that the backlog waited
+the whole time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from typing import Any
 
@@ -53,14 +55,20 @@ def _decommission_bodies(n: int, series: int) -> list[bytes]:
 
 async def _trickle(conn: AbstractRobustConnection, topo: c.Topo, count: int, interval_s: float,
                    series: int, proc: c.Proc, sent: dict[str, tuple[str, float]]) -> None:
-    """Publish ``count`` commissions on a fixed schedule ``interval_s`` apart, each
-    confirmed; ``sent`` gets event id → (ICCID, when its publish began) before each."""
+    """Publish ``count`` commissions ``interval_s`` apart on average, each confirmed;
+    ``sent`` gets event id → (ICCID, when its publish began) before each. The gaps are drawn
+    uniformly from 0.5-1.5 x ``interval_s`` (seeded): at a fixed interval the publishes
+    would fall on only a few phases of the limiter's 1/rps grid, and the distribution would
+    show those phases rather than a technician's random arrival."""
+    gaps = random.Random(series * 1000 + count)
     channel = await conn.channel(publisher_confirms=True)
     try:
         exchange = await channel.get_exchange(topo.events_exchange, ensure=False)
-        begin = time.monotonic()
+        at = time.monotonic()
         for n in range(count):
-            await asyncio.sleep(max(0.0, begin + n * interval_s - time.monotonic()))
+            if n:
+                at += interval_s * gaps.uniform(0.5, 1.5)
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
             proc.check()
             body = c.event(c.iccid(n, series), BACKLOGGED)
             sent[body["event_id"]] = (body["device"]["ref_no"], time.monotonic())
@@ -158,6 +166,7 @@ def _measure(backlog: int, events: int, interval_s: float, sent: dict[str, tuple
         "bulk_share": bulk_calls / len(in_window) if in_window else float("nan"),
         "calls_per_s_in_window": len(in_window) / (window[1] - window[0]),
         "violations": violations,
+        "latencies_ms": [round(v, 1) for v in values],
     }
 
 

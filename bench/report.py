@@ -154,7 +154,9 @@ def _backlog_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         rows.append((
             "8", f"Time to live behind a bulk backlog: 1 type at {_f(b['rps'])} calls/s (one at "
             f"a time), {_f(n)} decommissions waiting in its bulk queue; {b['events']} "
-            f"commissions, 1 per {b['interval_s']:g} s: publish → final signal p50 / p99 / "
+            f"commissions, 1 per {b['interval_s']:g} s on average (random gaps "
+            f"{b['interval_s'] / 2:g} to {b['interval_s'] * 1.5:g} s): publish → final signal "
+            "p50 / p99 / "
             "max; commissions within their own bound (1/rps + 0.5 s + their PUT's answer time)",
             f"{_f(b['p50_ms'])} / {_f(b['p99_ms'])} / {_f(b['max_ms'])} ms; {b['within_own_bound']}"
             f" of {b['events']} ({b['succeeded']} succeeded)",
