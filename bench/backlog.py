@@ -118,20 +118,37 @@ async def backlog_round(conn: AbstractRobustConnection, sim: c.Sim, *, backlog: 
             waiting_at_end = (await c.queue_state(conn, bulk))[0]
             records = await sim.requests(since=started - 1)
             violations = (await sim.stats())["violations"]
+            stalls = sim.stalls(started - 2, window_end)
         await drain.close()
     finally:
         await c.delete_topology(conn, topo, [BACKLOGGED])
     return _measure(backlog, events, interval_s, sent, drain.bodies, records,
                     window=(window_start, window_end), preload_s=preload_s,
                     routed_s=routed_s, waiting_at_start=waiting_at_start,
-                    waiting_at_end=waiting_at_end, violations=violations)
+                    waiting_at_end=waiting_at_end, violations=violations, stalls=stalls)
 
 
 def _measure(backlog: int, events: int, interval_s: float, sent: dict[str, tuple[str, float]],
              signals: list[dict[str, Any]], records: list[dict[str, Any]], *,
              window: tuple[float, float], preload_s: float, routed_s: float,
-             waiting_at_start: int, waiting_at_end: int, violations: int) -> dict[str, Any]:
+             waiting_at_start: int, waiting_at_end: int, violations: int,
+             stalls: list[tuple[float, float]]) -> dict[str, Any]:
     user = c.account_name(BACKLOGGED)
+    mine = [r for r in records if r["account"] == user]
+    admitted = sorted(r["started"] for r in mine if r["violation"] is None)
+    rejected = []
+    for r in sorted((r for r in mine if r["violation"]), key=lambda r: r["started"]):
+        before = [t for t in admitted if t < r["started"]][-5:]
+        rejected.append({
+            "kind": r["violation"], "requested_status": r["requested_status"],
+            "in_window": window[0] <= r["started"] <= window[1],
+            # a violation needs 5 admitted starts within the second before it
+            "span_of_last_5_starts_ms": round(1000 * (r["started"] - before[0]), 1)
+            if len(before) == 5 else None,
+            "gap_to_previous_start_ms": round(1000 * (r["started"] - before[-1]), 1)
+            if before else None,
+            "within_1_s_after_simulator_stall": any(
+                w - ms / 1000 <= r["started"] <= w + 1.0 for w, ms in stalls)})
     puts = [r for r in records if r["account"] == user and r["method"] == "PUT"]
     answer_ms = {r["iccid"]: 1000 * (r["finished"] - r["started"]) for r in puts
                  if r["requested_status"] == "ACTIVATED"}
@@ -165,7 +182,8 @@ def _measure(backlog: int, events: int, interval_s: float, sent: dict[str, tuple
         "calls_in_window": len(in_window), "bulk_calls_in_window": bulk_calls,
         "bulk_share": bulk_calls / len(in_window) if in_window else float("nan"),
         "calls_per_s_in_window": len(in_window) / (window[1] - window[0]),
-        "violations": violations,
+        "violations": violations, "violation_details": rejected,
+        "simulator_stall_max_ms": max((ms for _, ms in stalls), default=0.0),
         "latencies_ms": [round(v, 1) for v in values],
     }
 

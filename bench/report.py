@@ -146,6 +146,15 @@ def _each(runs: list[dict[str, Any]], key: str, digits: int = 2) -> str:
     return text if len(values) < 2 else f"{text} (median {_f(c.median(values), digits)})"
 
 
+def _stalled(b: dict[str, Any]) -> str:
+    details = b.get("violation_details") or []
+    if not details:
+        return ""
+    after = sum(1 for d in details if d["within_1_s_after_simulator_stall"])
+    return (f" ({after} within 1 s after a simulator stall, longest "
+            f"{_f(b.get('simulator_stall_max_ms', 0))} ms)")
+
+
 def _backlog_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for n in r["sizes"]:
@@ -170,7 +179,7 @@ def _backlog_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "rate-limit violations",
             f"{_f(100 * b['bulk_share'])} % of {b['calls_in_window']} "
             f"({_f(b['calls_per_s_in_window'], 2)}/s); {_f(b['bulk_waiting_at_start'])} → "
-            f"{_f(b['bulk_waiting_at_end'])}; {b['violations']}",
+            f"{_f(b['bulk_waiting_at_end'])}; {b['violations']}" + _stalled(b),
             f"≥ {_f(100 * r['min_share'])} % (`lanes.bulk_min_share`); backlog still there; 0",
             _met(b["bulk_share"] >= r["min_share"] and b["bulk_waiting_at_end"] > 0
                  and b["violations"] == 0)))
