@@ -141,10 +141,11 @@ def comm_type(name: str, server_address: str, *, max_concurrency: int, rps: floa
               request_timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """A communicator type whose simulator account is ``user-<slug>`` with key ``bench-key``.
 
-    A process that becomes a type's owner waits ``1 / rps`` plus the request timeout before
-    its first call (operator guide, section 13), also at start-up; the simulator answers in
-    about a millisecond, so the bench's types have 2 s rather than 10, and its scenarios wait
-    for that first call (:func:`first_calls`) or a warm-up event before they measure.
+    A process that becomes a type's owner after a crash waits ``1 / rps`` plus the request
+    timeout before its first call (operator guide, section 13; on a first start or after a
+    clean hand-over it calls at once); the simulator answers in about a millisecond, so the
+    bench's types have 2 s rather than 10, and its scenarios wait for a first call
+    (:func:`first_calls`) or a warm-up event before they measure.
     """
     return {"name": name, "server_address": server_address, "username": account_name(name),
             "api_key": SERVICE_KEY, "max_concurrency": max_concurrency,

@@ -203,9 +203,11 @@ def _takeover_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
               and first["kinds"] == ["first owner"])),
         ("9", f"Clean hand-over (SIGTERM to the owner while commissions wait, a standby "
          f"ready; {limits}): old owner's exit → new owner's first call; the old owner's last "
-         "call's end → it; SIGTERM → exit",
+         "call's end → it; the new owner's `took over` → it (the account's spacing); "
+         "SIGTERM → exit",
          f"{_each(clean['runs'], 'exit_to_first_call_s', 3)} s; "
          f"{_each(clean['runs'], 'last_call_end_to_first_call_s', 3)} s; "
+         f"{_each(clean['runs'], 'took_over_to_first_call_s', 3)} s; "
          f"{_each(clean['runs'], 'sigterm_to_exit_s')} s ({', '.join(clean['kinds'])}; "
          f"{clean['runs'][0]['violations'] if clean['runs'] else 'n/a'} violations)",
          f"≤ {_f(target)} s from the exit",
