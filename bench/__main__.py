@@ -1,10 +1,11 @@
 """``python -m bench``: run every scenario, write ``bench/results/*.json`` and BENCHMARKS.md.
 
 Order: rate fidelity (quiet machine first), router overhead, end to end, isolation, a
-paused type's delayed signals, idle overhead, memory. Memory runs last and gets what is
-left of ``--budget-s`` (it stops at 200,000 events or when its time is up), so the whole
-run stays bounded. A scenario that fails is recorded as failed and the others still run;
-the exit status is then 1.
+paused type's delayed signals, a commission's time to live behind a bulk backlog, the first
+call after a first start, a clean hand-over and a crash, idle overhead, memory. Memory runs
+last and gets what is left of ``--budget-s`` (it stops at 200,000 events or when its time
+is up), so the whole run stays bounded. A scenario that fails is recorded as failed and
+the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import backlog, latency, memory, overhead, pause, rate, report, takeover
 from . import common as c
-from . import latency, memory, overhead, pause, rate, report
 
-SCENARIOS = ("rate", "router", "e2e", "isolation", "pause", "idle", "memory")
+SCENARIOS = ("rate", "router", "e2e", "isolation", "pause", "backlog", "takeover", "idle",
+             "memory")
 _MEMORY_RESERVE_S = 25.0  # stopping, clean-up and writing after the memory scenario
 _MEMORY_MIN_S = 40.0
 
@@ -35,10 +37,12 @@ def _plan(quick: bool) -> dict[str, Any]:
     if quick:  # a smoke run of every scenario, for working on the bench itself
         return {"rate_s": 8, "rate_types": (1, 4), "router": (1, 1000), "e2e": (1, 1000),
                 "isolation": (2000, 15, 0.3), "pause": (1000,), "idle": 5,
+                "backlog": ((2000,), 15, 0.5), "takeover": 1,
                 "memory": (10_000, 20_000),
                 "budget_s": 150}
     return {"rate_s": 60, "rate_types": (1, 20), "router": (3, 4000), "e2e": (3, 2000),
             "isolation": (10_000, 60, 0.3), "pause": (1000, 10_000), "idle": 30,
+            "backlog": ((2000, 10_000), 30, 0.5), "takeover": 3,
             "memory": (100_000, 200_000),
             "budget_s": 570}
 
@@ -109,6 +113,10 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
                 conn, sim, backlog=plan["isolation"][0], events=plan["isolation"][1],
                 interval_s=plan["isolation"][2]),
             "pause": lambda: pause.run_pause(conn, sim, sizes=plan["pause"]),
+            "backlog": lambda: backlog.run_backlog(
+                conn, sim, sizes=plan["backlog"][0], events=plan["backlog"][1],
+                interval_s=plan["backlog"][2]),
+            "takeover": lambda: takeover.run_takeover(conn, sim, rounds=plan["takeover"]),
             "idle": lambda: latency.run_idle(conn, sim, events=plan["idle"]),
             "memory": memory_run,
         }

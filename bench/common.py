@@ -141,10 +141,11 @@ def comm_type(name: str, server_address: str, *, max_concurrency: int, rps: floa
               request_timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """A communicator type whose simulator account is ``user-<slug>`` with key ``bench-key``.
 
-    A process that becomes a type's owner waits ``1 / rps`` plus the request timeout before
-    its first call (operator guide, section 13), also at start-up; the simulator answers in
-    about a millisecond, so the bench's types have 2 s rather than 10, and its scenarios wait
-    for that first call (:func:`first_calls`) or a warm-up event before they measure.
+    A process that becomes a type's owner after a crash waits ``1 / rps`` plus the request
+    timeout before its first call (operator guide, section 13; on a first start or after a
+    clean hand-over it calls at once); the simulator answers in about a millisecond, so the
+    bench's types have 2 s rather than 10, and its scenarios wait for a first call
+    (:func:`first_calls`) or a warm-up event before they measure.
     """
     return {"name": name, "server_address": server_address, "username": account_name(name),
             "api_key": SERVICE_KEY, "max_concurrency": max_concurrency,
@@ -176,8 +177,10 @@ async def delete_topology(conn: AbstractRobustConnection, topo: Topo,
               f"{topo.tag}.router-epoch", *topo.extra_queues]
     for name in type_names:  # as jasper_consumer.topology.Names names them
         queues += [topo.work_queue(slug(name)), f"{topo.tag}.parked.{slug(name)}",
-                   f"{topo.tag}.calls.{slug(name)}"]
-    exchanges = [topo.events_exchange, topo.history_exchange, f"{topo.tag}.dlx"]
+                   f"{topo.tag}.calls.{slug(name)}", f"{topo.tag}.bulk.{slug(name)}",
+                   f"{topo.tag}.owner.{slug(name)}"]
+    exchanges = [topo.events_exchange, topo.history_exchange, f"{topo.tag}.dlx",
+                 f"{topo.tag}.status"]
     for name in queues:
         channel = await conn.channel()
         with contextlib.suppress(Exception):
@@ -474,11 +477,13 @@ class Sim:
     session: aiohttp.ClientSession
 
     async def account(self, user: str, *, max_in_flight: int, rps: float,
-                      down: str | None = None, api_key: str = SERVICE_KEY) -> None:
+                      down: str | None = None, api_key: str = SERVICE_KEY,
+                      latency_s: float = 0.0) -> None:
         """Add or change an account; another ``api_key`` than the service's config has makes
-        every call of the type answer 401 ``10000001`` (a paused type)."""
+        every call of the type answer 401 ``10000001`` (a paused type); ``latency_s`` holds
+        every call that long (ended early when the caller hangs up)."""
         body = {"api_key": api_key, "max_in_flight": max_in_flight,
-                "requests_per_second": rps, "down": down}
+                "requests_per_second": rps, "down": down, "latency_s": latency_s}
         async with self.session.put(f"{self.admin}/accounts/{user}", json=body) as resp:
             resp.raise_for_status()
 
@@ -508,8 +513,11 @@ class Sim:
                     out.append((when, ms))
         return out
 
-    async def requests(self) -> list[dict[str, Any]]:
-        async with self.session.get(f"{self.admin}/requests") as resp:
+    async def requests(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Every request the simulator served (or is serving: ``finished`` 0), or those
+        that started at or after ``since`` (a ``time.monotonic()``)."""
+        params = {} if since is None else {"since": repr(since)}
+        async with self.session.get(f"{self.admin}/requests", params=params) as resp:
             resp.raise_for_status()
             data: list[dict[str, Any]] = await resp.json()
             return data

@@ -139,6 +139,91 @@ def _pause_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def _each(runs: list[dict[str, Any]], key: str, digits: int = 2) -> str:
+    """Every round's value of ``key`` and, over several rounds, their median."""
+    values = [r[key] for r in runs]
+    text = ", ".join(_f(v, digits) for v in values)
+    return text if len(values) < 2 else f"{text} (median {_f(c.median(values), digits)})"
+
+
+def _stalled(b: dict[str, Any]) -> str:
+    details = b.get("violation_details") or []
+    if not details:
+        return ""
+    after = sum(1 for d in details if d["within_1_s_after_simulator_stall"])
+    return (f" ({after} within 1 s after a simulator stall, longest "
+            f"{_f(b.get('simulator_stall_max_ms', 0))} ms)")
+
+
+def _backlog_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for n in r["sizes"]:
+        b = r[f"n_{n}"]
+        bound = b["bound_p99_ms"]
+        rows.append((
+            "8", f"Time to live behind a bulk backlog: 1 type at {_f(b['rps'])} calls/s (one at "
+            f"a time), {_f(n)} decommissions waiting in its bulk queue; {b['events']} "
+            f"commissions, 1 per {b['interval_s']:g} s on average (random gaps "
+            f"{b['interval_s'] / 2:g} to {b['interval_s'] * 1.5:g} s): publish → final signal "
+            "p50 / p99 / "
+            "max; commissions within their own bound (1/rps + 0.5 s + their PUT's answer time)",
+            f"{_f(b['p50_ms'])} / {_f(b['p99_ms'])} / {_f(b['max_ms'])} ms; {b['within_own_bound']}"
+            f" of {b['events']} ({b['succeeded']} succeeded)",
+            f"p99 ≤ {_f(bound)} ms (1/rps {_f(1000 / b['rps'])} + {_f(1000 * r['slack_s'])} + "
+            f"answer p99 {_f(b['answer_p99_ms'], 1)} ms)",
+            _met(b["p99_ms"] <= bound and b["signals"] == b["events"])))
+        rows.append((
+            "8", f"… meanwhile ({_f(b['window_s'], 1)} s, first commission's publish → last "
+            "one's signal): bulk calls / all calls at the simulator (calls/s); bulk jobs "
+            "waiting in the bulk queue when the commissions began → when the last signal came; "
+            "rate-limit violations",
+            f"{_f(100 * b['bulk_share'])} % of {b['calls_in_window']} "
+            f"({_f(b['calls_per_s_in_window'], 2)}/s); {_f(b['bulk_waiting_at_start'])} → "
+            f"{_f(b['bulk_waiting_at_end'])}; {b['violations']}" + _stalled(b),
+            f"≥ {_f(100 * r['min_share'])} % (`lanes.bulk_min_share`); backlog still there; 0",
+            _met(b["bulk_share"] >= r["min_share"] and b["bulk_waiting_at_end"] > 0
+                 and b["violations"] == 0)))
+    return rows
+
+
+def _takeover_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    first, clean, crash = r["first_start"], r["clean"], r["crash"]
+    limits = (f"1 call/s, one at a time, request timeout {_f(r['request_timeout_s'])} s; "
+              f"{r['rounds']} round{'s' if r['rounds'] > 1 else ''}")
+    target, low = r["handover_target_s"], r["crash_min_s"]
+    return [
+        ("9", f"First start ever (fresh prefix, one commission waiting; {limits}): the "
+         "replica's `took over` (log) → its first call on the simulator; spawn → first call; "
+         "spawn → final signal",
+         f"{_each(first['runs'], 'took_over_to_first_call_s', 3)} s; "
+         f"{_each(first['runs'], 'spawn_to_first_call_s')} s; "
+         f"{_each(first['runs'], 'spawn_to_final_signal_s')} s ({', '.join(first['kinds'])})",
+         f"≤ {_f(target)} s after taking over (no wait)",
+         _met(first["took_over_to_first_call_s_max"] <= target
+              and first["kinds"] == ["first owner"])),
+        ("9", f"Clean hand-over (SIGTERM to the owner while commissions wait, a standby "
+         f"ready; {limits}): old owner's exit → new owner's first call; the old owner's last "
+         "call's end → it; the new owner's `took over` → it (the account's spacing); "
+         "SIGTERM → exit",
+         f"{_each(clean['runs'], 'exit_to_first_call_s', 3)} s; "
+         f"{_each(clean['runs'], 'last_call_end_to_first_call_s', 3)} s; "
+         f"{_each(clean['runs'], 'took_over_to_first_call_s', 3)} s; "
+         f"{_each(clean['runs'], 'sigterm_to_exit_s')} s ({', '.join(clean['kinds'])}; "
+         f"{clean['runs'][0]['violations'] if clean['runs'] else 'n/a'} violations)",
+         f"≤ {_f(target)} s from the exit",
+         _met(clean["exit_to_first_call_s_max"] <= target and clean["kinds"] == ["clean"]
+              and not any(x["overlap"] for x in clean["runs"]))),
+        ("9", f"Crash (kill -9 of the owner while one of its calls, held {_f(r['slow_s'])} s by "
+         f"the simulator, is open; {limits}): the killed call's start → the new owner's first "
+         "call; the kill → it",
+         f"{_each(crash['runs'], 'open_call_start_to_first_call_s')} s; "
+         f"{_each(crash['runs'], 'kill_to_first_call_s')} s ({', '.join(crash['kinds'])})",
+         f"≥ {_f(low)} s (request timeout + 1 interval)",
+         _met(crash["open_call_start_to_first_call_s_min"] >= low
+              and crash["kinds"] == ["crash"])),
+    ]
+
+
 def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows: list[tuple[str, str, str, str, str]] = []
 
@@ -254,6 +339,10 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             _met(r["overhead_p50_ms"] <= 10 and r["overhead_p99_ms"] <= 50)))
     if not failed("pause", "7", "Pause"):
         rows += _pause_rows(results["pause"])
+    if not failed("backlog", "8", "Time to live behind a bulk backlog"):
+        rows += _backlog_rows(results["backlog"])
+    if not failed("takeover", "9", "First call after a first start, a hand-over, a crash"):
+        rows += _takeover_rows(results["takeover"])
     return rows
 
 
