@@ -275,6 +275,21 @@ def test_guards_go_once_every_source_drained_after_them():
     assert set(lanes.guards) == {B}
 
 
+def test_a_guard_against_two_sources_goes_only_once_both_were_drained_after_it():
+    """A guard made for doubts on the bulk queue and on the work queue's window stays while
+    either may still hold an older job: one drained source is not enough."""
+    lanes: Lanes[str] = Lanes()
+    placed = lanes.deliver(job("g1", A, ACT, 5), "g1", doubts={Source.BULK, Source.WORK})
+    assert isinstance(placed, Placed)
+    lanes.guarded(placed.entry, *lanes.guard_for(placed.entry))
+    after = lanes.clock
+
+    assert lanes.forget_guards({Source.BULK: after}) == 0
+    assert lanes.forget_guards({Source.BULK: after, Source.WORK: after - 1}) == 0
+    assert lanes.forget_guards({Source.BULK: after, Source.WORK: after}) == 1
+    assert not lanes.guards
+
+
 def test_a_job_in_doubt_does_not_join_a_call_under_way():
     """An identical command in doubt gets a call of its own after the one under way: the
     guard must be in the broker before the call that serves it."""
@@ -547,6 +562,11 @@ class TwoLanesAgainstABroker(RuleBasedStateMachine):
         self.applied: dict[str, int] = {}  # newest stamp applied per SIM, by anyone
         self.applied_ids: set[tuple[str, str, Command]] = set()
         self.windows: set[str] = set()
+        # Window 2 of the guide: a bulk job delivered while the owner saw room in its work
+        # window, though the broker had not pushed an older commission of the SIM yet;
+        # those commissions, and once the owner dies before them, the ones it may apply late.
+        self.at_edge: set[tuple[str, str, Command]] = set()
+        self.edge_crashed: set[tuple[str, str, Command]] = set()
 
     # producers (the router: stamps grow; a lane per job)
 
@@ -598,8 +618,12 @@ class TwoLanesAgainstABroker(RuleBasedStateMachine):
         interactive job for the SIM may be waiting beyond it."""
         if self.queues[Source.BULK]:
             saturated = len(self.owner.held[Source.WORK]) >= PREFETCH
-            self._deliver(self.queues[Source.BULK].pop(0),
-                          {Source.WORK} if saturated else set())
+            copy = self.queues[Source.BULK].pop(0)
+            if not saturated:
+                self.at_edge.update(identity(c.job) for c in self.queues[Source.WORK]
+                                    if c.job.iccid == copy.job.iccid
+                                    and c.job.stamp < copy.job.stamp)
+            self._deliver(copy, {Source.WORK} if saturated else set())
         elif not any(c.source is Source.BULK for c in self.owner.pending):
             self._drained(Source.BULK)
 
@@ -641,7 +665,8 @@ class TwoLanesAgainstABroker(RuleBasedStateMachine):
             if member.job.stamp and member.job.stamp < newest:
                 # The window: a copy of a job already applied (returned unacked by a crash,
                 # or replayed) that the owner no longer remembers. Anything else is a bug.
-                assert member.payload.duplicate or identity(member.job) in self.applied_ids, (
+                assert (member.payload.duplicate or identity(member.job) in self.applied_ids
+                        or identity(member.job) in self.edge_crashed), (
                     f"{member.job.event_id} (stamp {member.job.stamp}, {member.job.lane}) "
                     f"applied after stamp {newest} for {entry.iccid}")
                 self.windows.add(entry.iccid)
@@ -673,6 +698,8 @@ class TwoLanesAgainstABroker(RuleBasedStateMachine):
         in order; the next owner reads the guards back from the broker."""
         for source, held in self.owner.held.items():
             self.queues[source][:0] = [Copy(c.job, c.source, c.duplicate) for c in held]
+        self.edge_crashed |= {i for i in self.at_edge
+                              if any(identity(c.job) == i for c in self.queues[Source.WORK])}
         memory = tiny_memory() if memory_lost else self.owner.lanes.memory
         self.owner = Owner(Lanes(memory))
         self.owner.lanes.load_guards(self.ledger)
