@@ -20,24 +20,31 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from . import broker
-from .config import Settings
+from .bulk import BulkQueue
+from .calls import OwnerCalls
+from .config import CommunicatorType, Settings
 from .edge import ACKS, Handler
 from .history import History
 from .jasper.client import JasperClient
+from .lanes import Lanes, Share
+from .memory import Memory
 from .metrics import Metrics
+from .ownerlog import OwnerLog
+from .parking import Parking
 from .probes import ProbeServer
 from .router import Router
 from .status import Finals
 from .statusboard import StatusBoard
 from .statuspage import routes as status_routes
 from .topology import Names, declare
-from .worker import Worker
+from .worker import Parts, Worker
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,24 @@ def parked_prefetch(settings: Settings, max_concurrency: int, requests_per_secon
     """Parked jobs taken at once while draining: what the account starts in about 2 s."""
     return min(settings.prefetch,
                max(4, 2 * max_concurrency, math.ceil(2 * requests_per_second)))
+
+
+def worker_parts(ct: CommunicatorType, settings: Settings, names: Names, client: JasperClient,
+                 history: History, metrics: Metrics,
+                 open_channel: Callable[[], Awaitable[AbstractChannel]], *,
+                 parked_at_once: int | None = None) -> Parts:
+    """What the owner of ``ct`` works with (:class:`~.worker.Parts`); ``parked_at_once``
+    overrides :func:`parked_prefetch` (tests)."""
+    return Parts(
+        lanes=Lanes(Memory(settings.outcome_memory_bytes)),
+        share=Share(settings.lanes.bulk_min_share),
+        parking=Parking(ct, names, history, open_channel=open_channel,
+                        prefetch=parked_at_once or parked_prefetch(
+                            settings, ct.max_concurrency, ct.requests_per_second),
+                        gauge=metrics.parked.labels(ct.name)),
+        calls=OwnerCalls(client, names.calls_queue(ct), open_channel),
+        owner_log=OwnerLog(names.owner_queue(ct), history, open_channel),
+        bulk=BulkQueue(names.bulk_queue(ct), open_channel))
 
 
 class _Consumer:
@@ -141,13 +166,14 @@ class Service:
         # queue declared on a robust channel is restored, with its consumer, when the
         # connection comes back (on another node too); the watchdog is the backstop.
         for ct in s.communicator_types:
+            history = History(await self._channel(), names, self.metrics,
+                              on_final=self.finals.record_final)
             worker = Worker(
-                ct, s, self.clients[ct.name],
-                History(await self._channel(), names, self.metrics,
-                        on_final=self.finals.record_final), self.metrics,
+                ct, s, self.clients[ct.name], history, self.metrics,
+                worker_parts(ct, s, names, self.clients[ct.name], history, self.metrics,
+                             self._channel),
                 names=names, open_channel=self._channel,
-                prefetch=work_prefetch(s, ct.max_concurrency, ct.requests_per_second),
-                parked_prefetch=parked_prefetch(s, ct.max_concurrency, ct.requests_per_second))
+                prefetch=work_prefetch(s, ct.max_concurrency, ct.requests_per_second))
             self.workers[ct.name] = worker
             await worker.start()
 

@@ -154,7 +154,6 @@ class Parking:
         history: History,
         *,
         open_channel: Callable[[], Awaitable[AbstractChannel]],
-        on_job: Callable[[Job, AbstractIncomingMessage], None],
         prefetch: int,
         gauge: Gauge | None = None,
     ) -> None:
@@ -163,7 +162,7 @@ class Parking:
         self.queue_name = names.parked_queue(ct)
         self._history = history
         self._open_channel = open_channel
-        self._on_job = on_job
+        self._on_job: Callable[[Job, AbstractIncomingMessage], None] | None = None
         self._prefetch = prefetch
         self._gauge = gauge
         self._channel: AbstractChannel | None = None
@@ -172,6 +171,10 @@ class Parking:
     def _show(self) -> None:
         if self._gauge is not None:
             self._gauge.set(self.rules.count)
+
+    def deliver_to(self, on_job: Callable[[Job, AbstractIncomingMessage], None]) -> None:
+        """Where drained jobs go (the worker, once it is built)."""
+        self._on_job = on_job
 
     async def take_over(self) -> int:
         """Read how many jobs wait in the parked queue (a new owner calls this first)."""
@@ -237,6 +240,7 @@ class Parking:
             self._show()
             return
         self.rules.read_back(job)
+        assert self._on_job is not None, "Parking.deliver_to was not called"
         self._on_job(job, message)
 
     async def acked(self, message: AbstractIncomingMessage) -> bool:

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -48,7 +49,6 @@ from .history import History, message_id, until_confirmed
 from .jasper.client import JasperClient
 from .jasper.retry import RetryLog, change_status
 from .lanes import Entry, Immediate, Lanes, Member, Share, Source, State
-from .memory import Memory
 from .metrics import Metrics
 from .outcomes import ErrorInfo, Outcome
 from .ownerlog import OwnerLog
@@ -62,15 +62,28 @@ GIVE_BACK_WAIT_S = 1.0  # after giving the type back, before consuming again
 HOLD_POLL_S = 0.5  # how often a new owner looks whether the previous one let go
 
 
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What the owner of a type works with; the service builds them (:mod:`.app`) and the
+    worker ties them together (the pause, the parker and the feed, which call back into
+    it, the worker builds itself)."""
+
+    lanes: Lanes[Delivery]  # order per SIM, coalescing, outcomes, guards
+    share: Share  # the bulk lane's least share
+    parking: Parking  # the parked queue
+    calls: OwnerCalls  # the tools' calls, served within the account's limits
+    owner_log: OwnerLog  # who owned the type, how it was let go, the guards
+    bulk: BulkQueue  # the bulk queue, pulled
+
+
 class Worker:
     """Consumes ``<prefix>.work.<slug>`` (and, while it owns the type, its bulk and parked
     queues) for one communicator type."""
 
     def __init__(
         self, ct: CommunicatorType, settings: Settings, client: JasperClient,
-        history: History, metrics: Metrics, *, names: Names,
+        history: History, metrics: Metrics, parts: Parts, *, names: Names,
         open_channel: Callable[..., Awaitable[AbstractChannel]], prefetch: int,
-        parked_prefetch: int,
     ) -> None:
         self.ct, self.names, self.prefetch = ct, names, prefetch
         self.work_queue = names.work_queue(ct)
@@ -82,21 +95,17 @@ class Worker:
         self._metrics = metrics
         self._coalesced = metrics.coalesced.labels(ct.name)
         self._processing = metrics.child(metrics.event_processing, "apply")
-        self.lanes: Lanes[Delivery] = Lanes(Memory(settings.outcome_memory_bytes))
-        self.share = Share(settings.lanes.bulk_min_share)
+        self.lanes, self.share = parts.lanes, parts.share
+        self.calls, self.owner_log = parts.calls, parts.owner_log
+        self.parking = parts.parking
+        self.parking.deliver_to(self._from_parking)
         self.pause = Pause(ct.name, metrics, echo=client.probe, on_pause=self._on_pause,
                            on_resume=self._on_resume)
-        self.parking = Parking(ct, names, history, open_channel=open_channel,
-                               on_job=self._from_parking, prefetch=parked_prefetch,
-                               gauge=metrics.parked.labels(ct.name))
         self.parker = Parker(self.lanes, self.parking, self._spawn,
                              error=lambda: self.pause.error,
                              last_error=lambda: self.pause.last_error,
                              on_moved=self._moved)
-        self.calls = OwnerCalls(client, names.calls_queue(ct), open_channel)
-        self.owner_log = OwnerLog(names.owner_queue(ct), history, open_channel)
-        self.feed = Feed(self, BulkQueue(names.bulk_queue(ct), open_channel),
-                         lookahead=2 * ct.max_concurrency + 1)
+        self.feed = Feed(self, parts.bulk, lookahead=2 * ct.max_concurrency + 1)
         self._channel: AbstractChannel | None = None
         self._hold: AbstractChannel | None = None  # declared <prefix>.hold.<slug>
         self._owner: object | None = None  # the underlying channel we own the type on

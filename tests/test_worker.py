@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer import calls
+from jasper_consumer.app import worker_parts
 from jasper_consumer.config import Command, RetrySettings, Settings, parse_settings
 from jasper_consumer.errors import CommunicatorMisconfigured, JasperError, JasperRetryable
 from jasper_consumer.jasper.limiter import Limiter
@@ -90,11 +91,16 @@ class Rig:
         ct = settings.communicator_types[0]
         self.work, self.bulk = names.work_queue(ct), names.bulk_queue(ct)
         self.parked, self.owner_log = names.parked_queue(ct), names.owner_queue(ct)
+        metrics = Metrics(CollectorRegistry())
+        parts = worker_parts(ct, settings, names, client,  # type: ignore[arg-type]
+                             self.history, metrics,  # type: ignore[arg-type]
+                             self.broker.open_channel,  # type: ignore[arg-type]
+                             parked_at_once=4)
         self.worker = Worker(ct, settings, client,  # type: ignore[arg-type]
-                             self.history, Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+                             self.history, metrics, parts,  # type: ignore[arg-type]
                              names=names,
                              open_channel=self.broker.open_channel,  # type: ignore[arg-type]
-                             prefetch=prefetch, parked_prefetch=4)
+                             prefetch=prefetch)
 
     def job(self, n: int, command: str = "activate", iccid: str = ICCID,
             lane: str = "interactive") -> None:
