@@ -207,10 +207,11 @@ class Parking:
         self.rules.parked(job)
         self._show()
 
-    async def start_draining(self) -> None:
-        """Consume the parked queue (oldest first), handing each job to ``on_job``. On a
-        failure nothing is left half-open: the channel is closed and the error raised."""
-        if not self.rules.should_drain(paused=False):
+    async def start_draining(self, *, paused: bool = False) -> None:
+        """Consume the parked queue (oldest first), handing each job to ``on_job`` — not
+        while ``paused`` (the resume starts it then). On a failure nothing is left
+        half-open: the channel is closed and the error raised."""
+        if not self.rules.should_drain(paused=paused):
             return
         self.rules.draining = True
         try:

@@ -250,8 +250,8 @@ class Worker:
         await self._take_hold(channel)
         if channel is not self._owner:
             return
-        try:
-            await self.parking.start_draining()
+        try:  # a pause that came meanwhile (the first call may precede this) drains at its end
+            await self.parking.start_draining(paused=self.pause.error is not None)
         except Exception as exc:
             self._give_back(f"cannot drain its parked queue: {type(exc).__name__}: {exc}")
             return
@@ -546,8 +546,9 @@ class Worker:
 
     async def _on_resume(self) -> None:
         async with self._hooks:
-            try:
-                await self.parking.start_draining()
+            try:  # not before the take-over holds the hold: it opens the sources then
+                if self.feed.pulling:
+                    await self.parking.start_draining()
             except Exception as exc:
                 self._give_back(f"cannot drain its parked queue after the resume: "
                                 f"{type(exc).__name__}: {exc}")

@@ -397,6 +397,33 @@ async def test_a_first_owner_waits_while_a_tool_calls_the_account_itself(setting
     await rig.worker.stop(1)
 
 
+async def test_a_pause_before_the_sources_open_leaves_the_parked_queue_alone(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch):
+    """The first call may come before the take-over has opened the parked queue (here: the
+    previous owner still holds the hold). If it pauses the type, opening the sources
+    afterwards must not drain the jobs just parked: they wait for the resume."""
+    monkeypatch.setattr("jasper_consumer.worker.HOLD_POLL_S", 0.01)
+    client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid credentials", 401))
+    rig = Rig(settings, client)
+    hold = Names.from_settings(settings).hold_queue(settings.communicator_types[0])
+    previous = await rig.broker.open_channel()
+    await previous.queue_declare(hold, exclusive=True)  # the previous owner's
+    for n in range(1, 4):
+        rig.job(n, iccid=f"8961018500234567890{n}")
+    await rig.worker.start()
+    await until(lambda: len(rig.broker.queues.get(rig.parked, [])) == 3)
+
+    await previous.close()  # the hold is let go: the sources open, the type still paused
+    await until(lambda: rig.worker.feed.pulling)
+
+    assert rig.worker.pause.error is not None
+    assert not rig.worker.parking.rules.draining
+    assert len(rig.broker.queues[rig.parked]) == 3, "parked jobs taken while paused"
+    assert len([k for _, k, _ in rig.history.signals if k is Kind.DELAYED]) == 3
+    assert rig.finals() == []
+    await rig.worker.stop(1)
+
+
 async def test_a_new_owner_takes_no_bulk_job_while_the_previous_one_holds_some(
         settings: Settings, monkeypatch: pytest.MonkeyPatch):
     """The previous owner still holds the hold queue (its channels not closed yet: a stuck

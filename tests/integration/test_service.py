@@ -293,7 +293,9 @@ async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
     parked = await channel.declare_queue(broker.names.parked_queue(ct), passive=True)
     work = await channel.declare_queue(broker.names.work_queue(ct), passive=True)
     await channel.close()
-    assert parked.declaration_result.message_count == len(parked_ids)
+    assert parked.declaration_result.message_count == len(parked_ids), " ".join(str(x) for x in [
+        (s["event_id"][:8], s["outcome"], (s.get("error") or {}).get("code"))
+        for s in broker.signals])
     assert work.declaration_result.message_count == 0  # only the anchor, held unacked
     sim.accounts["nz"].api_key = "wrong-key"
     signals = await broker.final_signals(ids)
