@@ -68,3 +68,47 @@ async def test_a_pipelined_park_move_not_taken_fails_alone(
         await queue.delete(if_unused=False, if_empty=False)
         if not channel.is_closed:
             await channel.close()
+
+
+async def test_batched_and_single_publishes_share_a_channel(
+        connection: AbstractRobustConnection):
+    """Batched moves and ordinary publishes (signals, tokens) on one channel at once: the
+    numbering the confirms refer to stays one sequence, every publish is confirmed."""
+    tag = f"jct-{uuid.uuid4().hex[:8]}"
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    queue = await channel.declare_queue(f"{tag}.parked.t", durable=True)
+    try:
+        h = history(channel, tag)
+        await asyncio.gather(*(h.to_queue(queue.name, b"{}", message_id(),
+                                          pipelined=n % 3 != 0) for n in range(900)))
+        assert await depth(channel, queue.name) == 900
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await channel.close()
+
+
+async def test_a_lost_channel_fails_the_batched_publishes_not_confirmed(
+        connection: AbstractRobustConnection):
+    """The channel closes with moves in flight: each one either returned (and is in the
+    queue) or raised PublishFailed — none hangs, none looks like a cancellation (how many
+    the broker confirmed before the close is a race)."""
+    tag = f"jct-{uuid.uuid4().hex[:8]}"
+    other = await connection.channel()
+    queue = await other.declare_queue(f"{tag}.parked.t", durable=True)
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        h = history(channel, tag)
+        moves = [asyncio.ensure_future(h.to_queue(queue.name, b"{}", message_id(),
+                                                  pipelined=True)) for _ in range(500)]
+        await asyncio.sleep(0)  # the first batch is on its way
+        await channel.close()
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(*moves, return_exceptions=True)
+        assert all(r is None or isinstance(r, PublishFailed) for r in results), {
+            type(r).__name__ for r in results}
+        with pytest.raises(PublishFailed):  # and one asked for once it is closed
+            await h.to_queue(queue.name, b"{}", message_id(), pipelined=True)
+        assert await depth(other, queue.name) >= sum(1 for r in results if r is None)
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await other.close()
