@@ -8,7 +8,7 @@ every other publish of the channel back a turn of the event loop per message. On
 shared with the broker that capped a pause near 1,000 jobs a second (BENCHMARKS.md, "The
 pause at 10,000").
 
-:class:`Batch` takes the publishes asked for within one turn of the event loop, numbers
+:class:`Batch` takes the publishes asked for within :data:`GATHER_S`, numbers
 them under the channel's lock exactly as ``basic_publish`` does (so they mix with its
 publishes on the same channel), marshals them into one frame buffer, and hands it to the
 connection's writer at once: one send for dozens. Every caller then waits for *its own*
@@ -35,6 +35,10 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 MAX_BATCH = 256  # publishes per write at most
+# How long the first publish of a batch waits for others: 0 (one turn of the loop) wrote
+# batches of a few; 3 ms took the service from 0.36 to 0.30 CPU ms per parked job (bench
+# pause, 10,000 commissions), at 3 ms more per move against a pause's 5 s.
+GATHER_S = 0.003
 
 
 @dataclass(slots=True)
@@ -78,7 +82,7 @@ class Batch:
 
     async def _write(self) -> None:
         """Write what waits, batch after batch, until nothing does."""
-        await asyncio.sleep(0)  # the publishes asked for in this turn of the loop join
+        await asyncio.sleep(GATHER_S)  # the publishes asked for meanwhile join
         while self._waiting:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
             try:

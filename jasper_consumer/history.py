@@ -85,7 +85,7 @@ class History:
         (Straight to aiormq: aio-pika's ``Message`` and ``Exchange.publish`` wrappers cost
         about 5 % of the service's CPU per event, measured with py-spy in bench.hotpath.)
 
-        ``pipelined``: written together with the others asked for meanwhile
+        ``pipelined``: written together with the others asked for within 3 ms
         (:class:`~.batch.Batch`: one socket write for dozens), still confirmed one by one —
         for a pause's moves, thousands at once. Others are written on their own."""
         try:
