@@ -13,13 +13,16 @@ standby, or this process again, takes it). Losing the channel loses the type: ca
 probing stops, the broker returns every unacked message.
 
 Interactive jobs come from the work queue (pushed); bulk jobs from the bulk queue
-(:mod:`.bulk`, pulled by :mod:`.feed`); both go to :class:`~.lanes.Lanes` (order per SIM,
-coalescing, outcomes, guards) and are applied by ``max_concurrency`` runners, each taking
-the account's next start from the limiter and only then choosing the job — interactive
-first, bulk its share (:class:`~.lanes.Share`). A job's signal is published and confirmed
-before its message is acked. While the type is paused, or jobs held up by a pause still
-wait, jobs go to :class:`~.parking.Parking` instead, each with its delayed signal. Nothing
-here nacks: a message not done is returned by the broker when its channel closes, to the
+(:mod:`.bulk`, pulled by :mod:`.feed`; pushed while the type is paused, to be parked); both
+go to :class:`~.lanes.Lanes` (order per SIM, coalescing, outcomes, guards) and are applied
+by ``max_concurrency`` runners, each taking the account's next start from the limiter and
+only then choosing the job — interactive first, bulk its share (:class:`~.lanes.Share`). A
+job's signal is published and confirmed before its message is acked. While the type is
+paused, or jobs held up by a pause still wait, jobs go to :class:`~.parking.Parking`
+instead, each with its delayed signal (and the anchor is swapped for a fresh token after
+:data:`ANCHOR_BEHIND` of them, so that their acks can go out together:
+:meth:`Worker._replace_anchor`). Nothing here nacks: a message not done is returned by the
+broker when its channel closes, to the
 head of its queue and in order.
 """
 
