@@ -22,8 +22,7 @@ paused, or jobs held up by a pause still wait, jobs go to :class:`~.parking.Park
 instead, each with its delayed signal (and the anchor is swapped for a fresh token after
 :data:`ANCHOR_BEHIND` of them, so that their acks can go out together:
 :meth:`Worker._replace_anchor`). Nothing here nacks: a message not done is returned by the
-broker when its channel closes, to the
-head of its queue and in order.
+broker when its channel closes, to the head of its queue and in order.
 """
 
 from __future__ import annotations
