@@ -109,6 +109,8 @@ class Feed:
     async def _pushed(self, message: AbstractIncomingMessage) -> None:
         """A bulk job pushed while paused: parked like a pulled one. If that fails, the bulk
         channel closes (every job in hand back at the queue's head, in order)."""
+        if self._w.stopping:
+            return  # not acked: returned in order when the channel closes
         try:
             await self._w._arrived(message, Source.BULK)
         except Exception as exc:

@@ -347,6 +347,10 @@ class Worker:
         self._kick.set()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def owner(self) -> bool:
         return self._owner is not None and self._ready.is_set()
 

@@ -276,9 +276,17 @@ async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
     worker = service.workers["M2MOne NZ"]
     ct = service.settings.communicator_types[0]
 
-    await broker.wait_for(
-        lambda: all(any(s["event_id"] == e and s["outcome"] == "delayed" for s in broker.signals)
-                    for e in ids), "a delayed signal for every event")
+    def told(e: str) -> bool:
+        """Delayed, or superseded at once: a bulk decommission that reaches the owner while
+        its SIM's newer commission still waits to be parked needs no call (ParkRules.wants;
+        how often that happens depends on how fast the moves go)."""
+        return any(s["event_id"] == e and (s["outcome"] == "delayed" or (
+            s["outcome"] == "failed" and s["error"]["code"] == "SUPERSEDED"))
+            for s in broker.signals)
+
+    await broker.wait_for(lambda: all(told(e) for e in ids),
+                          "a delayed signal (or SUPERSEDED) for every event")
+    delayed = {s["event_id"] for s in broker.signals if s["outcome"] == "delayed"}
     async with asyncio.timeout(10):  # renewing the anchor publishes no signal: poll it
         while worker.renewals < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
@@ -286,7 +294,7 @@ async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
     parked = await channel.declare_queue(broker.names.parked_queue(ct), passive=True)
     work = await channel.declare_queue(broker.names.work_queue(ct), passive=True)
     await channel.close()
-    assert parked.declaration_result.message_count == len(ids)
+    assert parked.declaration_result.message_count == len(delayed)
     assert work.declaration_result.message_count == 0  # only the anchor, held unacked
     sim.accounts["nz"].api_key = "wrong-key"
     signals = await broker.final_signals(ids)
@@ -294,7 +302,8 @@ async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
     # Each SIM: a commission, a decommission (bulk), a commission. Parked, the bulk job may
     # come back after the newer commission: then it is SUPERSEDED instead of applied after it.
     for e in ids:
-        assert [s["outcome"] for s in broker.signals if s["event_id"] == e].count("delayed") == 1
+        assert [s["outcome"] for s in broker.signals if s["event_id"] == e].count(
+            "delayed") == (1 if e in delayed else 0)
         final = signals[e]
         assert final["outcome"] == "succeeded" or final["error"]["code"] == "SUPERSEDED", final
     for n in range(4):
