@@ -73,12 +73,16 @@ class Batch:
             self._writing = asyncio.ensure_future(self._write())
         async with asyncio.timeout(timeout_s):
             confirmation = await publish.sent
-            # asyncio.wait: a confirmation cancelled by the channel's close is a failure of
-            # this publish, not a cancellation of the caller
-            await asyncio.wait([confirmation])
-        if confirmation.cancelled():
-            raise aiormq.exceptions.ChannelInvalidStateError("channel closed before the confirm")
-        return confirmation.result()
+            try:
+                return await confirmation
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if confirmation.cancelled() and task is not None and not task.cancelling():
+                    # the confirmation was dropped (its channel closed), not this caller
+                    # cancelled: a failed publish
+                    raise aiormq.exceptions.ChannelInvalidStateError(
+                        "channel closed before the confirm") from None
+                raise
 
     async def _write(self) -> None:
         """Write what waits, batch after batch, until nothing does."""
