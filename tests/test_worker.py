@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer import calls
+from jasper_consumer.bulk import PUSHED_PREFETCH
 from jasper_consumer.config import Command, RetrySettings, Settings, parse_settings
 from jasper_consumer.errors import CommunicatorMisconfigured, JasperError, JasperRetryable
 from jasper_consumer.jasper.limiter import Limiter
@@ -506,4 +507,19 @@ async def test_the_anchor_is_replaced_once_jobs_are_parked_behind_it(settings: S
     assert rig.worker.renewals == 1
     await until(lambda: rig.worker._anchor is not None)  # the fresh token, now the anchor
     assert rig.worker._anchor is not anchor
+    await rig.worker.stop(1)
+
+
+async def test_a_running_type_only_pulls_its_bulk_queue(settings: Settings):
+    """Not paused, bulk jobs are pulled a few at a time: no push consumer is ever made on
+    the bulk queue (it would hold hundreds past the consumer timeout at 1 call/s)."""
+    client = Client(settings)
+    rig = Rig(settings, client)
+    for n in range(1, 41):
+        rig.job(n, "deactivate", iccid=sim(n), lane="bulk")
+    await rig.worker.start()
+
+    await until(lambda: len(rig.finals()) == 40)
+    assert not rig.broker.consumers.get(rig.bulk)
+    assert all(channel.prefetch != PUSHED_PREFETCH for channel in rig.broker.channels)
     await rig.worker.stop(1)
