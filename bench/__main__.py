@@ -36,12 +36,12 @@ _MEMORY_MIN_S = 40.0
 def _plan(quick: bool) -> dict[str, Any]:
     if quick:  # a smoke run of every scenario, for working on the bench itself
         return {"rate_s": 8, "rate_types": (1, 4), "router": (1, 1000), "e2e": (1, 1000),
-                "isolation": (2000, 15, 0.3), "pause": (1000,), "idle": 5,
+                "isolation": (2000, 15, 0.3), "pause": ((1000,), ()), "idle": 5,
                 "backlog": ((2000,), 15, 0.5), "takeover": 1,
                 "memory": (10_000, 20_000),
                 "budget_s": 150}
     return {"rate_s": 60, "rate_types": (1, 20), "router": (3, 4000), "e2e": (3, 2000),
-            "isolation": (10_000, 60, 0.3), "pause": (1000, 10_000), "idle": 30,
+            "isolation": (10_000, 60, 0.3), "pause": ((1000, 10_000), (10_000,)), "idle": 30,
             "backlog": ((2000, 10_000), 30, 0.5), "takeover": 3,
             "memory": (100_000, 200_000),
             "budget_s": 570}
@@ -112,7 +112,8 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
             "isolation": lambda: latency.run_isolation(
                 conn, sim, backlog=plan["isolation"][0], events=plan["isolation"][1],
                 interval_s=plan["isolation"][2]),
-            "pause": lambda: pause.run_pause(conn, sim, sizes=plan["pause"]),
+            "pause": lambda: pause.run_pause(conn, sim, sizes=plan["pause"][0],
+                                           bulk_sizes=plan["pause"][1]),
             "backlog": lambda: backlog.run_backlog(
                 conn, sim, sizes=plan["backlog"][0], events=plan["backlog"][1],
                 interval_s=plan["backlog"][2]),

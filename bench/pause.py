@@ -9,10 +9,11 @@ and the first one pauses the type.
 A round: the bench first takes the work queue's single-active-consumer place with a token
 of its own (prefetch 1, so it is given nothing else); ``N`` events are published to
 ``<prefix>.events`` and the service started; once stage 1 has forwarded all ``N`` to the
-work queue, the bench gives up its place (cancel, then ack its token) and the service's
-worker owns the type with ``N`` jobs waiting. After the owner's wait (``1 / rps`` + the
-request timeout, 2 s here) its first call is answered 401: the pause, timed by the
-simulator's own record of that request (``time.monotonic``, one clock for every process
+work queue (commissions, interactive) or to the bulk queue (decommissions, the bulk lane:
+``lanes.bulk_commands``), the bench gives up its place (cancel, then ack its token) and
+the service's worker owns the type with ``N`` jobs waiting. After the owner's wait
+(``1 / rps`` + the request timeout, 2 s here) its first call is answered 401: the pause,
+timed by the simulator's own record of that request (``time.monotonic``, one clock for every process
 on the host). Every delayed signal is timed when it reaches the bench on
 ``<prefix>.history``; lag = that - the pause. Reported: p50 and max (the last one) of the
 lags, the time from the first delayed signal to the last, and whether every job got
@@ -90,7 +91,13 @@ async def _ready(conn: AbstractRobustConnection, queue: str, n: int) -> bool:
     return (await c.queue_state(conn, queue))[0] >= n
 
 
-async def pause_round(conn: AbstractRobustConnection, sim: c.Sim, n: int) -> dict[str, Any]:
+DECOMMISSION_CODE = 65517  # the bench config's deactivate: a bulk job by default
+
+
+async def pause_round(conn: AbstractRobustConnection, sim: c.Sim, n: int, *,
+                      bulk: bool = False) -> dict[str, Any]:
+    """One round with ``n`` jobs waiting: commissions in the work queue, or (``bulk``)
+    decommissions in the bulk queue."""
     topo = c.Topo()
     user = c.account_name(PAUSED)
     await sim.reset()
@@ -98,7 +105,11 @@ async def pause_round(conn: AbstractRobustConnection, sim: c.Sim, n: int) -> dic
     raw = topo.config([c.comm_type(PAUSED, sim.base_url, max_concurrency=1, rps=1)])
     work = topo.work_queue(c.slug(PAUSED))
     parked = f"{topo.tag}.parked.{c.slug(PAUSED)}"
+    waiting = f"{topo.tag}.bulk.{c.slug(PAUSED)}" if bulk else work
     events = [c.event(c.iccid(i, 5), PAUSED) for i in range(n)]
+    if bulk:
+        for e in events:
+            e["event_code"] = DECOMMISSION_CODE
     ids = {e["event_id"] for e in events}
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(c.delete_topology, conn, topo, [PAUSED])
@@ -114,7 +125,7 @@ async def pause_round(conn: AbstractRobustConnection, sim: c.Sim, n: int) -> dic
                         exchange=topo.events_exchange, routing_key=f"event.{c.EVENT_CODE}")
         async with c.service(raw) as proc:
             started = time.monotonic()
-            await c.wait_until(lambda: _ready(conn, work, n),
+            await c.wait_until(lambda: _ready(conn, waiting, n),
                                f"stage 1 to forward {n:,} events", 120, 0.1)
             routed_s = time.monotonic() - started
             pids = {"service": proc.pid, "broker": c.broker_pid()}
@@ -134,7 +145,7 @@ async def pause_round(conn: AbstractRobustConnection, sim: c.Sim, n: int) -> dic
             records = await sim.requests()
             parked_left = (await c.queue_state(conn, parked))[0]
     return {**_measure(n, ids, drain.bodies, records, routed_s=routed_s, released=released,
-                       parked_left=parked_left), **cpu}
+                       parked_left=parked_left), **cpu, "lane": "bulk" if bulk else "work"}
 
 
 def _measure(n: int, ids: set[str], signals: list[dict[str, Any]],
@@ -172,22 +183,28 @@ def _measure(n: int, ids: set[str], signals: list[dict[str, Any]],
 
 
 async def run_pause(conn: AbstractRobustConnection, sim: c.Sim, *, sizes: tuple[int, ...],
-                    rounds: int = 1) -> dict[str, Any]:
-    out: dict[str, Any] = {"target_s": TARGET_S, "sizes": list(sizes), "rounds": rounds}
-    for n in sizes:
+                    bulk_sizes: tuple[int, ...] = (), rounds: int = 1) -> dict[str, Any]:
+    """Commissions (work queue) for each of ``sizes``, then decommissions (bulk queue) for
+    each of ``bulk_sizes``; results under ``n_<N>`` and ``bulk_<N>``."""
+    out: dict[str, Any] = {"target_s": TARGET_S, "sizes": list(sizes),
+                           "bulk_sizes": list(bulk_sizes), "rounds": rounds}
+    plan = [(n, False) for n in sizes] + [(n, True) for n in bulk_sizes]
+    for n, bulk in plan:
         runs = []
+        what = "decommissions (bulk)" if bulk else "commissions"
         for _ in range(rounds):
-            r = await pause_round(conn, sim, n)
+            r = await pause_round(conn, sim, n, bulk=bulk)
             runs.append(r)
-            c.log(f"pause: {n:,} waiting: delayed p50 {r['lag_p50_s']:.2f} s, last "
+            c.log(f"pause: {n:,} {what} waiting: delayed p50 {r['lag_p50_s']:.2f} s, last "
                   f"{r['lag_max_s']:.2f} s after the pause; {r['jobs_with_one']:,} with one, "
                   f"{r['jobs_with_more']} with more, {r['jobs_missing']} missing; "
                   f"{r['delayed_per_s']:.0f} delayed/s, service "
                   f"{r.get('service_cpu_ms_per_job', math.nan):.3f} CPU ms/job")
-        out[f"n_{n}"] = {
-            "n": n, "runs": runs,
+        out[f"bulk_{n}" if bulk else f"n_{n}"] = {
+            "n": n, "lane": "bulk" if bulk else "work", "runs": runs,
             "lag_p50_s": c.median([r["lag_p50_s"] for r in runs]),
             "lag_max_s": max(r["lag_max_s"] for r in runs),
+            "delayed_per_s": c.median([r["delayed_per_s"] for r in runs]),
             "exactly_one": all(r["jobs_with_one"] == n and r["final_signals"] == 0
                                for r in runs),
         }

@@ -117,23 +117,26 @@ def _e2e_peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 def _pause_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
-    for n in r["sizes"]:
-        p = r[f"n_{n}"]
+    plan = [(n, f"n_{n}", "jobs") for n in r["sizes"]] + [
+        (n, f"bulk_{n}", "decommissions (bulk lane)") for n in r.get("bulk_sizes", [])]
+    for n, key, what in plan:
+        p = r[key]
         runs = p["runs"]
         one = min(x["jobs_with_one"] for x in runs)
         more = max(x["jobs_with_more"] for x in runs)
         missing = max(x["jobs_missing"] for x in runs)
         finals = max(x["final_signals"] for x in runs)
         spread = c.median([x["first_to_last_delayed_s"] for x in runs])
+        rate = c.median([x["delayed_per_s"] for x in runs])
         rounds = f", {len(runs)} rounds" if len(runs) > 1 else ""
         rows.append((
             "7", f"Pause at the default limits (1 call at a time, 1/s; every call answered "
-            f"401), {_f(n)} jobs waiting{rounds}: time from the pause (the first 401) to each "
-            "job's `jasper.delayed` on `<prefix>.history`, p50 / max (first → last delayed); "
-            "jobs with exactly one",
-            f"{_f(p['lag_p50_s'], 2)} / {_f(p['lag_max_s'], 2)} s ({_f(spread, 2)} s); "
-            f"{_f(one)} of {_f(n)} ({more} with more, {missing} missing, {finals} final "
-            "signals)",
+            f"401), {_f(n)} {what} waiting{rounds}: time from the pause (the first 401) to "
+            "each job's `jasper.delayed` on `<prefix>.history`, p50 / max (first → last "
+            "delayed, delayed signals/s); jobs with exactly one",
+            f"{_f(p['lag_p50_s'], 2)} / {_f(p['lag_max_s'], 2)} s ({_f(spread, 2)} s, "
+            f"{_f(rate)}/s); {_f(one)} of {_f(n)} ({more} with more, {missing} missing, "
+            f"{finals} final signals)",
             f"max ≤ {_f(r['target_s'])} s; each exactly one",
             _met(p["lag_max_s"] <= r["target_s"] and p["exactly_one"])))
     return rows

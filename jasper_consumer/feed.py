@@ -2,9 +2,11 @@
 
 * **bulk** — while the type runs and no pause's backlog drains, keep a few bulk jobs in
   hand (``lookahead``: enough for the next bulk calls, never thousands); while it is
-  paused, pull every bulk job so that each is parked with its delayed signal (operator guide,
-  section 5); while a pause's backlog drains, leave the bulk queue alone (its jobs stay behind
-  the parked ones, in order). An empty bulk queue is polled every :data:`POLL_S`.
+  paused, consume the bulk queue by push (:meth:`.BulkQueue.consume`: a few hundred in
+  flight) so that each job is parked with its delayed signal within seconds (operator
+  guide, section 5), and pull again once it runs; while a pause's backlog drains, leave
+  the bulk queue alone (its jobs stay behind the parked ones, in order). An empty bulk
+  queue is polled every :data:`POLL_S`.
 * **doubts** (:mod:`.lanes`, *cleared*) — a job may start only when no other source can
   still deliver an older job for its SIM. An empty pull clears the bulk queue's doubts; a
   work-queue window that is not full clears the work queue's; an empty parked queue the
@@ -21,6 +23,8 @@ import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
+
+from aio_pika.abc import AbstractIncomingMessage
 
 from .bulk import BulkQueue
 from .lanes import Source
@@ -79,8 +83,12 @@ class Feed:
         w, lanes = self._w, self._w.lanes
         mode = w.parking.rules.bulk_mode(paused=w.pause.error is not None)
         in_doubt = any(Source.BULK in e.doubts for e in lanes.uncleared())
-        if self.pulling and (mode is BulkMode.PARK or (mode is BulkMode.PULL and (
-                w.held[Source.BULK] < self._lookahead or (in_doubt and not self._bulk_busy)))):
+        if self.pulling and mode is BulkMode.PARK:
+            await self.bulk.consume(self._pushed)
+        elif self.bulk.consuming:
+            await self.bulk.stop_consuming()
+        if self.pulling and mode is BulkMode.PULL and (
+                w.held[Source.BULK] < self._lookahead or (in_doubt and not self._bulk_busy)):
             clock = lanes.clock
             message = await self.bulk.pull()
             if message is not None:
@@ -97,6 +105,19 @@ class Feed:
         await self._guard()
         await self._compact()
         return False
+
+    async def _pushed(self, message: AbstractIncomingMessage) -> None:
+        """A bulk job pushed while paused: parked like a pulled one. If that fails, the bulk
+        channel closes (every job in hand back at the queue's head, in order)."""
+        if self._w.stopping:
+            return  # not acked: returned in order when the channel closes
+        try:
+            await self._w._arrived(message, Source.BULK)
+        except Exception as exc:
+            log.warning("parking a bulk job of %s failed (%s: %s); trying again",
+                        self._w.ct.name, type(exc).__name__, exc)
+            await self.bulk.close()
+            self.kick()
 
     def _drained(self, source: Source, clock: int) -> None:
         lanes = self._w.lanes

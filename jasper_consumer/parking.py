@@ -198,7 +198,8 @@ class Parking:
                                "client_id": job.client_id, "command": job.command.value,
                                "iccid": job.iccid,
                                "communicator_type": job.communicator_type}).encode()
-            await self._history.to_queue(self.queue_name, body, message_id(), headers)
+            await self._history.to_queue(self.queue_name, body, message_id(), headers,
+                                         pipelined=True)
         else:
             await self._history.report(
                 job, Kind.DELAYED, type_label=self.ct.name, attempts=attempts,

@@ -13,14 +13,16 @@ standby, or this process again, takes it). Losing the channel loses the type: ca
 probing stops, the broker returns every unacked message.
 
 Interactive jobs come from the work queue (pushed); bulk jobs from the bulk queue
-(:mod:`.bulk`, pulled by :mod:`.feed`); both go to :class:`~.lanes.Lanes` (order per SIM,
-coalescing, outcomes, guards) and are applied by ``max_concurrency`` runners, each taking
-the account's next start from the limiter and only then choosing the job — interactive
-first, bulk its share (:class:`~.lanes.Share`). A job's signal is published and confirmed
-before its message is acked. While the type is paused, or jobs held up by a pause still
-wait, jobs go to :class:`~.parking.Parking` instead, each with its delayed signal. Nothing
-here nacks: a message not done is returned by the broker when its channel closes, to the
-head of its queue and in order.
+(:mod:`.bulk`, pulled by :mod:`.feed`; pushed while the type is paused, to be parked); both
+go to :class:`~.lanes.Lanes` (order per SIM, coalescing, outcomes, guards) and are applied
+by ``max_concurrency`` runners, each taking the account's next start from the limiter and
+only then choosing the job — interactive first, bulk its share (:class:`~.lanes.Share`). A
+job's signal is published and confirmed before its message is acked. While the type is
+paused, or jobs held up by a pause still wait, jobs go to :class:`~.parking.Parking`
+instead, each with its delayed signal (and the anchor is swapped for a fresh token after
+:data:`ANCHOR_BEHIND` of them, so that their acks can go out together:
+:meth:`Worker._replace_anchor`). Nothing here nacks: a message not done is returned by the
+broker when its channel closes, to the head of its queue and in order.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from .topology import ATTEMPTS_HEADER, TOKEN_HEADER, Names
 log = logging.getLogger(__name__)
 
 GIVE_BACK_WAIT_S = 1.0  # after giving the type back, before consuming again
+ANCHOR_BEHIND = 32  # jobs parked and acked behind the anchor before it is replaced
 HOLD_POLL_S = 0.5  # how often a new owner looks whether the previous one let go
 
 
@@ -121,6 +124,8 @@ class Worker:
         self.pending: collections.Counter[Source] = collections.Counter()  # settled at once
         self._anchor: AbstractIncomingMessage | None = None
         self._anchor_wanted = False  # a new anchor was published and is on its way
+        self._behind = 0  # jobs parked and acked behind the anchor since it came
+        self._replacing = False  # a fresh token for the anchor's place is being published
         self.renewals = 0  # anchors renewed before the consumer timeout (tests, logs)
         self._stopping = False
 
@@ -312,6 +317,7 @@ class Worker:
         self.held.clear()
         self.pending.clear()
         self._anchor, self._anchor_wanted = None, False
+        self._behind, self._replacing = 0, False
         self._client.limiter.abort_waiting(TypePaused("ownership lost"))
 
     async def _let_go(self) -> None:
@@ -350,6 +356,10 @@ class Worker:
         self._kick.set()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def owner(self) -> bool:
         return self._owner is not None and self._ready.is_set()
 
@@ -372,11 +382,32 @@ class Worker:
         """A token on the work queue: kept as the anchor when one is wanted, else acked."""
         if self._anchor is None or self._anchor_wanted:
             old, self._anchor, self._anchor_wanted = self._anchor, message, False
+            self._behind = 0
             if old is not None:
                 await self._ack_work(old)
                 self.renewals += 1
             return
         await self._ack_work(message)
+
+    async def _replace_anchor(self) -> None:
+        """While parking: the anchor, unsettled at the head of the channel's deliveries,
+        makes every ack behind it a single ack (:class:`~.edge.Acks` acks ``multiple`` only
+        up to the first delivery not settled), one frame each for the broker at thousands a
+        second. So after :data:`ANCHOR_BEHIND` jobs acked behind it, a fresh token goes to
+        the work queue (confirmed) and only then is the anchor acked: a token, in the queue
+        or in hand, still wakes a standby if this owner goes, and the next one to arrive is
+        the anchor."""
+        old = self._anchor
+        try:
+            await until_confirmed(lambda: self._history.to_queue(
+                self.work_queue, b"{}", message_id(), {TOKEN_HEADER: "anchor"}),
+                f"an anchor of {self.ct.name}")
+            if old is not None and self._anchor is old:
+                self._anchor = None
+                await self._ack_work(old)
+                self.renewals += 1
+        finally:
+            self._replacing = False
 
     async def _keep_anchor(self) -> None:
         """Renew the anchor before the broker's consumer timeout would close the channel."""
@@ -518,6 +549,11 @@ class Worker:
         """A job was moved to the parked queue and acked where it came from."""
         if delivery.source is Source.WORK:
             self.held[Source.WORK] = max(0, self.held[Source.WORK] - 1)
+            if self._anchor is not None:
+                self._behind += 1
+                if self._behind >= ANCHOR_BEHIND and not self._replacing:
+                    self._replacing = True
+                    self._spawn(self._replace_anchor())
         elif delivery.source is Source.BULK:
             self.held[Source.BULK] = max(0, self.held[Source.BULK] - 1)
         self.feed.kick()

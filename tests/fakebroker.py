@@ -39,9 +39,10 @@ class Message:
             for message in channel.unacked[:upto + 1]:
                 message.acked = True
             del channel.unacked[:upto + 1]
-            return
-        self.acked = True
-        channel.unacked.remove(self)
+        else:
+            self.acked = True
+            channel.unacked.remove(self)
+        channel.broker.pump(self.queue)  # room in the prefetch window
 
 
 class Queue:
@@ -191,7 +192,7 @@ class History:
         self.signals[-1][2]["error"] = outcome.error
 
     async def to_queue(self, queue: str, body: bytes, message_id: Any,
-                       headers: Any = None) -> None:
+                       headers: Any = None, **_: Any) -> None:
         from jasper_consumer.errors import PublishFailed
 
         headers = dict(headers or {})

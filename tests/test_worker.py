@@ -14,14 +14,15 @@ from prometheus_client import CollectorRegistry
 
 from jasper_consumer import calls
 from jasper_consumer.app import worker_parts
+from jasper_consumer.bulk import PUSHED_PREFETCH
 from jasper_consumer.config import Command, RetrySettings, Settings, parse_settings
 from jasper_consumer.errors import CommunicatorMisconfigured, JasperError, JasperRetryable
 from jasper_consumer.jasper.limiter import Limiter
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.ownerlog import owned_record, released_record
 from jasper_consumer.signals import Kind
-from jasper_consumer.topology import Names
-from jasper_consumer.worker import Worker
+from jasper_consumer.topology import TOKEN_HEADER, Names
+from jasper_consumer.worker import ANCHOR_BEHIND, Worker
 
 from .fakebroker import Broker, History, Message
 
@@ -462,4 +463,96 @@ async def test_after_a_clean_hand_over_the_account_spacing_holds_across_owners(
     await until(lambda: bool(rig.client.calls), timeout=2)
 
     assert 0.25 <= rig.client.called_at[0] - started < 1.0
+    await rig.worker.stop(1)
+
+
+class Resuming(Client):
+    """Control Center whose Echo fails until ``fixed`` is set: the type resumes then."""
+
+    def __init__(self, settings: Settings, *answers: JasperError | None) -> None:
+        super().__init__(settings, *answers)
+        self.fixed = asyncio.Event()
+
+    async def probe(self) -> None:
+        if not self.fixed.is_set():
+            raise CommunicatorMisconfigured("10000001", "Invalid credentials", 401)
+
+
+def sim(n: int) -> str:
+    return f"8961018500{n:010d}"
+
+
+async def test_while_paused_the_bulk_queue_is_pushed_and_pulled_again_after_the_resume(
+        settings: Settings):
+    """Paused, every bulk job is taken by push (a few hundred in flight, not one round trip
+    each) and parked with one delayed signal; once the type runs again the push consumer is
+    gone and the parked jobs are applied."""
+    client = Resuming(settings, CommunicatorMisconfigured("10000001", "Invalid", 401))
+    rig = Rig(settings, client)
+    for n in range(1, 41):
+        rig.job(n, "deactivate", iccid=sim(n), lane="bulk")
+    await rig.worker.start()
+    assert not rig.broker.consumers.get(rig.bulk)  # running: pulled, not pushed
+
+    await until(lambda: len(rig.broker.queues.get(rig.parked, [])) == 40)
+    assert rig.broker.consumers.get(rig.bulk), "paused: the bulk queue is consumed by push"
+    assert rig.worker.feed.bulk.consuming
+    delayed = [e for e, k, _ in rig.history.signals if k is Kind.DELAYED]
+    assert sorted(delayed) == sorted(f"e{n}" for n in range(1, 41))
+
+    client.fixed.set()
+    await until(lambda: not rig.broker.consumers.get(rig.bulk) and len(rig.finals()) == 40)
+    assert not rig.worker.feed.bulk.consuming
+    await rig.worker.stop(1)
+
+
+async def test_the_anchor_is_replaced_once_jobs_are_parked_behind_it(settings: Settings):
+    """Parking, the anchor held at the head of the work queue's deliveries would make every
+    ack behind it a single ack: after ANCHOR_BEHIND jobs a fresh token is published, and
+    only once it is confirmed is the anchor acked (a token is always in the queue or in
+    hand, to wake a standby)."""
+    client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid", 401))
+    rig = Rig(settings, client)
+    await rig.worker.start()
+    await until(lambda: rig.worker.owner and rig.worker._anchor is not None)
+    anchor = rig.worker._anchor
+    assert isinstance(anchor, Message)
+    refused = asyncio.Event()
+
+    def fail(queue: str, headers: dict[str, Any]) -> bool:
+        if TOKEN_HEADER in headers:
+            refused.set()
+            return True
+        return False
+
+    rig.history.fail = fail
+    jobs = ANCHOR_BEHIND + 8
+    for n in range(1, jobs + 1):
+        rig.job(n, iccid=sim(n))
+
+    await until(lambda: len(rig.broker.queues.get(rig.parked, [])) == jobs)
+    await until(refused.is_set)
+    assert not anchor.acked, "acked before a fresh token was confirmed"
+    assert rig.worker._anchor is anchor
+
+    rig.history.fail = lambda queue, headers: False
+    await until(lambda: anchor.acked, timeout=5)  # the next try, after a 1 s back-off
+    assert rig.worker.renewals == 1
+    await until(lambda: rig.worker._anchor is not None)  # the fresh token, now the anchor
+    assert rig.worker._anchor is not anchor
+    await rig.worker.stop(1)
+
+
+async def test_a_running_type_only_pulls_its_bulk_queue(settings: Settings):
+    """Not paused, bulk jobs are pulled a few at a time: no push consumer is ever made on
+    the bulk queue (it would hold hundreds past the consumer timeout at 1 call/s)."""
+    client = Client(settings)
+    rig = Rig(settings, client)
+    for n in range(1, 41):
+        rig.job(n, "deactivate", iccid=sim(n), lane="bulk")
+    await rig.worker.start()
+
+    await until(lambda: len(rig.finals()) == 40)
+    assert not rig.broker.consumers.get(rig.bulk)
+    assert all(channel.prefetch != PUSHED_PREFETCH for channel in rig.broker.channels)
     await rig.worker.stop(1)
