@@ -30,7 +30,7 @@ from . import broker
 from .bulk import BulkQueue
 from .calls import OwnerCalls
 from .config import CommunicatorType, Settings
-from .edge import ACKS, Handler
+from .edge import Acks, Handler
 from .history import History
 from .jasper.client import JasperClient
 from .lanes import Lanes, Share
@@ -67,20 +67,21 @@ def parked_prefetch(settings: Settings, max_concurrency: int, requests_per_secon
 
 def worker_parts(ct: CommunicatorType, settings: Settings, names: Names, client: JasperClient,
                  history: History, metrics: Metrics,
-                 open_channel: Callable[[], Awaitable[AbstractChannel]], *,
+                 open_channel: Callable[[], Awaitable[AbstractChannel]], acks: Acks, *,
                  parked_at_once: int | None = None) -> Parts:
     """What the owner of ``ct`` works with (:class:`~.worker.Parts`); ``parked_at_once``
     overrides :func:`parked_prefetch` (tests)."""
     return Parts(
         lanes=Lanes(Memory(settings.outcome_memory_bytes)),
         share=Share(settings.lanes.bulk_min_share),
-        parking=Parking(ct, names, history, open_channel=open_channel,
+        parking=Parking(ct, names, history, open_channel=open_channel, acks=acks,
                         prefetch=parked_at_once or parked_prefetch(
                             settings, ct.max_concurrency, ct.requests_per_second),
                         gauge=metrics.parked.labels(ct.name)),
-        calls=OwnerCalls(client, names.calls_queue(ct), open_channel),
-        owner_log=OwnerLog(names.owner_queue(ct), history, open_channel),
-        bulk=BulkQueue(names.bulk_queue(ct), open_channel))
+        calls=OwnerCalls(client, names.calls_queue(ct), open_channel, acks),
+        owner_log=OwnerLog(names.owner_queue(ct), history, open_channel, acks),
+        bulk=BulkQueue(names.bulk_queue(ct), open_channel, acks),
+        acks=acks)
 
 
 class _Consumer:
@@ -120,6 +121,7 @@ class Service:
         self.router: Router | None = None
         self._router_consumer: _Consumer | None = None
         self.finals = Finals()  # every final signal, for the status page
+        self.acks = Acks()  # every ack, nack and reject of the service goes through it
         self.status = StatusBoard(settings, self.finals)
         self.probes = ProbeServer(self.metrics.registry, self.readiness,
                                   status_routes(self.status.snapshot))
@@ -171,14 +173,15 @@ class Service:
             worker = Worker(
                 ct, s, self.clients[ct.name], history, self.metrics,
                 worker_parts(ct, s, names, self.clients[ct.name], history, self.metrics,
-                             self._channel),
+                             self._channel, self.acks),
                 names=names, open_channel=self._channel,
                 prefetch=work_prefetch(s, ct.max_concurrency, ct.requests_per_second))
             self.workers[ct.name] = worker
             await worker.start()
 
         channel = await self._channel()
-        self.router = Router(s, History(channel, names, self.metrics), self.metrics, channel)
+        self.router = Router(s, History(channel, names, self.metrics), self.metrics, channel,
+                             self.acks)
         queue = await channel.get_queue(names.events_queue)
         self._router_consumer = _Consumer(queue, self._tracked(self.router.on_message))
         await self._router_consumer.start()
@@ -232,7 +235,7 @@ class Service:
         for task in self._routing:
             task.cancel()
         await self.status.stop()
-        await ACKS.flush_all()
+        await self.acks.flush_all()
         await self.probes.stop()
         connecting, self._connecting = self._connecting, None
         if connecting is not None:  # SIGTERM while start-up was still connecting

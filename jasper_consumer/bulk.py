@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from .edge import ACKS
+from .edge import Acks
 
 PUSHED_PREFETCH = 256  # bulk jobs in flight while paused: each is parked within milliseconds
 
@@ -34,8 +34,9 @@ class BulkQueue:
     and not acked to the head of the queue, in order)."""
 
     def __init__(self, queue_name: str,
-                 open_channel: Callable[[], Awaitable[AbstractChannel]]) -> None:
+                 open_channel: Callable[[], Awaitable[AbstractChannel]], acks: Acks) -> None:
         self.queue_name = queue_name
+        self._acks = acks
         self._open_channel = open_channel
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -66,7 +67,7 @@ class BulkQueue:
         """The queue's next job (unacked), or None when it is empty."""
         message = await (await self._opened()).get(no_ack=False, fail=False)
         if message is not None:
-            ACKS.delivered(message)
+            self._acks.delivered(message)
         return message
 
     async def consume(self, on_job: Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -79,7 +80,7 @@ class BulkQueue:
         assert self._channel is not None
 
         async def pushed(message: AbstractIncomingMessage) -> None:
-            ACKS.delivered(message)  # aiormq starts the callbacks in delivery order
+            self._acks.delivered(message)  # aiormq starts the callbacks in delivery order
             await on_job(message)
 
         await self._channel.set_qos(prefetch_count=PUSHED_PREFETCH)  # for this consumer

@@ -40,6 +40,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from .edge import Acks
 from .errors import ConfigError, JasperError
 from .jasper import JasperClient
 
@@ -149,8 +150,9 @@ class OwnerCalls:
     the account's rate, however long the service's backlog."""
 
     def __init__(self, client: JasperClient, queue_name: str,
-                 open_channel: Callable[[], Awaitable[AbstractChannel]]) -> None:
+                 open_channel: Callable[[], Awaitable[AbstractChannel]], acks: Acks) -> None:
         self._client = client
+        self._acks = acks
         self._queue_name = queue_name
         self._open_channel = open_channel
         self._channel: AbstractChannel | None = None
@@ -206,8 +208,7 @@ class OwnerCalls:
                 await channel.default_exchange.publish(
                     reply_message(reply, message.correlation_id), message.reply_to)
         finally:
-            with contextlib.suppress(Exception):
-                await message.ack()  # a lost reply: the tool asks again after its timeout
+            await self._acks.ack(message)  # a lost reply: the tool asks again after its timeout
 
     async def stop(self) -> None:
         retrying, self._retrying = self._retrying, None

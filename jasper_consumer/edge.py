@@ -2,16 +2,21 @@
 
 Handlers (router, worker) only return or raise. Returning means "what this
 message became is confirmed by the broker": ack. Raising means it is not: the
-message is nacked with requeue so it is delivered again (the queue's delivery
-limit dead-letters one that keeps failing). An ack or nack on a channel that was
-lost meanwhile is impossible; the broker redelivers the message by itself.
+message is rejected with requeue so it is delivered again (the queue's delivery
+limit dead-letters one that keeps failing); a deliberate hand-back is a nack. An answer
+on a channel that was lost meanwhile is impossible; the broker redelivers the message by
+itself.
 
 Acks are batched (:class:`Acks`): a settled message is acked within
 :data:`ACK_DELAY_S`, with one ``multiple`` ack for every delivery up to a tag once all of
 them are settled, and one ack each for settled deliveries behind one that is not (a slow
 job never holds the others' acks back). Acks leave in delivery-tag order, so for any
 SIM an ack never overtakes the ack of an earlier job. A message is still acked only
-after its own publish is confirmed: only :func:`ack` marks it settled.
+after its own publish is confirmed: only :meth:`Acks.ack` marks it settled.
+
+One :class:`Acks` per process, made by the service (:mod:`.app`) and handed to every
+part that consumes (router, workers, bulk and parked queues, the owner's calls and
+ownership log): every ack, nack and reject of the service goes through it.
 """
 
 from __future__ import annotations
@@ -81,6 +86,27 @@ class Acks:
             asyncio.get_running_loop().call_later(self._delay_s, self._flush_soon, channel)
         return True
 
+    async def ack(self, message: AbstractIncomingMessage, *, multiple: bool = False) -> bool:
+        """Ack ``message`` (within :data:`ACK_DELAY_S`, batched, when it was registered with
+        :meth:`delivered`; at once otherwise, or with ``multiple``: every unacked delivery
+        of its channel up to it). False when its channel is gone (the broker returns the
+        message by itself)."""
+        if not multiple and self.settled(message):
+            return True
+        return await _send_answer(message, "ack", lambda: message.ack(multiple=True)
+                                  if multiple else message.ack())
+
+    async def hand_back(self, message: AbstractIncomingMessage, *,
+                        failed: bool = False) -> bool:
+        """Hand ``message`` back to its queue: ``basic.reject`` when handling it ``failed``
+        (every RabbitMQ version counts a reject against the queue's delivery limit; 4.3 no
+        longer counts a nack), else ``basic.nack``; both with requeue. False when its
+        channel is gone (the broker returns the message by itself)."""
+        self.forget(message)
+        if failed:
+            return await _send_answer(message, "reject", lambda: message.reject(requeue=True))
+        return await _send_answer(message, "nack", lambda: message.nack(requeue=True))
+
     async def flush_all(self) -> None:
         """Send every ack still waiting (before the channels close at shutdown: an ack not
         sent is a duplicate later)."""
@@ -123,6 +149,19 @@ class Acks:
             self._channels.pop(channel, None)
 
 
+async def _send_answer(message: AbstractIncomingMessage, what: str,
+                       send: Callable[[], Awaitable[None]]) -> bool:
+    try:
+        await send()
+    except Exception as exc:  # stale channel after a reconnect, closed connection
+        log.warning(
+            "could not %s message on a lost channel; the broker will redeliver it", what,
+            extra={"fields": {"message_id": message.message_id, "error": repr(exc)}},
+        )
+        return False
+    return True
+
+
 def _open_channel(message: AbstractIncomingMessage) -> object | None:
     """The channel ``message`` came on, or None once it is closed (aio-pika raises
     :class:`ChannelInvalidStateError` on reading a closed one)."""
@@ -132,23 +171,17 @@ def _open_channel(message: AbstractIncomingMessage) -> object | None:
         return None
 
 
-ACKS = Acks()
-
-
-async def settle(
-    message: AbstractIncomingMessage, handler: Handler, metrics: Metrics, stage: str
-) -> bool:
-    """Run ``handler`` on ``message``, then ack it, or nack it for redelivery if it raised.
-
-    Returns whether the message was acked.
-    """
+async def settle(acks: Acks, message: AbstractIncomingMessage, handler: Handler,
+                 metrics: Metrics, stage: str) -> bool:
+    """Run ``handler`` on ``message``, then ack it, or hand it back for redelivery if it
+    raised. Returns whether the message was acked."""
     started = time.perf_counter()
     try:
         await handler(message)
     except asyncio.CancelledError:
         raise  # shutting down: the broker redelivers the unacked message
     except HandBack:  # deliberate, in order (the caller logs why): no failure, so basic.nack,
-        await _answer(message, ack=False)  # which RabbitMQ 4.3 counts against no limit
+        await acks.hand_back(message)  # which RabbitMQ 4.3 counts against no limit
         return False
     except Exception as exc:
         log.warning(
@@ -157,37 +190,9 @@ async def settle(
                               "error": f"{type(exc).__name__}: {exc}"}},
         )
         await asyncio.sleep(REDELIVERY_PAUSE_S)
-        await _answer(message, ack=False, failed=True)  # counts against the delivery limit
+        await acks.hand_back(message, failed=True)  # counts against the delivery limit
         return False
-    if not await _answer(message, ack=True):
+    if not await acks.ack(message):
         return False
     metrics.child(metrics.event_processing, stage).observe(time.perf_counter() - started)
     return True
-
-
-async def _answer(message: AbstractIncomingMessage, *, ack: bool, failed: bool = False) -> bool:
-    """Ack (batched when the delivery was registered with :data:`ACKS`), or hand back for
-    redelivery: ``basic.reject`` when handling it ``failed`` (every RabbitMQ version counts
-    a reject against the queue's delivery limit; 4.3 no longer counts a nack), else
-    ``basic.nack``. False when the channel is gone (the broker returns the message by
-    itself)."""
-    if ack and ACKS.settled(message):
-        return True
-    if not ack:
-        ACKS.forget(message)
-    try:
-        await (message.ack() if ack else
-               message.reject(requeue=True) if failed else message.nack(requeue=True))
-    except Exception as exc:  # stale channel after a reconnect, closed connection
-        log.warning(
-            "could not %s message on a lost channel; the broker will redeliver it",
-            "ack" if ack else "reject" if failed else "nack",
-            extra={"fields": {"message_id": message.message_id, "error": repr(exc)}},
-        )
-        return False
-    return True
-
-
-async def ack(message: AbstractIncomingMessage) -> bool:
-    """Ack ``message`` (see :func:`_answer`)."""
-    return await _answer(message, ack=True)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from .edge import Acks
 from .history import History
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,9 @@ class OwnerLog:
     """One type's ownership log, seen from the process that owns (or takes) the type."""
 
     def __init__(self, queue_name: str, publisher: History,
-                 open_channel: Callable[[], Awaitable[AbstractChannel]]) -> None:
+                 open_channel: Callable[[], Awaitable[AbstractChannel]], acks: Acks) -> None:
         self.queue_name = queue_name
+        self._acks = acks
         self._publisher = publisher
         self._open_channel = open_channel
         self.owner = ""  # this ownership's id, once taken
@@ -166,7 +168,7 @@ class OwnerLog:
             if owned:
                 await self._write(owned_record(self.owner))
             if got:
-                await got[-1].ack(multiple=True)
+                await self._acks.ack(got[-1], multiple=True)
             self.appended = 0
             return reading
         finally:

@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import Gauge
 
 from .config import CommunicatorType
-from .edge import ack
+from .edge import Acks
 from .errors import NotAJob
 from .events import Job, job_headers, read_parked
 from .history import History, message_id, until_confirmed
@@ -154,10 +154,12 @@ class Parking:
         history: History,
         *,
         open_channel: Callable[[], Awaitable[AbstractChannel]],
+        acks: Acks,
         prefetch: int,
         gauge: Gauge | None = None,
     ) -> None:
         self.ct = ct
+        self.acks = acks
         self.rules = ParkRules()
         self.queue_name = names.parked_queue(ct)
         self._history = history
@@ -236,8 +238,7 @@ class Parking:
         except NotAJob as exc:
             await self._history.dead_letter(message.body, str(exc),
                                             message_id=message.message_id)
-            with contextlib.suppress(Exception):
-                await message.ack()
+            await self.acks.ack(message)
             self.rules.count = max(0, self.rules.count - 1)
             self._show()
             return
@@ -247,9 +248,7 @@ class Parking:
 
     async def acked(self, message: AbstractIncomingMessage) -> bool:
         """Ack a parked job that is done."""
-        try:
-            await message.ack()
-        except Exception:
+        if not await self.acks.ack(message):
             return False
         self.rules.acked()
         self._show()
@@ -355,5 +354,5 @@ class Parker:
             job, error=error or self._last_error(), attempts=attempts,
             started=delivery.started, backlog=error is None),
             f"parking a job of {job.communicator_type}")
-        await ack(delivery.message)
+        await self._parking.acks.ack(delivery.message)
         self._on_moved(delivery)

@@ -19,7 +19,6 @@ A new router therefore stamps above every job of the old one, whatever the clock
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -27,7 +26,7 @@ import time
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from .config import Settings
-from .edge import ACKS, settle
+from .edge import Acks, settle
 from .errors import HandBack, UnreadableMessage
 from .events import Job, Lane, Rejected, lane_of, parse_event
 from .history import History, message_id
@@ -45,8 +44,9 @@ class Router:
     """Consumes ``<prefix>.events``; see the module docstring."""
 
     def __init__(self, settings: Settings, history: History, metrics: Metrics,
-                 channel: AbstractChannel) -> None:
+                 channel: AbstractChannel, acks: Acks) -> None:
         self._settings = settings
+        self._acks = acks
         self._history = history
         self._metrics = metrics
         self._channel = channel
@@ -70,7 +70,7 @@ class Router:
         # acked, so a crash can never leave a later event acked and an earlier one not.
         # If this one is handed back (it goes to the back of the queue), the ones behind
         # it in the chain are handed back too, so they stay behind it.
-        ACKS.delivered(message)
+        self._acks.delivered(message)
         if self.stopping:
             return  # not acked: returned in order when the channel closes
         if message.channel is not self._owner:  # this router just became the active one
@@ -82,17 +82,19 @@ class Router:
             job = parse_event(message.body, self._settings)
         except UnreadableMessage as exc:
             reason = exc.reason
-            await settle(message, lambda m: self._dead_letter(m, reason), self._metrics, "route")
+            await settle(self._acks, message, lambda m: self._dead_letter(m, reason),
+                         self._metrics, "route")
             return
         except Rejected as exc:
             rejected = exc
             self._count(exc.partial.event_code)
-            await settle(message, lambda m: self._reject(m, rejected, started),
+            await settle(self._acks, message, lambda m: self._reject(m, rejected, started),
                          self._metrics, "route")
             return
         except Exception as exc:  # whatever else the parser raises, the message is settled
             reason = f"the parser failed on this body: {type(exc).__name__}"
-            await settle(message, lambda m: self._dead_letter(m, reason), self._metrics, "route")
+            await settle(self._acks, message, lambda m: self._dead_letter(m, reason),
+                         self._metrics, "route")
             return
         self._count(job.event_code)
         key = f"{job.communicator_type}\x00{job.iccid}"
@@ -106,7 +108,7 @@ class Router:
             lane = lane_of(job.model_copy(update={"origin": "replay"}) if replayed else job,
                            self._settings.lanes, message.priority)
             acked = await settle(
-                message,
+                self._acks, message,
                 lambda m: self._forward(job, replayed=replayed, lane=lane, received=received)
                 if in_order else _behind(),
                 self._metrics, "route")
@@ -135,12 +137,10 @@ class Router:
             # Give back what was taken, or the next try reads an empty queue and starts
             # again at epoch 1, below the previous router's stamps.
             for got in seen:
-                with contextlib.suppress(Exception):
-                    await got.nack(requeue=True)
+                await self._acks.hand_back(got)
             raise
         for got in seen:
-            with contextlib.suppress(Exception):
-                await got.ack()
+            await self._acks.ack(got)
         log.info("routing with epoch %d", epoch, extra={"fields": {"epoch": epoch}})
         self._counter = itertools.count(1)
         return epoch

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from .bulk import BulkQueue
 from .calls import OwnerCalls
 from .config import CommunicatorType, Settings
-from .edge import ACKS, ack
+from .edge import Acks
 from .errors import TypePaused
 from .events import Job, Lane
 from .feed import Feed
@@ -77,6 +77,7 @@ class Parts:
     calls: OwnerCalls  # the tools' calls, served within the account's limits
     owner_log: OwnerLog  # who owned the type, how it was let go, the guards
     bulk: BulkQueue  # the bulk queue, pulled
+    acks: Acks  # the service's one ack path
 
 
 class Worker:
@@ -98,6 +99,7 @@ class Worker:
         self._metrics = metrics
         self._coalesced = metrics.coalesced.labels(ct.name)
         self._processing = metrics.child(metrics.event_processing, "apply")
+        self._acks = parts.acks
         self.lanes, self.share = parts.lanes, parts.share
         self.calls, self.owner_log = parts.calls, parts.owner_log
         self.parking = parts.parking
@@ -170,7 +172,7 @@ class Worker:
         self._spawn(self.restart(), tracked=False)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        ACKS.delivered(message)
+        self._acks.delivered(message)
         if self._stopping:
             return  # not acked: returned in order when the channel closes
         if message.channel is not self._owner:
@@ -418,7 +420,7 @@ class Worker:
     # -- arriving jobs ---------------------------------------------------------------------
 
     async def _ack_work(self, message: AbstractIncomingMessage) -> bool:
-        done = await ack(message)
+        done = await self._acks.ack(message)
         self.held[Source.WORK] = max(0, self.held[Source.WORK] - 1)
         return done
 
@@ -543,7 +545,7 @@ class Worker:
         if source is Source.WORK:
             return await self._ack_work(delivery.message)
         self.held[source] = max(0, self.held[source] - 1)
-        return await ack(delivery.message)
+        return await self._acks.ack(delivery.message)
 
     def _moved(self, delivery: Delivery) -> None:
         """A job was moved to the parked queue and acked where it came from."""

@@ -12,6 +12,7 @@ from pamqp import commands as spec
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer.config import Command, parse_settings
+from jasper_consumer.edge import Acks
 from jasper_consumer.errors import PublishFailed
 from jasper_consumer.events import Job
 from jasper_consumer.history import History
@@ -107,7 +108,7 @@ async def test_router_failures_count_in_commands_total_under_their_type():
     metrics = Metrics(CollectorRegistry())
     channel = Channel()
     history = History(channel, Names.from_settings(settings), metrics)  # type: ignore[arg-type]
-    router = Router(settings, history, metrics, channel)  # type: ignore[arg-type]
+    router = Router(settings, history, metrics, channel, Acks())  # type: ignore[arg-type]
     bad_iccid = Delivery({**EVENT, "device": {"ref_no": "12", "communicator_type": "T"}})
     other_type = Delivery({**EVENT, "device": {"ref_no": JOB.iccid,
                                                "communicator_type": "Vodafone NZ"}})

@@ -19,10 +19,12 @@ from jasper_consumer.router import EPOCH_SCALE, Router
 ICCID_A = "89610185002345678901"
 ICCID_B = "89610185002345678902"
 
+ACKS = edge.Acks()  # the tests' one ack path, as the service hands out its own
+
 
 class Deliveries:
     """A consumer channel: hands out delivery tags in order, as the broker does, and keeps
-    every ack and nack frame sent on it (the router's acks are batched by ``edge.ACKS``)."""
+    every ack and nack frame sent on it (the router's acks are batched by :data:`ACKS`)."""
 
     def __init__(self) -> None:
         self.is_closed = False
@@ -75,9 +77,9 @@ class FakeMessage:
 
 
 async def routed(router: Router, *messages: FakeMessage) -> None:
-    """Route the messages at once, then send the acks ``edge.ACKS`` holds back."""
+    """Route the messages at once, then send the acks :data:`ACKS` holds back."""
     await asyncio.gather(*(router.on_message(m) for m in messages))  # type: ignore[arg-type]
-    await edge.ACKS.flush_all()
+    await ACKS.flush_all()
 
 
 class FakeEpochs:
@@ -139,7 +141,7 @@ class FakePublisher:
 
 def make_router(settings: Settings, publisher: FakePublisher) -> Router:
     return Router(settings, publisher, Metrics(CollectorRegistry()),  # type: ignore[arg-type]
-                  FakeChannel(publisher.epochs))  # type: ignore[arg-type]
+                  FakeChannel(publisher.epochs), ACKS)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from jasper_consumer import calls
 from jasper_consumer.app import worker_parts
 from jasper_consumer.bulk import PUSHED_PREFETCH
 from jasper_consumer.config import Command, RetrySettings, Settings, parse_settings
+from jasper_consumer.edge import Acks
 from jasper_consumer.errors import CommunicatorMisconfigured, JasperError, JasperRetryable
 from jasper_consumer.jasper.limiter import Limiter
 from jasper_consumer.metrics import Metrics
@@ -96,7 +97,7 @@ class Rig:
         parts = worker_parts(ct, settings, names, client,  # type: ignore[arg-type]
                              self.history, metrics,  # type: ignore[arg-type]
                              self.broker.open_channel,  # type: ignore[arg-type]
-                             parked_at_once=4)
+                             Acks(), parked_at_once=4)
         self.worker = Worker(ct, settings, client,  # type: ignore[arg-type]
                              self.history, metrics, parts,  # type: ignore[arg-type]
                              names=names,

@@ -21,6 +21,7 @@ from jasper_consumer.app import Service
 from jasper_consumer.broker import event_message
 from jasper_consumer.calls import OwnerCalls
 from jasper_consumer.config import Settings, parse_settings
+from jasper_consumer.edge import Acks
 from jasper_consumer.jasper import JasperClient
 from jasper_consumer.metrics import Metrics
 from jasper_consumer.simulator import Simulator
@@ -251,7 +252,7 @@ class Owner:
         for ct in self.settings.communicator_types:
             client = Recording(ct, Metrics(CollectorRegistry()))
             self._clients.append(client)
-            owner = OwnerCalls(client, names.calls_queue(ct), open_channel)
+            owner = OwnerCalls(client, names.calls_queue(ct), open_channel, Acks())
             self._owners.append(owner)
             await topology.work_queues[ct.name].consume(on_work)
             await owner.start()
