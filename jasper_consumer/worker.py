@@ -1,16 +1,18 @@
 """Stage 2, one per communicator type: take jobs from its queues, apply them, settle.
 
-The work queue has a single active consumer: the process whose consumer is active owns
-the type, and only it calls the account (operator guide, section 13). A process learns that it
-owns the type from a delivery on a channel it had not owned before (the owner always holds one
-*anchor* token from the work queue, so that a standby is woken when the owner goes). It then
-takes the type over (:meth:`Worker._take_over`): reads the ownership log (:mod:`.ownerlog`: did
-the previous owner let go cleanly? which guards hold?), writes its own ``owned`` record, reads
-the parked queue's depth, and starts calling — at once after a clean hand-over or on a first
-start, else after one call interval plus the request timeout (the previous owner's last request
-may still be open). The take-over either finishes or gives the type back (closes its channel; a
-standby, or this process again, takes it). Losing the channel loses the type: calls stop,
-probing stops, the broker returns every unacked message.
+The work queue has a single active consumer: the process whose consumer is active owns the
+type, and only it calls the account (operator guide, section 13). A process learns that it
+owns the type from a delivery on a channel it had not owned before (the owner always holds
+one *anchor* token from the work queue, :mod:`.anchor`, so that a standby is woken when the
+owner goes). It then takes the type over (:meth:`Worker._take_over`): reads the ownership
+log (:mod:`.ownerlog`: did the previous owner let go cleanly? which guards hold?), writes
+its own ``owned`` record, reads the parked queue's depth, and starts calling — at once after
+a clean hand-over or on a first start, else after one call interval plus the request timeout
+(the previous owner's last request, or an operator tool's, may still be open: :mod:`.hold`);
+it takes from the bulk and parked queues once it holds the hold (:class:`~.hold.Hold`). The
+take-over either finishes or gives the type back (closes its channel; a standby, or this
+process again, takes it). Losing the channel loses the type: calls stop, probing stops, the
+broker returns every unacked message.
 
 Interactive jobs come from the work queue (pushed); bulk jobs from the bulk queue
 (:mod:`.bulk`, pulled by :mod:`.feed`; pushed while the type is paused, to be parked); both
@@ -20,9 +22,9 @@ only then choosing the job — interactive first, bulk its share (:class:`~.lane
 job's signal is published and confirmed before its message is acked. While the type is
 paused, or jobs held up by a pause still wait, jobs go to :class:`~.parking.Parking`
 instead, each with its delayed signal (and the anchor is swapped for a fresh token after
-:data:`ANCHOR_BEHIND` of them, so that their acks can go out together:
-:meth:`Worker._replace_anchor`). Nothing here nacks: a message not done is returned by the
-broker when its channel closes, to the head of its queue and in order.
+:data:`~.anchor.ANCHOR_BEHIND` of them, so that their acks can go out together). Nothing
+here nacks: a message not done is returned by the broker when its channel closes, to the
+head of its queue and in order.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
+from .anchor import Anchor
 from .bulk import BulkQueue
 from .calls import OwnerCalls
 from .config import CommunicatorType, Settings
@@ -48,6 +50,7 @@ from .errors import TypePaused
 from .events import Job, Lane
 from .feed import Feed
 from .history import History, message_id, until_confirmed
+from .hold import Hold, tool_calls_directly
 from .jasper.client import JasperClient
 from .jasper.retry import RetryLog, change_status
 from .lanes import Entry, Immediate, Lanes, Member, Share, Source, State
@@ -61,8 +64,6 @@ from .topology import ATTEMPTS_HEADER, TOKEN_HEADER, Names
 log = logging.getLogger(__name__)
 
 GIVE_BACK_WAIT_S = 1.0  # after giving the type back, before consuming again
-ANCHOR_BEHIND = 32  # jobs parked and acked behind the anchor before it is replaced
-HOLD_POLL_S = 0.5  # how often a new owner looks whether the previous one let go
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ class Worker:
                              on_moved=self._moved)
         self.feed = Feed(self, parts.bulk, lookahead=2 * ct.max_concurrency + 1)
         self._channel: AbstractChannel | None = None
-        self._hold: AbstractChannel | None = None  # declared <prefix>.hold.<slug>
+        self.hold = Hold(names.hold_queue(ct), ct.name, open_channel)
         self._owner: object | None = None  # the underlying channel we own the type on
         self._ready = asyncio.Event()  # ownership taken over: jobs may be placed
         self._waiting: list[AbstractIncomingMessage] = []  # arrived during the take-over
@@ -124,11 +125,7 @@ class Worker:
         self._runners: list[asyncio.Task[None]] = []
         self.held: collections.Counter[Source] = collections.Counter()  # unsettled deliveries
         self.pending: collections.Counter[Source] = collections.Counter()  # settled at once
-        self._anchor: AbstractIncomingMessage | None = None
-        self._anchor_wanted = False  # a new anchor was published and is on its way
-        self._behind = 0  # jobs parked and acked behind the anchor since it came
-        self._replacing = False  # a fresh token for the anchor's place is being published
-        self.renewals = 0  # anchors renewed before the consumer timeout (tests, logs)
+        self.anchor = Anchor(self.work_queue, ct.name, history, self._ack_work, self._spawn)
         self._stopping = False
 
     # -- consuming and ownership -----------------------------------------------------------
@@ -198,7 +195,8 @@ class Worker:
                 return
             self.lanes.load_guards((i, s, e) for i, (s, e) in reading.guards.items())
             parked = await self.parking.take_over()
-            tool = await self._tool_calls_directly()
+            tool = await tool_calls_directly(self._open_channel,
+                                             self.names.direct_queue(self.ct))
             limiter = self._client.limiter
             wait_s = limiter.interval_s + self.ct.request_timeout_seconds \
                 if reading.must_wait or tool else \
@@ -219,10 +217,7 @@ class Worker:
                              for _ in range(self.ct.max_concurrency)]
             self._loop(self.feed.run())  # guards at once; the bulk queue once held
             self._loop(self._start_sources(channel, wait_s))
-            if self._anchor is None:  # one try: if it fails, the type is given back
-                self._anchor_wanted = True
-                await self._history.to_queue(self.work_queue, b"{}", message_id(),
-                                             {TOKEN_HEADER: "anchor"})
+            await self.anchor.ask()  # one try: if it fails, the type is given back
         except Exception as exc:
             if channel is self._owner:
                 self._give_back(f"taking it over failed: {type(exc).__name__}: {exc}")
@@ -232,21 +227,6 @@ class Worker:
         for message in waiting:
             await self._arrived(message, Source.WORK)
 
-    async def _tool_calls_directly(self) -> bool:
-        """An operator tool holds ``<prefix>.direct.<slug>``: it calls the account itself (no
-        service ran when it started), and its last request may still be open."""
-        channel = await self._open_channel()
-        try:
-            await channel.declare_queue(self.names.direct_queue(self.ct), passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
-        except aiormq.exceptions.ChannelLockedResource:
-            return True  # exclusive to the tool's connection: it exists
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        return True
-
     async def _start_sources(self, channel: object, wait_s: float) -> None:
         """After the wait, and once the previous owner has let go of the hold (so that what
         it held of the bulk and parked queues is back at their heads): parked, bulk, tools'
@@ -254,8 +234,7 @@ class Worker:
         await asyncio.sleep(wait_s)
         if channel is not self._owner:
             return
-        await self._take_hold(channel)
-        if channel is not self._owner:
+        if not await self.hold.take(lambda: channel is self._owner):
             return
         try:  # a pause that came meanwhile (the first call may precede this) drains at its end
             await self.parking.start_draining(paused=self.pause.error is not None)
@@ -264,39 +243,8 @@ class Worker:
             return
         self.feed.pulling = True
         self.feed.kick()
-        self._loop(self._keep_anchor())
+        self._loop(self.anchor.keep(self._refresh_s))
         await self.calls.start()
-
-    async def _take_hold(self, channel: object) -> None:
-        """Declare ``<prefix>.hold.<slug>`` exclusive to this connection, waiting while
-        another connection holds it: the previous owner, which may still hold bulk or
-        parked jobs (its channels not closed yet: a stuck broker, a frozen process). The
-        broker deletes it with that connection at the latest."""
-        name, said = self.names.hold_queue(self.ct), False
-        while channel is self._owner:
-            lock = await self._open_channel()
-            try:
-                underlay = await lock.get_underlay_channel()  # not restored on reconnect
-                await underlay.queue_declare(name, exclusive=True, auto_delete=True)
-            except aiormq.exceptions.ChannelLockedResource:
-                if not said:
-                    log.warning("%s: waiting for the previous owner to let go of its bulk and "
-                                "parked jobs", self.ct.name,
-                                extra={"fields": {"communicator_type": self.ct.name}})
-                    said = True
-                await asyncio.sleep(HOLD_POLL_S)
-                continue
-            self._hold = lock
-            return
-
-    async def _let_hold_go(self) -> None:
-        lock, self._hold = self._hold, None
-        if lock is not None and not lock.is_closed:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await lock.queue_delete(self.names.hold_queue(self.ct))
-            with contextlib.suppress(Exception):
-                await lock.close()
 
     def _lost(self, *_: object) -> None:
         """The work queue's channel closed: the type may have another owner now."""
@@ -318,8 +266,7 @@ class Worker:
         self.lanes.clear()
         self.held.clear()
         self.pending.clear()
-        self._anchor, self._anchor_wanted = None, False
-        self._behind, self._replacing = 0, False
+        self.anchor.clear()
         self._client.limiter.abort_waiting(TypePaused("ownership lost"))
 
     async def _let_go(self) -> None:
@@ -328,7 +275,7 @@ class Worker:
         await self.pause.stop()
         await self.parking.give_up()
         await self.feed.close()
-        await self._let_hold_go()  # after the bulk and parked channels are closed
+        await self.hold.let_go()  # after the bulk and parked channels are closed
         await self.calls.stop()
 
     def _spawn(self, coro: Awaitable[Any], *, tracked: bool = True) -> None:
@@ -371,52 +318,6 @@ class Worker:
         beyond it (the broker pushes no more until some are acked)."""
         return self.held[Source.WORK] >= self.prefetch - 1
 
-    # -- the anchor ------------------------------------------------------------------------
-
-    async def _renew_anchor(self) -> None:
-        """Put a fresh anchor token on the work queue; the one held goes once it arrives."""
-        self._anchor_wanted = True
-        await until_confirmed(lambda: self._history.to_queue(
-            self.work_queue, b"{}", message_id(), {TOKEN_HEADER: "anchor"}),
-            f"an anchor of {self.ct.name}")
-
-    async def _token(self, message: AbstractIncomingMessage) -> None:
-        """A token on the work queue: kept as the anchor when one is wanted, else acked."""
-        if self._anchor is None or self._anchor_wanted:
-            old, self._anchor, self._anchor_wanted = self._anchor, message, False
-            self._behind = 0
-            if old is not None:
-                await self._ack_work(old)
-                self.renewals += 1
-            return
-        await self._ack_work(message)
-
-    async def _replace_anchor(self) -> None:
-        """While parking: the anchor, unsettled at the head of the channel's deliveries,
-        makes every ack behind it a single ack (:class:`~.edge.Acks` acks ``multiple`` only
-        up to the first delivery not settled), one frame each for the broker at thousands a
-        second. So after :data:`ANCHOR_BEHIND` jobs acked behind it, a fresh token goes to
-        the work queue (confirmed) and only then is the anchor acked: a token, in the queue
-        or in hand, still wakes a standby if this owner goes, and the next one to arrive is
-        the anchor."""
-        old = self._anchor
-        try:
-            await until_confirmed(lambda: self._history.to_queue(
-                self.work_queue, b"{}", message_id(), {TOKEN_HEADER: "anchor"}),
-                f"an anchor of {self.ct.name}")
-            if old is not None and self._anchor is old:
-                self._anchor = None
-                await self._ack_work(old)
-                self.renewals += 1
-        finally:
-            self._replacing = False
-
-    async def _keep_anchor(self) -> None:
-        """Renew the anchor before the broker's consumer timeout would close the channel."""
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            await self._renew_anchor()
-
     # -- arriving jobs ---------------------------------------------------------------------
 
     async def _ack_work(self, message: AbstractIncomingMessage) -> bool:
@@ -429,7 +330,7 @@ class Worker:
         if source is Source.BULK:
             self.held[Source.BULK] += 1
         elif (message.headers or {}).get(TOKEN_HEADER) is not None:
-            await self._token(message)
+            await self.anchor.token(message)
             return
         started = time.perf_counter()
         try:
@@ -551,11 +452,7 @@ class Worker:
         """A job was moved to the parked queue and acked where it came from."""
         if delivery.source is Source.WORK:
             self.held[Source.WORK] = max(0, self.held[Source.WORK] - 1)
-            if self._anchor is not None:
-                self._behind += 1
-                if self._behind >= ANCHOR_BEHIND and not self._replacing:
-                    self._replacing = True
-                    self._spawn(self._replace_anchor())
+            self.anchor.acked_behind()
         elif delivery.source is Source.BULK:
             self.held[Source.BULK] = max(0, self.held[Source.BULK] - 1)
         self.feed.kick()

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from jasper_consumer import calls
+from jasper_consumer.anchor import ANCHOR_BEHIND
 from jasper_consumer.app import worker_parts
 from jasper_consumer.bulk import PUSHED_PREFETCH
 from jasper_consumer.config import Command, RetrySettings, Settings, parse_settings
@@ -23,7 +24,7 @@ from jasper_consumer.metrics import Metrics
 from jasper_consumer.ownerlog import owned_record, released_record
 from jasper_consumer.signals import Kind
 from jasper_consumer.topology import TOKEN_HEADER, Names
-from jasper_consumer.worker import ANCHOR_BEHIND, Worker
+from jasper_consumer.worker import Worker
 
 from .fakebroker import Broker, History, Message
 
@@ -404,7 +405,7 @@ async def test_a_pause_before_the_sources_open_leaves_the_parked_queue_alone(
     """The first call may come before the take-over has opened the parked queue (here: the
     previous owner still holds the hold). If it pauses the type, opening the sources
     afterwards must not drain the jobs just parked: they wait for the resume."""
-    monkeypatch.setattr("jasper_consumer.worker.HOLD_POLL_S", 0.01)
+    monkeypatch.setattr("jasper_consumer.hold.HOLD_POLL_S", 0.01)
     client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid credentials", 401))
     rig = Rig(settings, client)
     hold = Names.from_settings(settings).hold_queue(settings.communicator_types[0])
@@ -431,7 +432,7 @@ async def test_a_new_owner_takes_no_bulk_job_while_the_previous_one_holds_some(
     """The previous owner still holds the hold queue (its channels not closed yet: a stuck
     broker, a frozen process): the new owner applies interactive jobs under guards but
     takes nothing from the bulk queue until the hold is let go."""
-    monkeypatch.setattr("jasper_consumer.worker.HOLD_POLL_S", 0.01)
+    monkeypatch.setattr("jasper_consumer.hold.HOLD_POLL_S", 0.01)
     rig = Rig(settings, Client(settings))
     hold = Names.from_settings(settings).hold_queue(settings.communicator_types[0])
     previous = await rig.broker.open_channel()
@@ -515,8 +516,8 @@ async def test_the_anchor_is_replaced_once_jobs_are_parked_behind_it(settings: S
     client = Client(settings, CommunicatorMisconfigured("10000001", "Invalid", 401))
     rig = Rig(settings, client)
     await rig.worker.start()
-    await until(lambda: rig.worker.owner and rig.worker._anchor is not None)
-    anchor = rig.worker._anchor
+    await until(lambda: rig.worker.owner and rig.worker.anchor.held is not None)
+    anchor = rig.worker.anchor.held
     assert isinstance(anchor, Message)
     refused = asyncio.Event()
 
@@ -534,13 +535,13 @@ async def test_the_anchor_is_replaced_once_jobs_are_parked_behind_it(settings: S
     await until(lambda: len(rig.broker.queues.get(rig.parked, [])) == jobs)
     await until(refused.is_set)
     assert not anchor.acked, "acked before a fresh token was confirmed"
-    assert rig.worker._anchor is anchor
+    assert rig.worker.anchor.held is anchor
 
     rig.history.fail = lambda queue, headers: False
     await until(lambda: anchor.acked, timeout=5)  # the next try, after a 1 s back-off
-    assert rig.worker.renewals == 1
-    await until(lambda: rig.worker._anchor is not None)  # the fresh token, now the anchor
-    assert rig.worker._anchor is not anchor
+    assert rig.worker.anchor.renewals == 1
+    await until(lambda: rig.worker.anchor.held is not None)  # the fresh token, now the anchor
+    assert rig.worker.anchor.held is not anchor
     await rig.worker.stop(1)
 
 

@@ -287,7 +287,7 @@ async def test_paused_jobs_are_parked_in_order_and_applied_once_fixed(
                           "a delayed signal (or SUPERSEDED at once) for every event")
     parked_ids = {s["event_id"] for s in broker.signals if s["outcome"] == "delayed"}
     async with asyncio.timeout(10):  # renewing the anchor publishes no signal: poll it
-        while worker.renewals < 2:  # noqa: ASYNC110
+        while worker.anchor.renewals < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     channel = await connection.channel()
     parked = await channel.declare_queue(broker.names.parked_queue(ct), passive=True)
