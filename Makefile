@@ -118,8 +118,9 @@ $(TOOLS)/tinyproxy:
 	  "and the network): the forward-proxy tests will be skipped"; }
 
 
-unit: $(STAMP) $(PROMTOOL) ## only the tests that need no broker (not integration/, not reliability/)
-	$(BIN)/pytest -q --ignore=tests/integration --ignore=tests/reliability
+unit: $(STAMP) $(PROMTOOL) ## only the tests that need no broker (not integration/, reliability/, browser/, the chaos soak)
+	$(BIN)/pytest -q --ignore=tests/integration --ignore=tests/reliability --ignore=tests/browser \
+	  --ignore=tests/chaos/test_chaos.py
 
 demo: $(SERVICE) ## scripted run against the simulator: commission, decommission, failures, a paused type
 	@scripts/check-rabbitmq || exit 1
