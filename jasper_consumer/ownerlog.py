@@ -167,8 +167,9 @@ class OwnerLog:
                 await self._write(guards_record(kept))
             if owned:
                 await self._write(owned_record(self.owner))
-            if got:
-                await self._acks.ack(got[-1], multiple=True)
+            if got and not await self._acks.ack(got[-1], multiple=True):
+                raise RuntimeError(f"could not ack the records read from {self.queue_name} "
+                                   "(its channel was lost)")  # the take-over gives it back
             self.appended = 0
             return reading
         finally:
