@@ -9,7 +9,10 @@ it). The soak reads ``/readyz`` and ``/metrics`` of each one; the exits it cause
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -29,11 +32,28 @@ READY_BOUND_S = 60.0
 HEARTBEAT_S = 10
 
 
+def listening_port() -> int:
+    """A free port for a replica's HTTP server, below the kernel's ephemeral range: the
+    soak's proxies and every client connection take ports from that range (``bind`` to 0),
+    and one of them took a replica's port between ``free_port()`` and the replica's start
+    (the replica then stopped: address already in use)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    pick = random.Random()
+    for _ in range(200):
+        port = pick.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("0.0.0.0", port))
+            return port
+    return free_port()
+
+
 class Replica:
     def __init__(self, index: int, workdir: Path, config: dict[str, Any],
                  proxies: list[Proxy]) -> None:
         self.index = index
-        self.port = free_port()
+        self.port = listening_port()
         self.proxies = proxies
         self.log_path = workdir / f"replica-{index}.log"
         self.config_path = workdir / f"replica-{index}.yaml"
